@@ -1,0 +1,5 @@
+"""The swarmlm client library: Hugging Face-style models whose blocks run in the swarm."""
+from client.config import ClientConfig
+from client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+
+__all__ = ["AutoDistributedModelForCausalLM", "ClientConfig", "DistributedModelForCausalLM"]

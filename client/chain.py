@@ -1,0 +1,134 @@
+"""The remote chain: hidden states through every remote block, with re-routing around failed nodes.
+
+``RemoteChain.forward`` / ``RemoteChain.backward`` are the client's one sync -> async bridge: they
+hand a coroutine to the client's event loop thread and wait. Everything below them is async.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Awaitable, TypeVar
+
+import torch
+
+from client.config import ClientConfig
+from client.transport import Connections, RemoteCallError, call_backward, call_forward, forward_request
+from swarm.dht import fetch_servers, start_dht
+from swarm.routing import Hop, choose_route
+from swarm.spans import ServerInfo, Span
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Trace = list[tuple[Span, torch.Tensor]]  # (blocks, their input hidden states) per hop, in order
+
+
+class LoopThread:
+    """A private asyncio loop on a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarmlm-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
+
+
+class RemoteChain:
+    """Routes over the nodes announced for one model; bans nodes that fail and retries elsewhere."""
+
+    def __init__(self, config: ClientConfig, model: str, num_blocks: int):
+        self.config, self.model, self.num_blocks = config, model, num_blocks
+        self.dht = start_dht(config.initial_peers, client_mode=True, nat_port_map=config.nat_port_map)
+        self._loop = LoopThread()
+        self._conns = Connections()
+        self._servers: list[ServerInfo] = []
+        self._fetched_at = float("-inf")
+        self._banned: dict[str, float] = {}
+
+    # ---- the sync bridge -------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
+                positions: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
+        return self._loop.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions))
+
+    def backward(self, trace: Trace, mask: torch.Tensor | None, positions: torch.Tensor | None,
+                 grad: torch.Tensor) -> torch.Tensor:
+        return self._loop.run(self._backward(trace, mask, positions, grad))
+
+    def servers(self, refresh: bool = False) -> list[ServerInfo]:
+        """The swarm as last read from the DHT (re-read when stale or asked to)."""
+        if refresh or time.monotonic() - self._fetched_at > self.config.refresh_seconds:
+            self._servers = fetch_servers(self.dht, self.model, self.num_blocks)
+            self._fetched_at = time.monotonic()
+        return self._servers
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self._conns.close())
+        finally:
+            self._loop.close()
+            self.dht.shutdown()
+
+    # ---- async internals -------------------------------------------------------------------
+    async def _route(self, span: Span, refresh: bool = False) -> list[Hop]:
+        servers = await asyncio.get_running_loop().run_in_executor(None, self.servers, refresh)
+        now = time.monotonic()
+        banned = frozenset(n for n, until in self._banned.items() if until > now)
+        return choose_route(servers, span, exclude=banned)
+
+    def _ban(self, hop: Hop, error: RemoteCallError) -> None:
+        log.warning("avoiding node %s for %.0fs: %s", hop.server.address, self.config.ban_seconds, error)
+        self._banned[hop.server.node_id] = time.monotonic() + self.config.ban_seconds
+
+    def _give_up(self, error: RemoteCallError, attempt: int) -> bool:
+        return error.client_fault or attempt >= self.config.max_retries
+
+    async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions) -> tuple[torch.Tensor, Trace]:
+        trace: Trace = []
+        position, attempt = span.start, 0
+        route = await self._route(span)
+        while route:
+            hop = route.pop(0)
+            req = forward_request(self.model, hop.span, hidden, mask, positions)
+            try:
+                out = await call_forward(self._conns, hop.server.address, req, hidden, self.config.request_timeout)
+            except RemoteCallError as e:
+                if self._give_up(e, attempt):
+                    raise
+                attempt += 1
+                self._ban(hop, e)
+                route = await self._route(Span(position, span.end), refresh=True)
+                continue
+            trace.append((hop.span, hidden))
+            hidden, position = out, hop.span.end
+        return hidden, trace
+
+    async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor) -> torch.Tensor:
+        for span, hidden in reversed(trace):
+            grad = await self._backward_span(span, hidden, mask, positions, grad)
+        return grad
+
+    async def _backward_span(self, span: Span, hidden, mask, positions, grad: torch.Tensor) -> torch.Tensor:
+        """Backward through ``span``; if no single live node covers it any more, recompute the
+        intermediate inputs with a forward pass over a new route and go backward hop by hop."""
+        for attempt in range(self.config.max_retries + 1):
+            route = await self._route(span, refresh=attempt > 0)
+            if len(route) > 1:
+                _, sub_trace = await self._forward(span, hidden, mask, positions)
+                return await self._backward(sub_trace, mask, positions, grad)
+            hop = route[0]
+            req = forward_request(self.model, hop.span, hidden, mask, positions)
+            try:
+                return await call_backward(self._conns, hop.server.address, req, grad, self.config.request_timeout)
+            except RemoteCallError as e:
+                if self._give_up(e, attempt):
+                    raise
+                self._ban(hop, e)
+        raise AssertionError("unreachable")

@@ -1,0 +1,23 @@
+"""Client configuration: one flat dataclass, every field commented."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    initial_peers: tuple[str, ...]  # multiaddrs of DHT peers of the swarm
+    model_name: str | None = None  # name in the DHT model key; default: checkpoint dir name or hub id
+    request_timeout: float = 60.0  # seconds one Forward/Backward call may take
+    max_retries: int = 3  # failed hops re-routed per call before giving up
+    ban_seconds: float = 15.0  # a node that failed is avoided this long
+    refresh_seconds: float = 5.0  # the swarm view from the DHT is re-read when older than this
+    nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):
+            raise TypeError("initial_peers must be a sequence of multiaddr strings")
+        if not self.initial_peers:
+            raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer")
+        if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0:
+            raise ValueError("request_timeout must be > 0, max_retries and ban_seconds >= 0")

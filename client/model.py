@@ -1,0 +1,122 @@
+"""The user's model: embeddings, final norm and LM head held locally; every block runs in the swarm."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from client.chain import RemoteChain
+from client.config import ClientConfig
+from client.remote import RemoteBlocks
+from node.families import LAYER_PREFIX, get_family
+from node.loading import CheckpointError, load_config, read_tensors, resolve_checkpoint
+from swarm.records import default_model_name, model_key
+
+
+class DistributedBaseModel(nn.Module):
+    """Embeddings -> remote blocks -> final norm."""
+
+    def __init__(self, config: PretrainedConfig, chain: RemoteChain):
+        super().__init__()
+        family = get_family(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = RemoteBlocks(chain)
+        self.norm = family.norm_cls(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:  # what local transformers does without a cache
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        hidden = self.layers(inputs_embeds, attention_mask, position_ids)
+        return self.norm(hidden)
+
+
+class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+    """A causal LM whose transformer blocks are served by the swarm."""
+
+    config_class = PretrainedConfig
+    base_model_prefix = "model"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PretrainedConfig, chain: RemoteChain):
+        super().__init__(config)
+        self.model = DistributedBaseModel(config, chain)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def chain(self) -> RemoteChain:
+        return self.model.layers.chain
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def close(self) -> None:
+        """Leave the swarm: close connections and the client's DHT peer."""
+        self.chain.close()
+
+
+class AutoDistributedModelForCausalLM:
+    """Entry point, like transformers' Auto classes: picks the family from the checkpoint's config."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        initial_peers: Sequence[str] = (),
+        model_name: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        client_config: ClientConfig | None = None,
+    ) -> DistributedModelForCausalLM:
+        """Load embeddings, final norm and LM head of ``model`` (never block weights) and join the swarm.
+
+        ``client_config`` overrides ``initial_peers`` / ``model_name`` with every client setting.
+        """
+        config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name)
+        local = lambda name: not name.startswith(LAYER_PREFIX)  # noqa: E731
+        folder = resolve_checkpoint(model, need_weights=local)
+        model_config = load_config(folder)
+        get_family(model_config)
+        key = model_key(config.model_name or default_model_name(model), model_config)
+        with torch.device("meta"):
+            shell = DistributedModelForCausalLM(model_config, chain=None)  # type: ignore[arg-type]
+        wanted = set(shell.state_dict())
+        tensors = {k: v for k, v in read_tensors(folder, local, dtype).items() if k in wanted}
+        tied = getattr(model_config, "tie_word_embeddings", False)
+        if tied:
+            tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
+        missing = sorted(k for k in wanted if tensors.get(k) is None)
+        if missing:
+            raise CheckpointError(f"checkpoint {folder} lacks {missing}")
+        chain = RemoteChain(config, key, model_config.num_hidden_layers)
+        shell.model.layers.chain = chain
+        shell.load_state_dict(tensors, assign=True, strict=True)
+        if tied:
+            shell.lm_head.weight = shell.model.embed_tokens.weight
+        return shell.eval()

@@ -1,0 +1,72 @@
+"""Small Llama-layout checkpoints built locally with a fixed seed (no model hub needed).
+
+Used by the demo, the tests and the benchmarks; they load through the same path as real checkpoints.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = """\
+the swarm runs a language model on machines owned by different people .
+each node hosts a span of transformer blocks and announces it in the dht .
+the client keeps the embeddings and the head and sends hidden states through the nodes .
+gradients flow back through the remote blocks to the client's own parameters .
+a node may leave at any time and the client routes around it .
+small models are built here with a fixed seed so that every run sees the same weights .
+"""
+
+
+def build_tokenizer(dest: Path, vocab_size: int = 256):
+    """A byte-level BPE tokenizer trained on the embedded corpus, saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(dest)
+    return fast
+
+
+def build_checkpoint(
+    dest: str | Path,
+    *,
+    family: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 6,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int | None = None,
+    vocab_size: int = 256,
+    tie_word_embeddings: bool = False,
+    max_shard_size: str | None = None,
+    tokenizer: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised (seeded) checkpoint to ``dest`` and return its path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dest = Path(dest)
+    config = AutoConfig.for_model(
+        family, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # default init is tiny; widen it so the blocks visibly change the stream
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(dest, **kwargs)
+    if tokenizer:
+        build_tokenizer(dest, vocab_size)
+    return dest

@@ -1,0 +1,96 @@
+"""Async gRPC calls to nodes. Lives entirely on the client's event loop thread."""
+from __future__ import annotations
+
+import grpc
+import torch
+
+from proto import swarmlm_pb2 as pb
+from proto import swarmlm_pb2_grpc as pb_grpc
+from proto.tensors import FLOAT_DTYPES, TensorError, deserialize, serialize
+from swarm.spans import Span
+
+# Ping idle connections so a blackholed node is noticed in seconds, not at a long deadline.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.http2.ping_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+# Statuses that mean the request was wrong, not the node: never ban a node for these.
+CLIENT_FAULTS = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+})
+
+
+class RemoteCallError(RuntimeError):
+    """A node answered with an error status (or not at all)."""
+
+    def __init__(self, address: str, code: grpc.StatusCode | None, message: str):
+        super().__init__(f"node {address}: {code.name if code else 'ERROR'}: {message}")
+        self.address, self.code, self.message = address, code, message
+
+    @property
+    def client_fault(self) -> bool:
+        return self.code in CLIENT_FAULTS
+
+
+class Connections:
+    """One channel per node address, created lazily on the running loop."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, pb_grpc.NodeStub] = {}
+
+    def stub(self, address: str) -> pb_grpc.NodeStub:
+        if address not in self._stubs:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._stubs[address] = pb_grpc.NodeStub(self._channels[address])
+        return self._stubs[address]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()
+
+
+def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Tensor | None,
+                    positions: torch.Tensor | None) -> pb.ForwardRequest:
+    req = pb.ForwardRequest(model=model, start=span.start, end=span.end, hidden_states=serialize(hidden))
+    if mask is not None:
+        req.attention_mask.CopyFrom(serialize(mask))
+    if positions is not None:
+        req.position_ids.CopyFrom(serialize(positions))
+    return req
+
+
+def _decode(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
+    try:
+        out = deserialize(msg, name="response", allowed=FLOAT_DTYPES, max_bytes=like.numel() * 4, ndim=like.dim())
+    except TensorError as e:
+        raise RemoteCallError(address, None, f"malformed response: {e}") from None
+    if out.shape != like.shape:
+        raise RemoteCallError(address, None, f"response shape {list(out.shape)} != expected {list(like.shape)}")
+    return out.to(like.dtype)
+
+
+async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest, like: torch.Tensor,
+                       timeout: float) -> torch.Tensor:
+    try:
+        resp = await conns.stub(address).Forward(req, timeout=timeout)
+    except grpc.aio.AioRpcError as e:
+        raise RemoteCallError(address, e.code(), e.details() or "") from None
+    return _decode(address, resp.hidden_states, like)
+
+
+async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
+                        timeout: float) -> torch.Tensor:
+    try:
+        resp = await conns.stub(address).Backward(
+            pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad)), timeout=timeout)
+    except grpc.aio.AioRpcError as e:
+        raise RemoteCallError(address, e.code(), e.details() or "") from None
+    return _decode(address, resp.grad_inputs, grad)

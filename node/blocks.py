@@ -1,0 +1,112 @@
+"""Block math as plain functions: build a node's span from a checkpoint, run it forward, backward.
+
+Backward is stateless: it recomputes the forward pass from the inputs the client sends again, so a
+node may vanish between forward and backward without losing anything.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from node.families import get_family, uses_sliding_window
+from node.loading import CheckpointError, read_tensors
+from swarm.spans import Span
+
+
+@dataclass
+class SpanBlocks:
+    """The decoder layers of one node's span, frozen, plus what they need to run."""
+
+    config: Any  # transformers config of the whole model
+    span: Span  # blocks hosted
+    layers: nn.ModuleList  # layers[i - span.start] is block i
+    rotary: nn.Module  # rotary embedding shared by every block
+    dtype: torch.dtype  # compute dtype
+
+    def layer(self, block: int) -> nn.Module:
+        return self.layers[block - self.span.start]
+
+
+def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> SpanBlocks:
+    """Build blocks ``span`` and fill them with their checkpoint tensors only."""
+    if span.end > config.num_hidden_layers:
+        raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
+    family = get_family(config)
+    config._attn_implementation = "sdpa"  # the same kernel local transformers picks on CPU
+    prefixes = tuple(f"{family.layer_prefix}{i}." for i in range(span.start, span.end))
+    tensors = read_tensors(folder, lambda name: name.startswith(prefixes), dtype)
+    layers = nn.ModuleList()
+    for i, prefix in zip(range(span.start, span.end), prefixes):
+        with torch.device("meta"):
+            layer = family.layer_cls(config, i)
+        state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"checkpoint {folder} has no weights for block {i} ({prefix}*)")
+        missing = set(layer.state_dict()) - set(state)
+        if missing:
+            raise CheckpointError(f"checkpoint {folder} lacks {sorted(missing)[:3]} for block {i}")
+        layer.load_state_dict(state, assign=True, strict=True)
+        layers.append(layer.eval().requires_grad_(False))
+    rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
+    return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)
+
+
+def default_position_ids(seq_len: int, offset: int = 0) -> torch.Tensor:
+    """Positions as local transformers assigns them when none are given: ``offset .. offset+seq-1``."""
+    return torch.arange(offset, offset + seq_len).unsqueeze(0)
+
+
+def _masks(blocks: SpanBlocks, span: Span, hidden: torch.Tensor, attention_mask, position_ids) -> dict[bool, Any]:
+    kinds = {uses_sliding_window(blocks.config, i) for i in range(span.start, span.end)}
+    args = dict(config=blocks.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                past_key_values=None, position_ids=position_ids)
+    return {
+        sliding: (create_sliding_window_causal_mask if sliding else create_causal_mask)(**args)
+        for sliding in kinds
+    }
+
+
+def forward_span(
+    blocks: SpanBlocks,
+    span: Span,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run blocks ``span`` (inside what ``blocks`` hosts) over ``hidden`` [batch, seq, hidden_size]."""
+    if not blocks.span.covers(span):
+        raise ValueError(f"blocks {span} are not inside the hosted span {blocks.span}")
+    if position_ids is None:
+        position_ids = default_position_ids(hidden.shape[1])
+    x = hidden.to(blocks.dtype)
+    masks = _masks(blocks, span, x, attention_mask, position_ids)
+    cos, sin = blocks.rotary(x, position_ids)
+    for i in range(span.start, span.end):
+        x = blocks.layer(i)(
+            x,
+            attention_mask=masks[uses_sliding_window(blocks.config, i)],
+            position_ids=position_ids,
+            position_embeddings=(cos, sin),
+        )
+    return x
+
+
+def backward_span(
+    blocks: SpanBlocks,
+    span: Span,
+    hidden: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d loss / d hidden for blocks ``span``, recomputing the forward pass from ``hidden``."""
+    with torch.enable_grad():
+        x = hidden.to(blocks.dtype).detach().requires_grad_(True)
+        out = forward_span(blocks, span, x, attention_mask, position_ids)
+        (grad,) = torch.autograd.grad(out, x, grad_outputs.to(out.dtype))
+    return grad

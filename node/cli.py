@@ -1,0 +1,74 @@
+"""`node serve`: the command a volunteer runs to host a span of a model's blocks."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from node.config import COMPUTE_DTYPES, NodeConfig
+from node.loading import CheckpointError
+from node.server import Node
+from swarm.cliargs import OneLineParser, fail, peers_list
+from swarm.dht import DHTStartError
+from swarm.spans import Span
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="node", description="swarmlm node: host transformer blocks for the swarm")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    serve = sub.add_parser("serve", help="serve a span of blocks")
+    serve.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (or hub id)")
+    serve.add_argument("--blocks", required=True, help="blocks to host, half-open START:END, e.g. 0:12")
+    serve.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers to join")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
+    serve.add_argument("--announce-host", default=None, help="host clients should dial, if not --host")
+    serve.add_argument("--dht-port", type=int, default=0, help="DHT port (default: a free one)")
+    serve.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="compute dtype")
+    serve.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
+    serve.add_argument("--max-batch-tokens", type=int, default=8192, help="largest batch x length per request")
+    serve.add_argument("--ttl", type=float, default=15.0, help="seconds a DHT record lives without heartbeat")
+    serve.add_argument("--shutdown-grace", type=float, default=10.0, help="seconds in-flight work gets on exit")
+    serve.add_argument("--nat-port-map", action="store_true", help="opt in to UPnP/NAT-PMP port mapping")
+    return parser
+
+
+def config_from_args(args) -> NodeConfig:
+    return NodeConfig(
+        model=args.model, blocks=Span.parse(args.blocks), initial_peers=peers_list(args.initial_peers),
+        host=args.host, port=args.port, announce_host=args.announce_host, dht_port=args.dht_port,
+        dtype=args.dtype, model_name=args.model_name, max_batch_tokens=args.max_batch_tokens,
+        ttl=args.ttl, shutdown_grace=args.shutdown_grace, nat_port_map=args.nat_port_map,
+    )
+
+
+async def serve(config: NodeConfig) -> int:
+    node, stop = Node(config), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        address = await node.start()
+    except (CheckpointError, DHTStartError, ValueError, OSError) as e:
+        await node.stop(0)
+        return fail("node", str(e))
+    print(address, flush=True)
+    await stop.wait()
+    logging.getLogger("node").info("shutting down: finishing in-flight requests (grace %.1fs)", config.shutdown_grace)
+    await node.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (ValueError, TypeError) as e:
+        return fail("node", str(e), 2)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

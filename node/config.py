@@ -1,0 +1,39 @@
+"""Node configuration: one flat dataclass; `node serve` flags map onto it one to one."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarm.spans import Span
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model: str  # local Hugging Face checkpoint directory, or a hub id when the hub is reachable
+    blocks: Span  # blocks to host, half-open [start, end)
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join; empty starts a new swarm
+    host: str = "127.0.0.1"  # interface the gRPC server and the DHT peer listen on
+    port: int = 0  # gRPC port; 0 picks a free one
+    announce_host: str | None = None  # host clients should dial, when it differs from `host` (e.g. 0.0.0.0)
+    dht_port: int = 0  # DHT (libp2p) port; 0 picks a free one
+    dtype: str = "float32"  # compute dtype of the blocks: float32 or bfloat16
+    model_name: str | None = None  # name in the DHT model key; default: checkpoint dir name or hub id
+    max_batch_tokens: int = 8192  # largest batch * sequence length accepted in one request
+    ttl: float = 15.0  # seconds a DHT record lives unless the heartbeat (every ttl/3) refreshes it
+    shutdown_grace: float = 10.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
+    compute_threads: int = 1  # requests computed at once (torch uses its own intra-op threads too)
+    nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.blocks, Span):
+            raise TypeError(f"blocks must be a Span, got {type(self.blocks).__name__}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        for name in ("port", "dht_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
+        if self.ttl <= 0 or self.shutdown_grace < 0 or self.compute_threads < 1:
+            raise ValueError("ttl must be > 0, shutdown_grace >= 0 and compute_threads >= 1")

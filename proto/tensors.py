@@ -1,0 +1,69 @@
+"""Tensor <-> protobuf codec with size checks done BEFORE anything is allocated."""
+from __future__ import annotations
+
+import math
+from typing import Collection
+
+import torch
+
+from proto import swarmlm_pb2 as pb
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+INDEX_DTYPES = frozenset({"int64", "int32"})
+MASK_DTYPES = frozenset({"int64", "int32", "bool"})
+MAX_NDIM = 8
+
+
+class TensorError(ValueError):
+    """An incoming tensor message is malformed or over a limit; the message says what is wrong."""
+
+
+def serialize(tensor: torch.Tensor) -> pb.Tensor:
+    """Encode a CPU tensor as a typed ``Tensor`` message (no pickle)."""
+    if tensor.dtype not in DTYPE_NAMES:
+        raise TypeError(f"cannot send dtype {tensor.dtype}; supported: {sorted(DTYPES)}")
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return pb.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
+
+
+def deserialize(
+    msg: pb.Tensor,
+    *,
+    name: str,
+    allowed: Collection[str],
+    max_bytes: int,
+    ndim: int | None = None,
+) -> torch.Tensor:
+    """Decode ``msg`` after checking dtype, rank, shape against bytes and a byte budget.
+
+    Every check uses only the declared header, so a hostile 1 GiB shape costs nothing.
+    """
+    if msg.dtype not in DTYPES:
+        raise TensorError(f"{name}: unknown dtype {msg.dtype!r}; expected one of {sorted(allowed)}")
+    if msg.dtype not in allowed:
+        raise TensorError(f"{name}: dtype {msg.dtype} not allowed here; expected one of {sorted(allowed)}")
+    shape = list(msg.shape)
+    if len(shape) > MAX_NDIM or (ndim is not None and len(shape) != ndim):
+        raise TensorError(f"{name}: expected {ndim} dimensions, got shape {shape}")
+    if any(s < 0 for s in shape):
+        raise TensorError(f"{name}: negative size in shape {shape}")
+    itemsize = torch.empty((), dtype=DTYPES[msg.dtype]).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > max_bytes:
+        raise TensorError(f"{name}: shape {shape} ({msg.dtype}) is {nbytes} bytes, over the limit of {max_bytes}")
+    if len(msg.data) != nbytes:
+        raise TensorError(f"{name}: shape {shape} ({msg.dtype}) needs {nbytes} bytes, got {len(msg.data)}")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=DTYPES[msg.dtype])
+    raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
+    return raw.view(DTYPES[msg.dtype]).reshape(shape)

@@ -1,0 +1,86 @@
+"""`swarm bootstrap` (a DHT-only peer) and `swarm status` (who serves which block)."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from swarm.cliargs import OneLineParser, fail, peers_list
+from swarm.dht import DHTStartError, fetch_servers, start_dht, visible_maddrs
+from swarm.records import default_model_name, model_key
+from swarm.routing import format_blocks, uncovered_blocks
+from swarm.spans import NodeState, ServerInfo, Span
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog="swarm", description="swarmlm swarm tools")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    boot = sub.add_parser("bootstrap", help="run a DHT-only peer others join through")
+    boot.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    boot.add_argument("--port", type=int, default=0, help="DHT port (default: a free one)")
+    boot.add_argument("--initial-peers", nargs="*", default=[], help="join an existing swarm too")
+    boot.add_argument("--nat-port-map", action="store_true", help="opt in to UPnP/NAT-PMP port mapping")
+    status = sub.add_parser("status", help="table of blocks and the nodes serving them")
+    status.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
+    status.add_argument("--model", required=True, help="checkpoint directory or hub id (for its config)")
+    status.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
+    status.add_argument("--all", action="store_true", help="also list OFFLINE nodes")
+    return parser
+
+
+def bootstrap(args) -> int:
+    try:
+        dht = start_dht(peers_list(args.initial_peers), host=args.host, port=args.port,
+                        nat_port_map=args.nat_port_map)
+    except DHTStartError as e:
+        return fail("swarm", str(e))
+    for maddr in visible_maddrs(dht):
+        print(maddr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dht.shutdown()
+    return 0
+
+
+def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool = False) -> str:
+    """One row per block: the nodes serving it with address, state and throughput."""
+    rows = [("block", "nodes (address state tokens/s)")]
+    for block in range(num_blocks):
+        here = [s for s in servers if block in s.span and (show_offline or s.state is not NodeState.OFFLINE)]
+        cell = ", ".join(f"{s.address} {s.state.value} {s.throughput:.0f}" for s in here) or "-- UNCOVERED --"
+        rows.append((str(block), cell))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a.rjust(width)}  {b}" for a, b in rows)
+
+
+def status(args) -> int:
+    from node.loading import CheckpointError, load_config, resolve_checkpoint
+
+    try:
+        config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
+        dht = start_dht(peers_list(args.initial_peers), client_mode=True)
+    except (CheckpointError, DHTStartError) as e:
+        return fail("swarm", str(e))
+    try:
+        key = model_key(args.model_name or default_model_name(args.model), config)
+        servers = fetch_servers(dht, key, config.num_hidden_layers)
+    finally:
+        dht.shutdown()
+    print(f"model {key}: {config.num_hidden_layers} blocks")
+    print(render_status(servers, config.num_hidden_layers, args.all))
+    missing = uncovered_blocks(servers, Span(0, config.num_hidden_layers))
+    if missing:
+        print(f"uncovered blocks: {format_blocks(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return bootstrap(args) if args.command == "bootstrap" else status(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

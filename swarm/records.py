@@ -1,0 +1,109 @@
+"""DHT record layout and its strict schema.
+
+One DHT key per block under the model key, subkey = node id, value = a small dict. Records are
+validated when read: anything that does not match the schema exactly is ignored, never trusted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from swarm.spans import NodeState, ServerInfo, Span
+
+RECORD_FIELDS = {
+    "address": str,
+    "start": int,
+    "end": int,
+    "state": str,
+    "throughput": float,
+    "version": str,
+    "dtype": str,
+}
+ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+MAX_STRING = 256
+
+# Config fields that define what a block computes; everything else (paths, dtype, generation
+# defaults, transformers' own bookkeeping) is left out so identical models fingerprint identically.
+FINGERPRINT_FIELDS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act", "attention_bias",
+    "mlp_bias", "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
+    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+)
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short stable hash of the block-defining fields of a transformers config."""
+    fields = {name: getattr(config, name, None) for name in FINGERPRINT_FIELDS}
+    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def default_model_name(model: str) -> str:
+    """The name part of the model key: a local directory's name, or a hub id as given."""
+    path = Path(model)
+    return path.resolve().name if path.exists() else model
+
+
+def model_key(name: str, config: Any) -> str:
+    """``<name>/<fingerprint>``: nodes serving a different model under the same name never mix."""
+    return f"{name}/{config_fingerprint(config)}"
+
+
+def block_key(model: str, block: int) -> str:
+    return f"swarmlm/{model}/block/{block}"
+
+
+def make_record(info: ServerInfo) -> dict[str, Any]:
+    return {
+        "address": info.address,
+        "start": info.span.start,
+        "end": info.span.end,
+        "state": info.state.value,
+        "throughput": float(info.throughput),
+        "version": info.version,
+        "dtype": info.dtype,
+    }
+
+
+def _valid_address(address: str) -> bool:
+    host, sep, port = address.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and " " not in host)
+
+
+def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> ServerInfo | None:
+    """Validate one record read under ``block``; return None when it is malformed in any way."""
+    if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_STRING:
+        return None
+    if not isinstance(value, dict) or set(value) != set(RECORD_FIELDS):
+        return None
+    for field, kind in RECORD_FIELDS.items():
+        item = value[field]
+        if kind is float and isinstance(item, int) and not isinstance(item, bool):
+            item = float(item)
+        if type(item) is not kind:
+            return None
+        if kind is str and len(item) > MAX_STRING:
+            return None
+    if not _valid_address(value["address"]):
+        return None
+    if value["state"] not in NodeState.__members__ or value["dtype"] not in ALLOWED_DTYPES:
+        return None
+    throughput = float(value["throughput"])
+    if not math.isfinite(throughput) or throughput < 0:
+        return None
+    start, end = value["start"], value["end"]
+    if not 0 <= start <= block < end <= num_blocks:
+        return None
+    return ServerInfo(
+        node_id=node_id,
+        address=value["address"],
+        span=Span(start, end),
+        state=NodeState(value["state"]),
+        throughput=throughput,
+        version=value["version"],
+        dtype=value["dtype"],
+    )
