@@ -5,40 +5,20 @@ hand a coroutine to the client's event loop thread and wait. Everything below th
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 import time
-from typing import Awaitable, TypeVar
 
 import torch
 
 from client.config import ClientConfig
 from client.transport import Connections, RemoteCallError, call_backward, call_forward, forward_request
-from swarm.dht import fetch_servers, start_dht
+from swarm.aio import LoopThread
+from swarm.dht import SwarmDHT
 from swarm.routing import Hop, choose_route
 from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 Trace = list[tuple[Span, torch.Tensor]]  # (blocks, their input hidden states) per hop, in order
-
-
-class LoopThread:
-    """A private asyncio loop on a daemon thread."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="swarmlm-client", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Awaitable[T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
 
 
 class RemoteChain:
@@ -46,8 +26,13 @@ class RemoteChain:
 
     def __init__(self, config: ClientConfig, model: str, num_blocks: int):
         self.config, self.model, self.num_blocks = config, model, num_blocks
-        self.dht = start_dht(config.initial_peers, client_mode=True, nat_port_map=config.nat_port_map)
-        self._loop = LoopThread()
+        self._loop = LoopThread("swarmlm-client")
+        try:
+            self.dht = self._loop.run(SwarmDHT.create(
+                config.initial_peers, client_mode=True, nat_port_map=config.nat_port_map))
+        except BaseException:
+            self._loop.close()
+            raise
         self._conns = Connections()
         self._servers: list[ServerInfo] = []
         self._fetched_at = float("-inf")
@@ -64,21 +49,24 @@ class RemoteChain:
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
         """The swarm as last read from the DHT (re-read when stale or asked to)."""
-        if refresh or time.monotonic() - self._fetched_at > self.config.refresh_seconds:
-            self._servers = fetch_servers(self.dht, self.model, self.num_blocks)
-            self._fetched_at = time.monotonic()
-        return self._servers
+        return self._loop.run(self._servers_async(refresh))
 
     def close(self) -> None:
         try:
             self._loop.run(self._conns.close())
+            self._loop.run(self.dht.shutdown())
         finally:
             self._loop.close()
-            self.dht.shutdown()
 
     # ---- async internals -------------------------------------------------------------------
+    async def _servers_async(self, refresh: bool) -> list[ServerInfo]:
+        if refresh or time.monotonic() - self._fetched_at > self.config.refresh_seconds:
+            self._servers = await self.dht.fetch_servers(self.model, self.num_blocks)
+            self._fetched_at = time.monotonic()
+        return self._servers
+
     async def _route(self, span: Span, refresh: bool = False) -> list[Hop]:
-        servers = await asyncio.get_running_loop().run_in_executor(None, self.servers, refresh)
+        servers = await self._servers_async(refresh)
         now = time.monotonic()
         banned = frozenset(n for n, until in self._banned.items() if until > now)
         return choose_route(servers, span, exclude=banned)

@@ -18,10 +18,12 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.ping_timeout_ms", 2000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-# Statuses that mean the request was wrong, not the node: never ban a node for these.
+# Statuses that mean the request was wrong (or too large for the node's limits), not that the node
+# failed: never ban a node for these, and do not retry the same request elsewhere.
 CLIENT_FAULTS = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
 })
 
 

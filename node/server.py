@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,8 @@ from node.loading import CheckpointError, load_config, resolve_checkpoint
 from node.requests import Limits, max_message_bytes
 from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__
-from swarm.dht import Announcer, start_dht
+from swarm.aio import LoopThread
+from swarm.dht import Announcer, SwarmDHT
 from swarm.records import default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
 
@@ -69,8 +69,8 @@ class Node:
             raise CheckpointError(f"--blocks {cfg.blocks} is outside the model's {model_config.num_hidden_layers} "
                                   f"blocks (valid: 0:{model_config.num_hidden_layers})")
         self.model_key = model_key(cfg.model_name or default_model_name(cfg.model), model_config)
-        self.dht = await loop.run_in_executor(None, lambda: start_dht(
-            cfg.initial_peers, host=cfg.host, port=cfg.dht_port, nat_port_map=cfg.nat_port_map))
+        self.dht = await SwarmDHT.create(cfg.initial_peers, host=cfg.host, port=cfg.dht_port,
+                                         nat_port_map=cfg.nat_port_map)
 
         dtype = getattr(torch, cfg.dtype)
         blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, cfg.blocks, dtype)
@@ -92,29 +92,27 @@ class Node:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = f"{cfg.announce_host or cfg.host}:{port}"
 
-        info = ServerInfo(node_id=self.dht.peer_id.to_base58(), address=self.address, span=cfg.blocks,
+        info = ServerInfo(node_id=self.dht.peer_id, address=self.address, span=cfg.blocks,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
-        await loop.run_in_executor(None, self._announcer.start)
+        await self._announcer.start()
         servicer.throughput = await loop.run_in_executor(self._pool, measure_throughput, blocks)
         await self._server.start()
-        await loop.run_in_executor(
-            None, lambda: self._announcer.set_state(NodeState.ONLINE, throughput=servicer.throughput))
+        await self._announcer.set_state(NodeState.ONLINE, throughput=servicer.throughput)
         log.info("serving blocks %s of %s at %s", cfg.blocks, self.model_key, self.address)
         return self.address
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new calls, announce OFFLINE, let in-flight calls finish within the grace period."""
         grace = self.config.shutdown_grace if grace is None else grace
-        loop = asyncio.get_running_loop()
         waits = []
         if self._server is not None:
             waits.append(self._server.stop(grace))
         if self._announcer is not None:
-            waits.append(loop.run_in_executor(None, self._announcer.stop))
+            waits.append(self._announcer.stop())
         await asyncio.gather(*waits, return_exceptions=True)
         if self.dht is not None:
-            await loop.run_in_executor(None, self.dht.shutdown)
+            await self.dht.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -123,21 +121,23 @@ class NodeThread:
 
     def __init__(self, config: NodeConfig):
         self.node = Node(config)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="swarmlm-node", daemon=True)
+        self._loop: LoopThread | None = None
 
     def start(self, timeout: float = 120) -> "NodeThread":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.node.start(), self._loop).result(timeout)
+        self._loop = LoopThread("swarmlm-node")
+        self._loop.run(self.node.start(), timeout)
         return self
 
     @property
     def address(self) -> str:
-        assert self.node.address is not None
+        if self.node.address is None:
+            raise RuntimeError("the node has not started")
         return self.node.address
 
     def stop(self, grace: float = 1.0) -> None:
-        if self._thread.is_alive():
-            asyncio.run_coroutine_threadsafe(self.node.stop(grace), self._loop).result(60)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
+        if self._loop is not None:
+            try:
+                self._loop.run(self.node.stop(grace), 60)
+            finally:
+                self._loop.close()
+                self._loop = None

@@ -1,12 +1,12 @@
 """`swarm bootstrap` (a DHT-only peer) and `swarm status` (who serves which block)."""
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
-import threading
 
 from swarm.cliargs import OneLineParser, fail, peers_list
-from swarm.dht import DHTStartError, fetch_servers, start_dht, visible_maddrs
+from swarm.dht import DHTStartError, SwarmDHT
 from swarm.records import default_model_name, model_key
 from swarm.routing import format_blocks, uncovered_blocks
 from swarm.spans import NodeState, ServerInfo, Span
@@ -28,19 +28,19 @@ def build_parser() -> OneLineParser:
     return parser
 
 
-def bootstrap(args) -> int:
+async def bootstrap(args) -> int:
     try:
-        dht = start_dht(peers_list(args.initial_peers), host=args.host, port=args.port,
-                        nat_port_map=args.nat_port_map)
+        dht = await SwarmDHT.create(peers_list(args.initial_peers), host=args.host, port=args.port,
+                                    nat_port_map=args.nat_port_map)
     except DHTStartError as e:
         return fail("swarm", str(e))
-    for maddr in visible_maddrs(dht):
+    for maddr in await dht.visible_maddrs():
         print(maddr, flush=True)
-    stop = threading.Event()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    dht.shutdown()
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await dht.shutdown()
     return 0
 
 
@@ -55,19 +55,19 @@ def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool
     return "\n".join(f"{a.rjust(width)}  {b}" for a, b in rows)
 
 
-def status(args) -> int:
+async def status(args) -> int:
     from node.loading import CheckpointError, load_config, resolve_checkpoint
 
     try:
         config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
-        dht = start_dht(peers_list(args.initial_peers), client_mode=True)
+        dht = await SwarmDHT.create(peers_list(args.initial_peers), client_mode=True)
     except (CheckpointError, DHTStartError) as e:
         return fail("swarm", str(e))
     try:
         key = model_key(args.model_name or default_model_name(args.model), config)
-        servers = fetch_servers(dht, key, config.num_hidden_layers)
+        servers = await dht.fetch_servers(key, config.num_hidden_layers)
     finally:
-        dht.shutdown()
+        await dht.shutdown()
     print(f"model {key}: {config.num_hidden_layers} blocks")
     print(render_status(servers, config.num_hidden_layers, args.all))
     missing = uncovered_blocks(servers, Span(0, config.num_hidden_layers))
@@ -79,7 +79,7 @@ def status(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return bootstrap(args) if args.command == "bootstrap" else status(args)
+    return asyncio.run(bootstrap(args) if args.command == "bootstrap" else status(args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Benchmarks of swarmlm against plain transformers; run with ``python -m bench.run`` (``make bench``)."""

@@ -1,0 +1,99 @@
+"""Raw gRPC calls with bad requests: each gets an error status that says what is wrong, and the node
+keeps serving."""
+import grpc
+import pytest
+import torch
+
+from node.requests import max_message_bytes, Limits
+from proto import swarmlm_pb2 as pb
+from proto import swarmlm_pb2_grpc as pb_grpc
+from proto.tensors import serialize
+from swarm.spans import Span
+
+HIDDEN = 64
+
+
+@pytest.fixture
+def node(start_nodes):
+    (node,) = start_nodes("1:4", max_batch_tokens=64)
+    channel = grpc.insecure_channel(node.address)
+    try:
+        yield node, pb_grpc.NodeStub(channel)
+    finally:
+        channel.close()
+
+
+def good_request(model_key, **changes):
+    req = pb.ForwardRequest(model=model_key, start=1, end=3, hidden_states=serialize(torch.randn(2, 5, HIDDEN)))
+    for name, value in changes.items():
+        if isinstance(value, pb.Tensor):
+            getattr(req, name).CopyFrom(value)
+        else:
+            setattr(req, name, value)
+    return req
+
+
+def raw(dtype, shape, nbytes):
+    return pb.Tensor(dtype=dtype, shape=shape, data=b"\0" * nbytes)
+
+
+CASES = [
+    ("model", "other/0000", grpc.StatusCode.NOT_FOUND, "serves model"),
+    ("end", 5, grpc.StatusCode.OUT_OF_RANGE, "not inside the hosted span 1:4"),
+    ("start", 0, grpc.StatusCode.OUT_OF_RANGE, "not inside"),
+    ("hidden_states", raw("float32", [1 << 20, 1 << 20, HIDDEN], 0), grpc.StatusCode.RESOURCE_EXHAUSTED, "over this node's limit"),
+    ("hidden_states", raw("float32", [2, 5, HIDDEN], 17), grpc.StatusCode.INVALID_ARGUMENT, "needs 2560 bytes, got 17"),
+    ("hidden_states", raw("complex64", [2, 5, HIDDEN], 0), grpc.StatusCode.INVALID_ARGUMENT, "unknown dtype"),
+    ("hidden_states", raw("int64", [2, 5, HIDDEN], 2 * 5 * HIDDEN * 8), grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
+    ("hidden_states", raw("float32", [2, 5, 32], 2 * 5 * 32 * 4), grpc.StatusCode.INVALID_ARGUMENT, "hidden size 32"),
+    ("hidden_states", raw("float32", [10, HIDDEN], 10 * HIDDEN * 4), grpc.StatusCode.INVALID_ARGUMENT, "expected [batch, seq, hidden]"),
+    ("hidden_states", serialize(torch.full((2, 5, HIDDEN), float("nan"))), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    ("attention_mask", serialize(torch.ones(2, 4, dtype=torch.int64)), grpc.StatusCode.INVALID_ARGUMENT, "attention_mask shape"),
+    ("attention_mask", serialize(torch.full((2, 5), 3)), grpc.StatusCode.INVALID_ARGUMENT, "0 or 1"),
+    ("position_ids", serialize(torch.full((1, 5), -1)), grpc.StatusCode.INVALID_ARGUMENT, "position_ids must be in"),
+    ("position_ids", serialize(torch.full((1, 5), 10**9)), grpc.StatusCode.INVALID_ARGUMENT, "position_ids must be in"),
+    ("position_ids", serialize(torch.zeros(1, 5)), grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
+]
+
+
+@pytest.mark.parametrize("field, value, code, message", CASES, ids=[f"{c[0]}-{c[3][:20]}" for c in CASES])
+def test_bad_forward_gets_a_clear_status_and_node_keeps_serving(node, field, value, code, message):
+    handle, stub = node
+    model = stub.Info(pb.InfoRequest()).model
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Forward(good_request(model, **{field: value}), timeout=30)
+    assert err.value.code() == code and message in err.value.details(), err.value.details()
+    out = stub.Forward(good_request(model), timeout=30)  # still serving
+    assert list(out.hidden_states.shape) == [2, 5, HIDDEN]
+
+
+def test_bad_backward(node):
+    _, stub = node
+    model = stub.Info(pb.InfoRequest()).model
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Backward(pb.BackwardRequest(inputs=good_request(model)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "required" in err.value.details()
+    bad_grad = pb.BackwardRequest(inputs=good_request(model), grad_outputs=serialize(torch.ones(2, 4, HIDDEN)))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Backward(bad_grad, timeout=30)
+    assert "does not match" in err.value.details()
+    ok = stub.Backward(pb.BackwardRequest(inputs=good_request(model), grad_outputs=serialize(torch.ones(2, 5, HIDDEN))))
+    assert list(ok.grad_inputs.shape) == [2, 5, HIDDEN]
+
+
+def test_oversized_message_is_refused_by_grpc(node):
+    handle, stub = node
+    model = stub.Info(pb.InfoRequest()).model
+    limit = max_message_bytes(Limits(model, Span(1, 4), HIDDEN, 64, 4096))
+    huge = pb.ForwardRequest(model=model, start=1, end=2, hidden_states=raw("float32", [1, 1, HIDDEN], limit + 1))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Forward(huge, timeout=30)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stub.Info(pb.InfoRequest()).end == 4
+
+
+def test_info_describes_the_node(node):
+    _, stub = node
+    info = stub.Info(pb.InfoRequest())
+    assert (info.start, info.end, info.hidden_size, info.dtype, info.max_batch_tokens) == (1, 4, HIDDEN, "float32", 64)
+    assert info.model.startswith("tiny-llama/") and info.throughput > 0

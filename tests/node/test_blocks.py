@@ -1,0 +1,113 @@
+"""Block functions vs local transformers, and loading only a span's weights."""
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import node.loading as loading
+from client.tiny import build_checkpoint
+from node.blocks import backward_span, forward_span, load_span
+from node.loading import CheckpointError, load_config
+from swarm.spans import Span
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def family_ckpt(request, tmp_path_factory):
+    path = build_checkpoint(tmp_path_factory.mktemp(request.param) / "m", family=request.param,
+                            num_layers=4, tokenizer=False, seed=1)
+    return path, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def batch(vocab=256):
+    torch.manual_seed(0)
+    ids = torch.randint(3, vocab, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    mask[2, 7:] = 0  # right padding
+    return ids, mask
+
+
+def test_split_equals_whole_equals_local(family_ckpt):
+    path, local = family_ckpt
+    config = load_config(path)
+    blocks = load_span(path, config, Span(0, 4), torch.float32)
+    ids, mask = batch()
+    emb = local.model.embed_tokens(ids)
+    with torch.no_grad():
+        ref = local.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        whole = forward_span(blocks, Span(0, 4), emb, mask)
+        split = forward_span(blocks, Span(1, 4), forward_span(blocks, Span(0, 1), emb, mask), mask)
+    assert torch.allclose(local.model.norm(whole), ref, atol=1e-5)
+    assert torch.allclose(split, whole, atol=1e-6)
+
+
+def test_backward_recomputes_the_input_gradient(family_ckpt):
+    path, local = family_ckpt
+    blocks = load_span(path, load_config(path), Span(0, 4), torch.float32)
+    ids, mask = batch()
+    emb = local.model.embed_tokens(ids).detach().requires_grad_(True)
+    out = local.model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    # gradient of sum(norm(blocks(x)) * w) for a fixed w, through local and through backward_span
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    x = emb.detach().requires_grad_(True)
+    with torch.enable_grad():
+        hidden = forward_span(blocks, Span(0, 4), x, mask).detach().requires_grad_(True)
+        (local.model.norm(hidden) * w).sum().backward()
+    grad = backward_span(blocks, Span(0, 4), emb.detach(), hidden.grad, mask)
+    assert torch.allclose(grad, emb.grad, atol=1e-5)
+
+
+def test_only_the_span_is_loaded(tiny_path):
+    config = load_config(tiny_path)
+    blocks = load_span(tiny_path, config, Span(2, 4), torch.float32)
+    assert len(blocks.layers) == 2
+    n_params = sum(p.numel() for p in blocks.layers.parameters())
+    per_layer = n_params // 2
+    assert n_params == 2 * per_layer and all(not p.is_meta for p in blocks.layers.parameters())
+    assert all(not p.requires_grad for p in blocks.layers.parameters())  # frozen
+
+
+def test_sharded_checkpoint_reads_only_needed_shards(tmp_path, monkeypatch):
+    path = build_checkpoint(tmp_path / "sharded", num_layers=6, tokenizer=False, max_shard_size="100KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 3
+    config = load_config(path)
+    opened = []
+    real_safe_open = loading.safe_open
+
+    def spy(file, **kw):
+        opened.append(file.name)
+        return real_safe_open(file, **kw)
+
+    monkeypatch.setattr(loading, "safe_open", spy)
+    blocks = load_span(path, config, Span(5, 6), torch.float32)
+    monkeypatch.undo()
+    needed = {f for name, f in index["weight_map"].items() if name.startswith("model.layers.5.")}
+    assert set(opened) == needed and len(needed) < len(shards)
+    ids, mask = batch()
+    emb = torch.randn(3, 10, 64)
+    full = load_span(path, config, Span(0, 6), torch.float32)
+    with torch.no_grad():
+        assert torch.equal(forward_span(blocks, Span(5, 6), emb, mask), forward_span(full, Span(5, 6), emb, mask))
+
+
+def test_bfloat16_blocks_stay_close(tiny_path):
+    config = load_config(tiny_path)
+    f32 = load_span(tiny_path, config, Span(0, 6), torch.float32)
+    bf16 = load_span(tiny_path, config, Span(0, 6), torch.bfloat16)
+    emb = torch.randn(2, 8, 64)
+    with torch.no_grad():
+        a, b = forward_span(f32, Span(0, 6), emb), forward_span(bf16, Span(0, 6), emb).float()
+    assert bf16.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert (a - b).abs().max() / a.abs().max() < 0.05
+
+
+def test_missing_weights_and_out_of_range_spans(tiny_path, tmp_path):
+    config = load_config(tiny_path)
+    with pytest.raises(CheckpointError, match="outside the model"):
+        load_span(tiny_path, config, Span(4, 9), torch.float32)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_config(tmp_path)

@@ -1,0 +1,77 @@
+"""Records in a real hivemind DHT on 127.0.0.1."""
+import asyncio
+
+from hivemind.utils import get_dht_time
+
+from swarm.dht import Announcer, SwarmDHT
+from swarm.records import block_key
+from swarm.spans import NodeState, ServerInfo, Span
+
+MODEL = "tiny/0123456789abcdef"
+
+
+def info(node_id, start, end, state=NodeState.ONLINE):
+    return ServerInfo(node_id, "127.0.0.1:7000", Span(start, end), state, 50.0, "0.1.0", "float32")
+
+
+async def ids(dht, model, num_blocks):
+    return [s.node_id for s in await dht.fetch_servers(model, num_blocks)]
+
+
+def test_announce_fetch_and_expiry(bootstrap):
+    async def scenario():
+        peer = await SwarmDHT.create(bootstrap)
+        reader = await SwarmDHT.create(bootstrap, client_mode=True)
+        try:
+            assert await peer.announce(MODEL, info("n1", 0, 3), ttl=2.0)
+            assert await peer.announce(MODEL, info("n2", 2, 4), ttl=60.0)
+            found = {s.node_id: s for s in await reader.fetch_servers(MODEL, num_blocks=4)}
+            assert found == {"n1": info("n1", 0, 3), "n2": info("n2", 2, 4)}
+            assert await reader.fetch_servers("tiny/ffffffffffffffff", num_blocks=4) == []  # other fingerprint
+            for _ in range(50):  # n1's record expires after its TTL
+                if await ids(reader, MODEL, 4) == ["n2"]:
+                    break
+                await asyncio.sleep(0.2)
+            assert await ids(reader, MODEL, 4) == ["n2"]
+        finally:
+            await reader.shutdown()
+            await peer.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_malformed_records_do_not_break_reading(bootstrap):
+    async def scenario():
+        peer = await SwarmDHT.create(bootstrap)
+        model = MODEL + "x"
+        try:
+            exp = get_dht_time() + 30
+            await peer.store_raw(block_key(model, 0), {"address": 5}, exp, subkey="evil")
+            await peer.store_raw(block_key(model, 1), "not a dict", exp, subkey="evil2")
+            await peer.store_raw(block_key(model, 1), 7, exp)  # a plain value, not a dictionary of subkeys
+            await peer.announce(model, info("good", 0, 2), ttl=30)
+            assert await ids(peer, model, 2) == ["good"]
+        finally:
+            await peer.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_heartbeat_keeps_records_alive_and_stop_announces_offline(bootstrap):
+    async def scenario():
+        peer = await SwarmDHT.create(bootstrap)
+        model = MODEL + "hb"
+        try:
+            announcer = Announcer(peer, model, info(peer.peer_id, 0, 2, NodeState.JOINING), ttl=1.5)
+            await announcer.start()
+            await announcer.set_state(NodeState.ONLINE, throughput=99.0)
+            await asyncio.sleep(3.5)  # more than two TTLs: only the heartbeat keeps the record
+            (live,) = await peer.fetch_servers(model, 2)
+            assert live.state is NodeState.ONLINE and live.throughput == 99.0
+            await announcer.stop()
+            (gone,) = await peer.fetch_servers(model, 2)
+            assert gone.state is NodeState.OFFLINE
+        finally:
+            await peer.shutdown()
+
+    asyncio.run(scenario())

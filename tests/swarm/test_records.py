@@ -1,0 +1,49 @@
+import math
+
+import pytest
+from transformers import LlamaConfig
+
+from swarm.records import config_fingerprint, make_record, model_key, parse_record
+from swarm.spans import NodeState, ServerInfo, Span
+
+INFO = ServerInfo("peerA", "127.0.0.1:5000", Span(2, 6), NodeState.ONLINE, 123.0, "0.1.0", "float32")
+
+
+def test_record_round_trip():
+    assert parse_record("peerA", make_record(INFO), block=3, num_blocks=8) == INFO
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"address": "no-port"},
+        {"address": "host:99999"},
+        {"start": "2"},
+        {"start": True},
+        {"end": 9},  # past the model's blocks
+        {"start": 4},  # block 3 is not inside the span it is stored under
+        {"state": "BUSY"},
+        {"dtype": "int8"},
+        {"throughput": math.nan},
+        {"throughput": -1.0},
+        {"version": "x" * 1000},
+        {"extra": 1},
+    ],
+)
+def test_malformed_records_are_ignored(change):
+    value = {**make_record(INFO), **change}
+    assert parse_record("peerA", value, block=3, num_blocks=8) is None
+
+
+@pytest.mark.parametrize("value", [None, 5, "str", [1, 2], {"address": "a:1"}])
+def test_non_dict_or_partial_values_are_ignored(value):
+    assert parse_record("peerA", value, block=3, num_blocks=8) is None
+
+
+def test_fingerprint_separates_models_and_ignores_paths():
+    a = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4)
+    b = LlamaConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4)
+    b._name_or_path = "/somewhere/else"
+    c = LlamaConfig(hidden_size=64, num_hidden_layers=5, num_attention_heads=4)
+    assert config_fingerprint(a) == config_fingerprint(b) != config_fingerprint(c)
+    assert model_key("tiny", a) != model_key("tiny", c)

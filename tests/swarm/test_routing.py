@@ -1,0 +1,55 @@
+import pytest
+
+from swarm.routing import NoRouteError, choose_route, format_blocks, uncovered_blocks
+from swarm.spans import NodeState, ServerInfo, Span
+
+
+def server(name, start, end, throughput=100.0, state=NodeState.ONLINE):
+    return ServerInfo(name, f"127.0.0.1:{1000 + len(name)}", Span(start, end), state, throughput, "0.1.0", "float32")
+
+
+def spans(route):
+    return [(h.server.node_id, h.span.start, h.span.end) for h in route]
+
+
+def test_route_tiles_the_span_exactly_with_overlaps():
+    route = choose_route([server("a", 0, 4), server("b", 3, 8)], Span(0, 8))
+    assert spans(route) in ([("a", 0, 4), ("b", 4, 8)], [("a", 0, 3), ("b", 3, 8)])
+
+
+def test_fewest_hops_when_equal_speed():
+    servers = [server("a", 0, 2), server("b", 2, 4), server("c", 4, 6), server("whole", 0, 6)]
+    assert spans(choose_route(servers, Span(0, 6))) == [("whole", 0, 6)]
+
+
+def test_fast_replica_beats_slow_one():
+    servers = [server("slow", 0, 4, throughput=10.0), server("fast", 0, 4, throughput=1000.0)]
+    assert spans(choose_route(servers, Span(0, 4))) == [("fast", 0, 4)]
+
+
+def test_sub_span_of_a_node():
+    route = choose_route([server("a", 0, 8)], Span(2, 5))
+    assert spans(route) == [("a", 2, 5)]
+
+
+def test_only_online_and_not_excluded():
+    servers = [server("j", 0, 4, state=NodeState.JOINING), server("o", 0, 4, state=NodeState.OFFLINE),
+               server("ok", 0, 4), server("banned", 0, 4, throughput=1e6)]
+    assert spans(choose_route(servers, Span(0, 4), exclude=frozenset({"banned"}))) == [("ok", 0, 4)]
+
+
+def test_missing_blocks_are_named():
+    with pytest.raises(NoRouteError, match="block\\(s\\) 2:4, 6:7") as err:
+        choose_route([server("a", 0, 2), server("b", 4, 6), server("j", 2, 4, state=NodeState.JOINING)], Span(0, 7))
+    assert err.value.missing == [2, 3, 6]
+
+
+def test_measured_rtt_steers_the_choice():
+    servers = [server("near", 0, 4), server("far", 0, 4)]
+    assert spans(choose_route(servers, Span(0, 4), rtt={"near": 0.001, "far": 0.5})) == [("near", 0, 4)]
+    assert spans(choose_route(servers, Span(0, 4), rtt={"near": 0.5, "far": 0.001})) == [("far", 0, 4)]
+
+
+def test_helpers():
+    assert format_blocks([0, 1, 2, 5, 7, 8]) == "0:3, 5:6, 7:9"
+    assert uncovered_blocks([server("a", 1, 3)], Span(0, 4)) == [0, 3]

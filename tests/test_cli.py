@@ -1,0 +1,90 @@
+"""The commands as a user runs them: real `swarm bootstrap` and `node serve` processes on 127.0.0.1,
+launched through the installed console scripts by path (a bare `node` may be Node.js)."""
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from swarm.launch import LocalSwarm, command
+
+SCRIPTS = Path(sys.executable).parent
+
+
+def run(tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*command(tool, use_scripts=True), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def cli_swarm(tiny_path):
+    with LocalSwarm(tiny_path, use_scripts=True) as swarm:
+        swarm.start_nodes(["0:4", "2:6"], "--ttl", "6", "--shutdown-grace", "5")
+        yield swarm
+
+
+def test_status_lists_every_block(cli_swarm, tiny_path):
+    result = run("swarm", "status", "--initial-peers", *cli_swarm.peers, "--model", str(tiny_path))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == [str(b) for b in range(6)]
+    a, b = cli_swarm.addresses
+    assert a in " ".join(rows[0]) and b not in " ".join(rows[0])
+    assert a in " ".join(rows[3]) and b in " ".join(rows[3])
+    assert all("ONLINE" in r for r in rows)
+
+
+def test_client_through_cli_nodes_equals_local(cli_swarm, tiny_path, local_model):
+    from client import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), initial_peers=cli_swarm.peers)
+    try:
+        ids = torch.randint(3, 256, (2, 9))
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=ids).logits, local_model(input_ids=ids).logits, atol=1e-4)
+    finally:
+        model.close()
+
+
+def test_sigterm_node_exits_cleanly_and_leaves_status(cli_swarm, tiny_path):
+    leaving = cli_swarm.nodes[1]
+    assert leaving.stop(signal.SIGTERM, timeout=20) == 0
+    assert "shutting down" in " ".join(leaving.stderr_lines)
+    result = run("swarm", "status", "--initial-peers", *cli_swarm.peers, "--model", str(tiny_path))
+    assert result.returncode == 1
+    assert cli_swarm.addresses[1] not in result.stdout
+    assert "uncovered blocks: 4:6" in result.stderr
+
+
+def test_module_entry_points():
+    for tool in ("node", "swarm"):
+        result = subprocess.run([sys.executable, "-m", tool, "--help"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and "usage:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--blocks", "4-2"], "blocks must look like START:END"),
+        (["--blocks", "0:99"], "outside the model's 6 blocks"),
+        (["--blocks", "0:2", "--dtype", "int8"], "invalid choice"),
+        (["--model", "/nonexistent/ckpt", "--blocks", "0:2"], "does not exist"),
+        (["--blocks", "0:2", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLXuZNabC9GwGiFsHgU7bAD6QHSEcY2ZNxxrYw2BS7UPV"],
+         "could not start a DHT peer"),
+        (["--blocks", "0:2", "--initial-peers", "not-a-multiaddr"], "could not start a DHT peer"),
+    ],
+)
+def test_cli_mistakes_give_one_line(args, message, tiny_path):
+    if "--model" not in args:
+        args = ["--model", str(tiny_path), *args]
+    result = run("node", "serve", *args)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
+
+
+def test_swarm_status_with_unknown_model(tmp_path):
+    result = run("swarm", "status", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--model", str(tmp_path / "x"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr and "does not exist" in result.stderr
