@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from node.families import get_family, uses_sliding_window
@@ -61,14 +62,26 @@ def default_position_ids(seq_len: int, offset: int = 0) -> torch.Tensor:
     return torch.arange(offset, offset + seq_len).unsqueeze(0)
 
 
-def _masks(blocks: SpanBlocks, span: Span, hidden: torch.Tensor, attention_mask, position_ids) -> dict[bool, Any]:
-    kinds = {uses_sliding_window(blocks.config, i) for i in range(span.start, span.end)}
-    args = dict(config=blocks.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                past_key_values=None, position_ids=position_ids)
-    return {
-        sliding: (create_sliding_window_causal_mask if sliding else create_causal_mask)(**args)
-        for sliding in kinds
-    }
+def _masks(blocks: SpanBlocks, span: Span, hidden: torch.Tensor, attention_mask, position_ids,
+           cache: Cache | None) -> dict[bool, Any]:
+    """One mask per attention kind in ``span`` (full / sliding window), made by transformers' own code.
+
+    With a cache, the mask code reads the past length from the first layer of that kind in ``span``
+    (the cache holds only this node's blocks, so layer 0 may be empty)."""
+    masks = {}
+    for i in range(span.start, span.end):
+        sliding = uses_sliding_window(blocks.config, i)
+        if sliding not in masks:
+            make = create_sliding_window_causal_mask if sliding else create_causal_mask
+            masks[sliding] = make(config=blocks.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=cache, position_ids=position_ids,
+                                  layer_idx=i if cache is not None else None)
+    return masks
+
+
+def new_cache(blocks: SpanBlocks) -> DynamicCache:
+    """An empty key/value cache; only the layers this node runs ever fill it."""
+    return DynamicCache(config=blocks.config)
 
 
 def forward_span(
@@ -77,14 +90,20 @@ def forward_span(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    cache: Cache | None = None,
 ) -> torch.Tensor:
-    """Run blocks ``span`` (inside what ``blocks`` hosts) over ``hidden`` [batch, seq, hidden_size]."""
+    """Run blocks ``span`` (inside what ``blocks`` hosts) over ``hidden`` [batch, seq, hidden_size].
+
+    With ``cache``, ``hidden`` holds only new positions, ``attention_mask`` covers past + new
+    positions, and the new keys/values are appended to ``cache``.
+    """
     if not blocks.span.covers(span):
         raise ValueError(f"blocks {span} are not inside the hosted span {blocks.span}")
     if position_ids is None:
-        position_ids = default_position_ids(hidden.shape[1])
+        past = cache.get_seq_length(span.start) if cache is not None else 0
+        position_ids = default_position_ids(hidden.shape[1], past)
     x = hidden.to(blocks.dtype)
-    masks = _masks(blocks, span, x, attention_mask, position_ids)
+    masks = _masks(blocks, span, x, attention_mask, position_ids, cache)
     cos, sin = blocks.rotary(x, position_ids)
     for i in range(span.start, span.end):
         x = blocks.layer(i)(
@@ -92,8 +111,36 @@ def forward_span(
             attention_mask=masks[uses_sliding_window(blocks.config, i)],
             position_ids=position_ids,
             position_embeddings=(cos, sin),
+            past_key_values=cache,
+            use_cache=cache is not None,
         )
     return x
+
+
+def inference_step(
+    blocks: SpanBlocks,
+    span: Span,
+    cache: Cache,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    max_chunk_tokens: int,
+) -> torch.Tensor:
+    """Append ``hidden`` (new positions) to a session's ``cache`` and return their outputs.
+
+    ``attention_mask`` covers every position so far (past + new). Long inputs run in chunks of at
+    most ``max_chunk_tokens`` (batch x positions) so a long prefill's attention scores stay small.
+    """
+    batch, new = hidden.shape[:2]
+    past = attention_mask.shape[1] - new
+    step = max(1, max_chunk_tokens // batch)
+    outputs = []
+    with torch.no_grad():
+        for lo in range(0, new, step):
+            hi = min(new, lo + step)
+            outputs.append(forward_span(blocks, span, hidden[:, lo:hi], attention_mask[:, : past + hi],
+                                        position_ids[:, lo:hi], cache))
+    return torch.cat(outputs, dim=1)
 
 
 def backward_span(

@@ -23,6 +23,10 @@ class NodeConfig:
     ttl: float = 15.0  # seconds a DHT record lives unless the heartbeat (every ttl/3) refreshes it
     shutdown_grace: float = 10.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
     compute_threads: int = 1  # requests computed at once (torch uses its own intra-op threads too)
+    cache_tokens: int | None = None  # inference cache slots (batch x max_length); None: half of free memory
+    alloc_timeout: float = 10.0  # seconds a new session waits for cache room before RESOURCE_EXHAUSTED
+    step_timeout: float = 60.0  # seconds an inference session may idle between steps before it is freed
+    max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
 
     def __post_init__(self) -> None:
@@ -37,3 +41,7 @@ class NodeConfig:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if self.ttl <= 0 or self.shutdown_grace < 0 or self.compute_threads < 1:
             raise ValueError("ttl must be > 0, shutdown_grace >= 0 and compute_threads >= 1")
+        if self.cache_tokens is not None and self.cache_tokens < 1:
+            raise ValueError(f"cache_tokens must be positive, got {self.cache_tokens}")
+        if self.alloc_timeout < 0 or self.step_timeout <= 0 or self.max_chunk_tokens < 1:
+            raise ValueError("alloc_timeout must be >= 0, step_timeout > 0 and max_chunk_tokens >= 1")

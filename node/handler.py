@@ -4,12 +4,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
 
 import grpc
 import torch
 
-from node.blocks import SpanBlocks, backward_span, forward_span
-from node.requests import Limits, RequestError, parse_backward, parse_forward
+from node.blocks import SpanBlocks, backward_span, forward_span, inference_step, new_cache
+from node.requests import Limits, RequestError, parse_backward, parse_forward, parse_open, parse_step
+from node.sessions import CacheBudget, Session
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
@@ -18,17 +21,28 @@ from swarm import __version__
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class SessionPolicy:
+    max_length: int  # longest session accepted (positions)
+    alloc_timeout: float  # seconds a session waits for cache room before RESOURCE_EXHAUSTED
+    step_timeout: float  # seconds a session may sit idle between messages before it is closed
+    max_chunk_tokens: int  # batch x positions computed at once in a long prefill
+
+
 class NodeServicer(pb_grpc.NodeServicer):
-    def __init__(self, blocks: SpanBlocks, limits: Limits, pool: ThreadPoolExecutor, throughput: float = 0.0):
+    def __init__(self, blocks: SpanBlocks, limits: Limits, pool: ThreadPoolExecutor, budget: CacheBudget,
+                 policy: SessionPolicy, throughput: float = 0.0):
         self.blocks, self.limits, self.pool = blocks, limits, pool
+        self.budget, self.policy = budget, policy
         self.throughput = throughput
+        self.open_sessions = 0
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
             model=self.limits.model, start=self.limits.hosted.start, end=self.limits.hosted.end,
             dtype=str(self.blocks.dtype).removeprefix("torch."), version=__version__,
             hidden_size=self.limits.hidden_size, max_batch_tokens=self.limits.max_batch_tokens,
-            throughput=self.throughput,
+            throughput=self.throughput, cache_tokens=self.budget.capacity, cache_tokens_free=self.budget.free,
         )
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
@@ -47,6 +61,56 @@ class NodeServicer(pb_grpc.NodeServicer):
         out = await self._compute(context, self._backward, x, grad)
         return pb.BackwardResponse(grad_inputs=serialize(out))
 
+    async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
+        """A session: reserve cache room, then answer each step with the new positions' outputs.
+        The cache is freed when the client closes the stream, disappears, or idles too long."""
+        first = await self._next(requests, context)
+        if first is None:
+            return
+        try:
+            span, batch, max_length = parse_open(first, self.limits, self.policy.max_length)
+            await self.budget.reserve(batch * max_length, self.policy.alloc_timeout)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        self.open_sessions += 1
+        try:
+            session = Session(span, batch, max_length, new_cache(self.blocks),
+                              torch.ones(batch, 0, dtype=torch.int64))
+            request = first
+            while request is not None:
+                if request is first and not first.HasField("hidden_states"):
+                    yield pb.InferenceResponse(cache_length=0)  # the open acknowledgement
+                else:
+                    try:
+                        hidden, mask, positions = parse_step(
+                            request if request is not first else _without_open(first), self.limits,
+                            batch, session.length, max_length)
+                    except RequestError as e:
+                        await context.abort(e.code, str(e))
+                    out = await self._compute(context, self._step, session, hidden, mask, positions)
+                    yield pb.InferenceResponse(hidden_states=serialize(out), cache_length=session.length)
+                request = await self._next(requests, context)
+        finally:
+            self.open_sessions -= 1
+            await self.budget.release(batch * max_length)
+
+    async def _next(self, requests, context) -> pb.InferenceRequest | None:
+        """The next stream message; None when the client closed the stream."""
+        try:
+            return await asyncio.wait_for(requests.__anext__(), self.policy.step_timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"session idle for more than {self.policy.step_timeout:g}s; closed")
+
+    def _step(self, session: Session, hidden, mask, positions) -> torch.Tensor:
+        full_mask = torch.cat([session.mask, mask], dim=1)
+        out = inference_step(self.blocks, session.span, session.cache, hidden, full_mask, positions,
+                             self.policy.max_chunk_tokens)
+        session.mask = full_mask
+        return out.to(hidden.dtype)
+
     def _forward(self, x) -> torch.Tensor:
         with torch.no_grad():
             out = forward_span(self.blocks, x.span, x.hidden, x.attention_mask, x.position_ids)
@@ -62,3 +126,11 @@ class NodeServicer(pb_grpc.NodeServicer):
         except Exception as e:  # a bug or an OOM in one request must not take the node down
             log.exception("request failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+def _without_open(request: pb.InferenceRequest) -> pb.InferenceRequest:
+    """The step part of a first message that opens the session and carries a step at once."""
+    step = pb.InferenceRequest()
+    step.CopyFrom(request)
+    step.ClearField("open")
+    return step

@@ -59,53 +59,95 @@ def _check_shape_budget(msg: pb.Tensor, limits: Limits, name: str) -> None:
                            f"{limits.max_batch_tokens}")
 
 
-def parse_forward(req: pb.ForwardRequest, limits: Limits) -> SpanInputs:
-    if req.model != limits.model:
-        raise RequestError(grpc.StatusCode.NOT_FOUND, f"this node serves model {limits.model!r}, not {req.model!r}")
-    if not limits.hosted.start <= req.start < req.end <= limits.hosted.end:
+def _check_model_and_span(model: str, start: int, end: int, limits: Limits) -> Span:
+    if model != limits.model:
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"this node serves model {limits.model!r}, not {model!r}")
+    if not limits.hosted.start <= start < end <= limits.hosted.end:
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
-                           f"blocks {req.start}:{req.end} are not inside the hosted span {limits.hosted}")
+                           f"blocks {start}:{end} are not inside the hosted span {limits.hosted}")
+    return Span(start, end)
+
+
+def _parse_activations(msg: pb.Tensor, limits: Limits, name: str = "hidden_states") -> torch.Tensor:
+    _check_shape_budget(msg, limits, name)
+    hidden = _tensor(msg, name, FLOAT_DTYPES, limits.max_batch_tokens * limits.hidden_size * 4, 3)
+    if not torch.isfinite(hidden).all():
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} contains NaN or infinity")
+    return hidden
+
+
+def _parse_mask(msg: pb.Tensor, limits: Limits, batch: int, seq: int) -> torch.Tensor:
+    mask = _tensor(msg, "attention_mask", MASK_DTYPES, limits.max_batch_tokens * 8, 2)
+    if tuple(mask.shape) != (batch, seq):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"attention_mask shape {list(mask.shape)} does not match [batch, seq] = [{batch}, {seq}]")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "attention_mask values must be 0 or 1")
+    return mask.to(torch.int64)
+
+
+def _parse_positions(msg: pb.Tensor, limits: Limits, batch: int, seq: int) -> torch.Tensor:
+    positions = _tensor(msg, "position_ids", INDEX_DTYPES, limits.max_batch_tokens * 8, 2)
+    if positions.shape[0] not in (1, batch) or positions.shape[1] != seq:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"position_ids shape {list(positions.shape)} does not match [batch or 1, {seq}]")
+    if positions.numel() and (positions.min() < 0 or positions.max() >= limits.max_position):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"position_ids must be in [0, {limits.max_position})")
+    return positions.to(torch.int64)
+
+
+def parse_forward(req: pb.ForwardRequest, limits: Limits) -> SpanInputs:
+    span = _check_model_and_span(req.model, req.start, req.end, limits)
     if not req.HasField("hidden_states"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states is required")
-    _check_shape_budget(req.hidden_states, limits, "hidden_states")
-    budget = limits.max_batch_tokens * limits.hidden_size * 4
-    hidden = _tensor(req.hidden_states, "hidden_states", FLOAT_DTYPES, budget, 3)
+    hidden = _parse_activations(req.hidden_states, limits)
     batch, seq = hidden.shape[:2]
-    if not torch.isfinite(hidden).all():
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states contains NaN or infinity")
-    mask = None
-    if req.HasField("attention_mask"):
-        mask = _tensor(req.attention_mask, "attention_mask", MASK_DTYPES, limits.max_batch_tokens * 8, 2)
-        if tuple(mask.shape) != (batch, seq):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"attention_mask shape {list(mask.shape)} does not match [batch, seq] = [{batch}, {seq}]")
-        if not ((mask == 0) | (mask == 1)).all():
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "attention_mask values must be 0 or 1")
-        mask = mask.to(torch.int64)
-    positions = None
-    if req.HasField("position_ids"):
-        positions = _tensor(req.position_ids, "position_ids", INDEX_DTYPES, limits.max_batch_tokens * 8, 2)
-        if positions.shape[0] not in (1, batch) or positions.shape[1] != seq:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"position_ids shape {list(positions.shape)} does not match [batch or 1, {seq}]")
-        if positions.numel() and (positions.min() < 0 or positions.max() >= limits.max_position):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"position_ids must be in [0, {limits.max_position})")
-        positions = positions.to(torch.int64)
-    return SpanInputs(Span(req.start, req.end), hidden, mask, positions)
+    mask = _parse_mask(req.attention_mask, limits, batch, seq) if req.HasField("attention_mask") else None
+    positions = _parse_positions(req.position_ids, limits, batch, seq) if req.HasField("position_ids") else None
+    return SpanInputs(span, hidden, mask, positions)
+
+
+def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int) -> tuple[Span, int, int]:
+    """The first message of an inference stream -> (span, batch_size, max_length)."""
+    if not req.HasField("open"):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the first inference message must carry `open`")
+    opts = req.open
+    span = _check_model_and_span(opts.model, opts.start, opts.end, limits)
+    if opts.batch_size < 1 or opts.max_length < 1:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "batch_size and max_length must be positive")
+    if opts.max_length > max_session_length:
+        raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                           f"max_length {opts.max_length} is over this node's limit of {max_session_length}")
+    return span, opts.batch_size, opts.max_length
+
+
+def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A step of an open session -> (hidden of new positions, their mask, their positions)."""
+    if req.HasField("open"):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this session is already open")
+    hidden = _parse_activations(req.hidden_states, limits)
+    batch, new = hidden.shape[:2]
+    if batch != batch_size:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"step batch {batch} != session batch_size {batch_size}")
+    if length + new > max_length:
+        raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                           f"{length} + {new} positions exceed the session's max_length {max_length}")
+    mask = (_parse_mask(req.attention_mask, limits, batch, new) if req.HasField("attention_mask")
+            else torch.ones(batch, new, dtype=torch.int64))
+    positions = (_parse_positions(req.position_ids, limits, batch, new) if req.HasField("position_ids")
+                 else torch.arange(length, length + new).unsqueeze(0))
+    return hidden, mask, positions
 
 
 def parse_backward(req: pb.BackwardRequest, limits: Limits) -> tuple[SpanInputs, torch.Tensor]:
     if not req.HasField("inputs") or not req.HasField("grad_outputs"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "inputs and grad_outputs are required")
     inputs = parse_forward(req.inputs, limits)
-    budget = limits.max_batch_tokens * limits.hidden_size * 4
-    grad = _tensor(req.grad_outputs, "grad_outputs", FLOAT_DTYPES, budget, 3)
+    grad = _parse_activations(req.grad_outputs, limits, "grad_outputs")
     if grad.shape != inputs.hidden.shape:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"grad_outputs shape {list(grad.shape)} does not match hidden_states {list(inputs.hidden.shape)}")
-    if not torch.isfinite(grad).all():
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "grad_outputs contains NaN or infinity")
     return inputs, grad
 
 

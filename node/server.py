@@ -12,9 +12,10 @@ import torch
 from node.blocks import SpanBlocks, forward_span, load_span
 from node.config import NodeConfig
 from node.families import LAYER_PREFIX, get_family
-from node.handler import NodeServicer
+from node.handler import NodeServicer, SessionPolicy
 from node.loading import CheckpointError, load_config, resolve_checkpoint
 from node.requests import Limits, max_message_bytes
+from node.sessions import CacheBudget, cache_bytes_per_token, default_cache_tokens
 from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__
 from swarm.aio import LoopThread
@@ -56,6 +57,7 @@ class Node:
         self.dht = None
         self._announcer: Announcer | None = None
         self._server: grpc.aio.Server | None = None
+        self.servicer: NodeServicer | None = None
         self._pool = ThreadPoolExecutor(config.compute_threads, thread_name_prefix="swarmlm-compute")
 
     async def start(self) -> str:
@@ -85,7 +87,12 @@ class Node:
             ("grpc.max_send_message_length", msg_limit),
             *SERVER_KEEPALIVE_OPTIONS,
         ])
-        servicer = NodeServicer(blocks, limits, self._pool)
+        per_token = cache_bytes_per_token(model_config, len(cfg.blocks), dtype)
+        budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
+        policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
+                               step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens)
+        servicer = NodeServicer(blocks, limits, self._pool, budget, policy)
+        self.servicer = servicer
         pb_grpc.add_NodeServicer_to_server(servicer, self._server)
         port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:

@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "start", "end", "dtype", "version", "hidden_size", "max_batch_tokens", "throughput")
+    __slots__ = ("model", "start", "end", "dtype", "version", "hidden_size", "max_batch_tokens", "throughput", "cache_tokens", "cache_tokens_free")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class InfoResponse(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TOKENS_FREE_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -38,7 +40,9 @@ class InfoResponse(_message.Message):
     hidden_size: int
     max_batch_tokens: int
     throughput: float
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
+    cache_tokens: int
+    cache_tokens_free: int
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids")
@@ -75,3 +79,37 @@ class BackwardResponse(_message.Message):
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: Tensor
     def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SessionOptions(_message.Message):
+    __slots__ = ("model", "start", "end", "batch_size", "max_length")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+
+class InferenceRequest(_message.Message):
+    __slots__ = ("open", "hidden_states", "attention_mask", "position_ids")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    open: SessionOptions
+    hidden_states: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class InferenceResponse(_message.Message):
+    __slots__ = ("hidden_states", "cache_length")
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    hidden_states: Tensor
+    cache_length: int
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...

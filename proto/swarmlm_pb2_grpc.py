@@ -49,6 +49,11 @@ class NodeStub:
                 request_serializer=proto_dot_swarmlm__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=proto_dot_swarmlm__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.Inference = channel.stream_stream(
+                '/swarmlm.v1.Node/Inference',
+                request_serializer=proto_dot_swarmlm__pb2.InferenceRequest.SerializeToString,
+                response_deserializer=proto_dot_swarmlm__pb2.InferenceResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -67,8 +72,13 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Backward(self, request, context):
-        """Streaming Inference (server-side KV caches) is added by the inference-sessions work.
-        """
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Inference(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -90,6 +100,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=proto_dot_swarmlm__pb2.BackwardRequest.FromString,
                     response_serializer=proto_dot_swarmlm__pb2.BackwardResponse.SerializeToString,
+            ),
+            'Inference': grpc.stream_stream_rpc_method_handler(
+                    servicer.Inference,
+                    request_deserializer=proto_dot_swarmlm__pb2.InferenceRequest.FromString,
+                    response_serializer=proto_dot_swarmlm__pb2.InferenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -173,6 +188,33 @@ class Node:
             '/swarmlm.v1.Node/Backward',
             proto_dot_swarmlm__pb2.BackwardRequest.SerializeToString,
             proto_dot_swarmlm__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inference(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swarmlm.v1.Node/Inference',
+            proto_dot_swarmlm__pb2.InferenceRequest.SerializeToString,
+            proto_dot_swarmlm__pb2.InferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
