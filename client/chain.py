@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Awaitable, Callable, TypeVar
 
 import torch
 
@@ -18,6 +19,7 @@ from swarm.routing import Hop, choose_route
 from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 Trace = list[tuple[Span, torch.Tensor]]  # (blocks, their input hidden states) per hop, in order
 
 
@@ -33,7 +35,7 @@ class RemoteChain:
         except BaseException:
             self._loop.close()
             raise
-        self._conns = Connections()
+        self.connections = Connections()  # used on the loop thread only
         self._servers: list[ServerInfo] = []
         self._fetched_at = float("-inf")
         self._banned: dict[str, float] = {}
@@ -41,20 +43,28 @@ class RemoteChain:
     # ---- the sync bridge -------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
                 positions: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
-        return self._loop.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions))
+        return self.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions))
 
     def backward(self, trace: Trace, mask: torch.Tensor | None, positions: torch.Tensor | None,
                  grad: torch.Tensor) -> torch.Tensor:
-        return self._loop.run(self._backward(trace, mask, positions, grad))
+        return self.run(self._backward(trace, mask, positions, grad))
+
+    def run(self, coro: Awaitable[T]) -> T:
+        """Run a coroutine on the client's loop and wait (the bridge used by sessions too)."""
+        return self._loop.run(coro)
+
+    def call_soon(self, fn: Callable[[], object]) -> None:
+        """Schedule a plain callable on the client's loop without waiting."""
+        self._loop.loop.call_soon_threadsafe(fn)
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
         """The swarm as last read from the DHT (re-read when stale or asked to)."""
-        return self._loop.run(self._servers_async(refresh))
+        return self.run(self._servers_async(refresh))
 
     def close(self) -> None:
         try:
-            self._loop.run(self._conns.close())
-            self._loop.run(self.dht.shutdown())
+            self.run(self.connections.close())
+            self.run(self.dht.shutdown())
         finally:
             self._loop.close()
 
@@ -65,13 +75,13 @@ class RemoteChain:
             self._fetched_at = time.monotonic()
         return self._servers
 
-    async def _route(self, span: Span, refresh: bool = False) -> list[Hop]:
+    async def route(self, span: Span, refresh: bool = False) -> list[Hop]:
         servers = await self._servers_async(refresh)
         now = time.monotonic()
         banned = frozenset(n for n, until in self._banned.items() if until > now)
         return choose_route(servers, span, exclude=banned)
 
-    def _ban(self, hop: Hop, error: RemoteCallError) -> None:
+    def ban(self, hop: Hop, error: RemoteCallError) -> None:
         log.warning("avoiding node %s for %.0fs: %s", hop.server.address, self.config.ban_seconds, error)
         self._banned[hop.server.node_id] = time.monotonic() + self.config.ban_seconds
 
@@ -81,18 +91,18 @@ class RemoteChain:
     async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions) -> tuple[torch.Tensor, Trace]:
         trace: Trace = []
         position, attempt = span.start, 0
-        route = await self._route(span)
+        route = await self.route(span)
         while route:
             hop = route.pop(0)
             req = forward_request(self.model, hop.span, hidden, mask, positions)
             try:
-                out = await call_forward(self._conns, hop.server.address, req, hidden, self.config.request_timeout)
+                out = await call_forward(self.connections, hop.server.address, req, hidden, self.config.request_timeout)
             except RemoteCallError as e:
                 if self._give_up(e, attempt):
                     raise
                 attempt += 1
-                self._ban(hop, e)
-                route = await self._route(Span(position, span.end), refresh=True)
+                self.ban(hop, e)
+                route = await self.route(Span(position, span.end), refresh=True)
                 continue
             trace.append((hop.span, hidden))
             hidden, position = out, hop.span.end
@@ -107,16 +117,16 @@ class RemoteChain:
         """Backward through ``span``; if no single live node covers it any more, recompute the
         intermediate inputs with a forward pass over a new route and go backward hop by hop."""
         for attempt in range(self.config.max_retries + 1):
-            route = await self._route(span, refresh=attempt > 0)
+            route = await self.route(span, refresh=attempt > 0)
             if len(route) > 1:
                 _, sub_trace = await self._forward(span, hidden, mask, positions)
                 return await self._backward(sub_trace, mask, positions, grad)
             hop = route[0]
             req = forward_request(self.model, hop.span, hidden, mask, positions)
             try:
-                return await call_backward(self._conns, hop.server.address, req, grad, self.config.request_timeout)
+                return await call_backward(self.connections, hop.server.address, req, grad, self.config.request_timeout)
             except RemoteCallError as e:
                 if self._give_up(e, attempt):
                     raise
-                self._ban(hop, e)
+                self.ban(hop, e)
         raise AssertionError("unreachable")

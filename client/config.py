@@ -12,6 +12,7 @@ class ClientConfig:
     max_retries: int = 3  # failed hops re-routed per call before giving up
     ban_seconds: float = 15.0  # a node that failed is avoided this long
     refresh_seconds: float = 5.0  # the swarm view from the DHT is re-read when older than this
+    max_step_tokens: int = 2048  # batch x positions per inference message; longer prompts go in pieces
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
 
     def __post_init__(self) -> None:
@@ -19,5 +20,5 @@ class ClientConfig:
             raise TypeError("initial_peers must be a sequence of multiaddr strings")
         if not self.initial_peers:
             raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer")
-        if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0:
-            raise ValueError("request_timeout must be > 0, max_retries and ban_seconds >= 0")
+        if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0 or self.max_step_tokens < 1:
+            raise ValueError("request_timeout and max_step_tokens must be > 0, max_retries and ban_seconds >= 0")

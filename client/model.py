@@ -10,6 +10,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client.chain import RemoteChain
 from client.config import ClientConfig
+from client.generation import RemoteCache, RemoteGenerationMixin
 from client.remote import RemoteBlocks
 from node.families import LAYER_PREFIX, get_family
 from node.loading import CheckpointError, load_config, read_tensors, resolve_checkpoint
@@ -26,18 +27,23 @@ class DistributedBaseModel(nn.Module):
         self.layers = RemoteBlocks(chain)
         self.norm = family.norm_cls(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None) -> torch.Tensor:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                cache: RemoteCache | None = None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if cache is not None:  # a generation step: only new positions; the nodes hold the past
+            new = inputs_embeds.shape[1]
+            mask = attention_mask[:, -new:] if attention_mask is not None else None
+            return self.norm(cache.session.step(inputs_embeds, mask, position_ids))
         if position_ids is None:  # what local transformers does without a cache
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
         hidden = self.layers(inputs_embeds, attention_mask, position_ids)
         return self.norm(hidden)
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class DistributedModelForCausalLM(RemoteGenerationMixin, PreTrainedModel, GenerationMixin):
     """A causal LM whose transformer blocks are served by the swarm."""
 
     config_class = PretrainedConfig
@@ -67,14 +73,21 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        past_key_values: RemoteCache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
     ) -> CausalLMOutputWithPast:
-        hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds)
+        """Like a transformers causal LM. ``past_key_values`` is a RemoteCache during generate();
+        ``use_cache`` and ``return_dict`` are accepted for API compatibility (outputs are always dicts)."""
+        if past_key_values is not None and not isinstance(past_key_values, RemoteCache):
+            raise TypeError("past_key_values must be a RemoteCache (the nodes hold the keys and values)")
+        hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     def close(self) -> None:
         """Leave the swarm: close connections and the client's DHT peer."""

@@ -69,7 +69,7 @@ def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Te
     return req
 
 
-def _decode(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
+def decode_tensor(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
     try:
         out = deserialize(msg, name="response", allowed=FLOAT_DTYPES, max_bytes=like.numel() * 4, ndim=like.dim())
     except TensorError as e:
@@ -85,7 +85,7 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
         resp = await conns.stub(address).Forward(req, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise RemoteCallError(address, e.code(), e.details() or "") from None
-    return _decode(address, resp.hidden_states, like)
+    return decode_tensor(address, resp.hidden_states, like)
 
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
@@ -95,4 +95,4 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
             pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad)), timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise RemoteCallError(address, e.code(), e.details() or "") from None
-    return _decode(address, resp.grad_inputs, grad)
+    return decode_tensor(address, resp.grad_inputs, grad)

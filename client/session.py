@@ -1,0 +1,172 @@
+"""Inference sessions: one bidirectional stream per hop, holding that hop's key/value cache.
+
+``InferenceSession.step`` is the sync bridge; the streams live on the client's event loop. Each hop
+remembers the inputs it was sent, so when a node dies mid-generation its blocks are re-routed and
+the replacement's cache is rebuilt by replaying that history: nothing is lost.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from client.chain import RemoteChain
+from client.transport import RemoteCallError, decode_tensor
+from proto import swarmlm_pb2 as pb
+from proto.tensors import serialize
+from swarm.routing import Hop
+from swarm.spans import Span
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    """An open Inference stream to one node for one hop, and everything sent through it."""
+
+    hop: Hop
+    call: grpc.aio.StreamStreamCall
+    sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    async def exchange(self, request: pb.InferenceRequest, timeout: float) -> pb.InferenceResponse:
+        address = self.hop.server.address
+        try:
+            await self.call.write(request)
+            response = await asyncio.wait_for(self.call.read(), timeout)
+        except grpc.aio.AioRpcError as e:
+            raise RemoteCallError(address, e.code(), e.details() or "") from None
+        except asyncio.TimeoutError:
+            self.call.cancel()
+            raise RemoteCallError(address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {timeout:g}s") from None
+        if response is grpc.aio.EOF:
+            code = await self.call.code()
+            raise RemoteCallError(address, code, await self.call.details() or "stream ended")
+        return response
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class InferenceSession:
+    """Server-side caches along a route, for generation. Use as a context manager."""
+
+    def __init__(self, chain: RemoteChain, max_length: int):
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.chain, self.max_length = chain, max_length
+        self.batch_size: int | None = None
+        self.position = 0  # positions already in every node's cache
+        self.token_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
+        self.attention_mask: torch.Tensor | None = None  # their mask
+        self._streams: list[_Stream] = []
+        self.closed = False
+
+    # ---- the sync bridge -------------------------------------------------------------------
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Send the hidden states of NEW positions through every block; returns their outputs."""
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        batch, new = hidden.shape[:2]
+        if self.batch_size is None:
+            self.batch_size = batch
+        if batch != self.batch_size:
+            raise ValueError(f"this session runs batch size {self.batch_size}, got {batch}")
+        if self.position + new > self.max_length:
+            raise ValueError(f"session max_length {self.max_length} exceeded: {self.position} + {new} positions")
+        mask = attention_mask if attention_mask is not None else torch.ones(batch, new, dtype=torch.int64)
+        positions = position_ids if position_ids is not None else \
+            torch.arange(self.position, self.position + new).unsqueeze(0)
+        positions = positions.to(torch.int64).expand(batch, new)  # one shape for every step, so replays concatenate
+        out = self.chain.run(self._step(hidden.detach(), mask.to(torch.int64), positions))
+        self.position += new
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for stream in self._streams:
+                self.chain.call_soon(stream.close)
+            self._streams = []
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- async internals -------------------------------------------------------------------
+    async def _step(self, hidden, mask, positions) -> torch.Tensor:
+        if not self._streams:
+            self._streams = await self._open(Span(0, self.chain.num_blocks))
+        index = 0
+        while index < len(self._streams):
+            stream = self._streams[index]
+            try:
+                out = await self._send(stream, hidden, mask, positions)
+            except RemoteCallError as e:
+                if e.client_fault:
+                    raise
+                self._streams[index:index + 1] = await self._replace(stream, e)
+                continue  # retry this position of the chain with the replacement(s)
+            hidden, index = out, index + 1
+        return hidden
+
+    async def _open(self, span: Span, attempt: int = 0) -> list[_Stream]:
+        """Open streams along a fresh route over ``span``."""
+        streams: list[_Stream] = []
+        for hop in await self.chain.route(span, refresh=attempt > 0):
+            call = self.chain.connections.stub(hop.server.address).Inference()
+            stream = _Stream(hop, call)
+            opts = pb.SessionOptions(model=self.chain.model, start=hop.span.start, end=hop.span.end,
+                                     batch_size=self.batch_size, max_length=self.max_length)
+            try:
+                await stream.exchange(pb.InferenceRequest(open=opts), self.chain.config.request_timeout)
+            except RemoteCallError as e:
+                stream.close()
+                for s in streams:
+                    s.close()
+                if e.client_fault or attempt >= self.chain.config.max_retries:
+                    raise
+                self.chain.ban(hop, e)
+                return await self._open(span, attempt + 1)
+            streams.append(stream)
+        return streams
+
+    async def _replace(self, failed: _Stream, error: RemoteCallError) -> list[_Stream]:
+        """Route around a failed hop and replay its history so the new caches match."""
+        failed.close()
+        self.chain.ban(failed.hop, error)
+        for attempt in range(self.chain.config.max_retries):
+            streams = await self._open(failed.hop.span, attempt=1)
+            try:
+                if failed.sent:
+                    hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*failed.sent))
+                    for stream in streams:
+                        hidden = await self._send(stream, hidden, mask, positions)
+                return streams
+            except RemoteCallError as e:
+                for s in streams:
+                    s.close()
+                if e.client_fault:
+                    raise
+                log.warning("replaying history on a replacement failed: %s", e)
+        raise error
+
+    async def _send(self, stream: _Stream, hidden, mask, positions) -> torch.Tensor:
+        """One step through one hop, split so no message exceeds the client's step size."""
+        batch = hidden.shape[0]
+        size = max(1, self.chain.config.max_step_tokens // batch)
+        outputs, parts = [], []
+        for lo in range(0, hidden.shape[1], size):
+            part = (hidden[:, lo:lo + size], mask[:, lo:lo + size], positions[:, lo:lo + size])
+            request = pb.InferenceRequest(hidden_states=serialize(part[0]), attention_mask=serialize(part[1]),
+                                          position_ids=serialize(part[2]))
+            response = await stream.exchange(request, self.chain.config.request_timeout)
+            outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
+            parts.append(part)
+        stream.sent.extend(parts)  # only whole steps: a replay must not repeat half of one
+        return torch.cat(outputs, dim=1)
