@@ -1,0 +1,101 @@
+"""generate() over the swarm == local generate(): greedy, sampling, sessions, streaming."""
+import pytest
+import torch
+
+PAD = 0
+
+
+def prompts():
+    """3 prompts of different lengths, left-padded."""
+    torch.manual_seed(3)
+    lengths = [9, 4, 13]
+    ids = torch.full((3, max(lengths)), PAD)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, 256, (n,))
+        mask[row, -n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("spans", [("0:4", "4:6"), ("0:3", "2:5", "4:6")], ids=["2-nodes", "3-nodes"])
+def test_greedy_64_tokens_equal_local(spans, start_nodes, open_client, tiny_path, local_model):
+    start_nodes(*spans)
+    model = open_client(tiny_path)
+    ids, mask = prompts()
+    kwargs = dict(attention_mask=mask, max_new_tokens=64, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    out = model.generate(ids, **kwargs)
+    ref = local_model.generate(ids, **kwargs)
+    assert out.shape == (3, ids.shape[1] + 64)
+    assert torch.equal(out, ref)
+
+
+def test_seeded_sampling_equals_local(start_nodes, open_client, tiny_path, local_model):
+    start_nodes("0:6")
+    model = open_client(tiny_path)
+    ids, mask = prompts()
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=True, top_k=50, top_p=0.9, temperature=0.7,
+                  repetition_penalty=1.3, pad_token_id=PAD, eos_token_id=None)
+    torch.manual_seed(11)
+    out = model.generate(ids, **kwargs)
+    torch.manual_seed(11)
+    ref = local_model.generate(ids, **kwargs)
+    assert torch.equal(out, ref)
+
+
+def test_eos_stops_like_local(start_nodes, open_client, tiny_path, local_model):
+    start_nodes("0:6")
+    model = open_client(tiny_path)
+    ids, mask = prompts()
+    free = local_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD)
+    eos = int(free[0, ids.shape[1] + 3])  # a token row 0 emits: generation must stop there for that row
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=eos)
+    assert torch.equal(model.generate(ids, **kwargs), local_model.generate(ids, **kwargs))
+
+
+def test_two_turn_session_equals_generating_the_concatenation(start_nodes, open_client, tiny_path, local_model):
+    start_nodes("0:2", "2:6")
+    model = open_client(tiny_path)
+    turn1 = torch.randint(3, 256, (1, 7))
+    turn2 = torch.randint(3, 256, (1, 5))
+    kwargs = dict(do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with model.inference_session(max_length=64) as session:
+        a = model.generate(turn1, max_new_tokens=8, session=session, **kwargs)
+        position_after_turn1 = session.position
+        b = model.generate(turn2, max_new_tokens=8, session=session, **kwargs)
+    ref_a = local_model.generate(turn1, max_new_tokens=8, **kwargs)
+    ref_b = local_model.generate(torch.cat([ref_a, turn2], dim=1), max_new_tokens=8, **kwargs)
+    assert torch.equal(a, ref_a) and torch.equal(b, ref_b)
+    assert position_after_turn1 == 7 + 8 - 1  # the last sampled token is sent with the next turn only
+
+
+def test_streamer_receives_tokens_as_they_come(start_nodes, open_client, tiny_path, local_model):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.chunks = []
+
+        def put(self, value):
+            self.chunks.append(value.clone())
+
+        def end(self):
+            self.chunks.append(None)
+
+    start_nodes("0:6")
+    model = open_client(tiny_path)
+    ids = torch.randint(3, 256, (1, 6))
+    streamer = Collect()
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=PAD, eos_token_id=None, streamer=streamer)
+    assert streamer.chunks[-1] is None and len(streamer.chunks) == 1 + 10 + 1  # prompt, each token, end
+    assert torch.equal(torch.cat([c.view(1, -1) for c in streamer.chunks[1:-1]], dim=1), out[:, 6:])
+
+
+def test_long_prompt_is_prefilled_in_pieces_and_chunks(start_nodes, open_client, tiny_path, local_model, bootstrap):
+    """2,000 prompt tokens: the client sends pieces of 700, each node computes chunks of 256."""
+    from client import ClientConfig
+
+    start_nodes("0:3", "3:6", max_chunk_tokens=256)
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_step_tokens=700))
+    ids = torch.randint(3, 256, (1, 2000))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(model.generate(ids, **kwargs), local_model.generate(ids, **kwargs))
