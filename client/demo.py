@@ -16,6 +16,7 @@ import torch
 TOLERANCE = 1e-4
 SPANS = ["0:5", "3:8"]  # uneven and overlapping: blocks 3-4 are served twice
 PROMPTS = ["the swarm runs a language model", "each node hosts a span of blocks", "a node may leave"]
+GENERATE_TOKENS = 24
 TIME_LIMIT = 300  # seconds; the whole demo is aborted (and cleaned up) past this
 
 
@@ -71,22 +72,13 @@ def loss_and_grad(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return out.logits, out.loss, embeds.grad
 
 
-def compare(path: Path, peers: list[str]) -> tuple[bool, float]:
+def compare(path: Path, model, local) -> tuple[bool, float]:
     """Distributed vs local forward and backward on the same batch: (they agree, max |logit diff|)."""
-    from transformers import AutoModelForCausalLM
-
-    from client import AutoDistributedModelForCausalLM
-
     batch = tokenize(path)
     real = batch["attention_mask"].bool()
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     local_logits, local_loss, local_grad = loss_and_grad(local, batch)
-    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=peers)
-    try:
-        say("client joined the swarm; running forward and backward through the nodes")
-        dist_logits, dist_loss, dist_grad = loss_and_grad(model, batch)
-    finally:
-        model.close()
+    say("running forward and backward through the nodes")
+    dist_logits, dist_loss, dist_grad = loss_and_grad(model, batch)
     logit_diff = (dist_logits[real] - local_logits[real]).abs().max().item()
     grad_diff = (dist_grad[real] - local_grad[real]).abs().max().item()
     say(f"loss: distributed {dist_loss.item():.6f}, local {local_loss.item():.6f}")
@@ -95,12 +87,43 @@ def compare(path: Path, peers: list[str]) -> tuple[bool, float]:
     return max(logit_diff, grad_diff, loss_diff) <= TOLERANCE, logit_diff
 
 
+def generate(path: Path, model, local) -> bool:
+    """Stream a greedy generation through the swarm (text appears as tokens arrive); compare with local."""
+    from transformers import AutoTokenizer, TextStreamer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    settings = dict(max_new_tokens=GENERATE_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    say(f"generating {GENERATE_TOKENS} tokens through the swarm (random weights, so the text is gibberish):")
+    started = time.monotonic()
+    out = model.generate(ids, streamer=TextStreamer(tokenizer), **settings)
+    seconds = time.monotonic() - started
+    same = torch.equal(out, local.generate(ids, **settings))
+    say(f"{GENERATE_TOKENS / seconds:.1f} tokens/s through the swarm; token ids equal local generate(): {same}")
+    return same
+
+
 def stop_swarm(swarm) -> None:
     """Ask every node to leave at once (LocalSwarm.stop then waits for each, SIGKILL past its timeout)."""
     for proc in swarm.nodes:
         if proc.popen.poll() is None:
             proc.popen.send_signal(signal.SIGTERM)
     swarm.stop()
+
+
+def run_client(path: Path, peers: list[str]) -> tuple[bool, float, bool]:
+    from transformers import AutoModelForCausalLM
+
+    from client import AutoDistributedModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=peers)
+    say("client joined the swarm")
+    try:
+        ok, logit_diff = compare(path, model, local)
+        return ok, logit_diff, generate(path, model, local)
+    finally:
+        model.close()
 
 
 def _abort(signum: int, _frame) -> None:
@@ -124,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build_model(args.workdir.resolve())
         swarm = LocalSwarm(path, ready_timeout=90)
-        ok, logit_diff = compare(path, start_swarm(swarm, path))
+        ok, logit_diff, same_tokens = run_client(path, start_swarm(swarm, path))
     except KeyboardInterrupt:
         say("interrupted; stopping the swarm")
         return 130
@@ -139,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     if not ok:
         say(f"FAILED: distributed and local differ by more than {TOLERANCE:g}")
         return 1
-    say(f"OK: distributed == local (max |logit diff| = {logit_diff:.2e})")
+    if not same_tokens:
+        say("FAILED: distributed generation differs from local generation")
+        return 1
+    say(f"OK: distributed == local (max |logit diff| = {logit_diff:.2e}; generated tokens identical)")
     return 0
 
 

@@ -25,6 +25,17 @@ def build_parser() -> OneLineParser:
     status.add_argument("--model", required=True, help="checkpoint directory or hub id (for its config)")
     status.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
     status.add_argument("--all", action="store_true", help="also list OFFLINE nodes")
+    gen = sub.add_parser("generate", help="generate text through the swarm, printed as tokens arrive")
+    gen.add_argument("prompt", help="text prompt")
+    gen.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
+    gen.add_argument("--model", required=True, help="checkpoint directory or hub id (with its tokenizer)")
+    gen.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     return parser
 
 
@@ -77,8 +88,26 @@ async def status(args) -> int:
     return 0
 
 
+def generate(args) -> int:
+    from client.commands import generate_text
+    from node.loading import CheckpointError
+    from swarm.routing import NoRouteError
+
+    if args.max_new_tokens < 1:
+        return fail("swarm", "--max-new-tokens must be positive", 2)
+    try:
+        generate_text(args.model, peers_list(args.initial_peers), args.prompt, max_new_tokens=args.max_new_tokens,
+                      do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                      seed=args.seed, model_name=args.model_name)
+    except (CheckpointError, DHTStartError, NoRouteError) as e:
+        return fail("swarm", str(e))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return generate(args)
     return asyncio.run(bootstrap(args) if args.command == "bootstrap" else status(args))
 
 

@@ -20,8 +20,8 @@ NUM_LAYERS = 6
 
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory) -> Path:
-    """A 6-block Llama checkpoint (hidden 64, grouped-query attention 4 heads / 2 kv heads)."""
-    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", num_layers=NUM_LAYERS, tokenizer=False)
+    """A 6-block Llama checkpoint with its tokenizer (hidden 64, grouped-query attention: 4 heads, 2 kv heads)."""
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama", num_layers=NUM_LAYERS)
 
 
 @pytest.fixture(scope="session")

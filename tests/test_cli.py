@@ -48,6 +48,20 @@ def test_client_through_cli_nodes_equals_local(cli_swarm, tiny_path, local_model
         model.close()
 
 
+def test_generate_command_streams_what_local_generates(cli_swarm, tiny_path, local_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_path)
+    prompt = "the swarm runs a model"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    expected = tokenizer.decode(local_model.generate(ids, max_new_tokens=12, do_sample=False,
+                                                     pad_token_id=tokenizer.pad_token_id)[0])
+    result = run("swarm", "generate", prompt, "--initial-peers", *cli_swarm.peers, "--model", str(tiny_path),
+                 "--max-new-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == expected
+
+
 def test_sigterm_node_exits_cleanly_and_leaves_status(cli_swarm, tiny_path):
     leaving = cli_swarm.nodes[1]
     assert leaving.stop(signal.SIGTERM, timeout=20) == 0
