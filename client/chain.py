@@ -5,17 +5,17 @@ hand a coroutine to the client's event loop thread and wait. Everything below th
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
 from typing import Awaitable, Callable, TypeVar
 
 import torch
 
 from client.config import ClientConfig
+from client.routing import Router
 from client.transport import Connections, RemoteCallError, call_backward, call_forward, forward_request
 from swarm.aio import LoopThread
 from swarm.dht import SwarmDHT
-from swarm.routing import Hop, choose_route
 from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,7 @@ class RemoteChain:
             self._loop.close()
             raise
         self.connections = Connections()  # used on the loop thread only
-        self._servers: list[ServerInfo] = []
-        self._fetched_at = float("-inf")
-        self._banned: dict[str, float] = {}
+        self.router = Router(self.dht, model, num_blocks, config)
 
     # ---- the sync bridge -------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
@@ -59,7 +57,7 @@ class RemoteChain:
 
     def servers(self, refresh: bool = False) -> list[ServerInfo]:
         """The swarm as last read from the DHT (re-read when stale or asked to)."""
-        return self.run(self._servers_async(refresh))
+        return self.run(self.router.servers(refresh))
 
     def close(self) -> None:
         try:
@@ -69,40 +67,22 @@ class RemoteChain:
             self._loop.close()
 
     # ---- async internals -------------------------------------------------------------------
-    async def _servers_async(self, refresh: bool) -> list[ServerInfo]:
-        if refresh or time.monotonic() - self._fetched_at > self.config.refresh_seconds:
-            self._servers = await self.dht.fetch_servers(self.model, self.num_blocks)
-            self._fetched_at = time.monotonic()
-        return self._servers
-
-    async def route(self, span: Span, refresh: bool = False) -> list[Hop]:
-        servers = await self._servers_async(refresh)
-        now = time.monotonic()
-        banned = frozenset(n for n, until in self._banned.items() if until > now)
-        return choose_route(servers, span, exclude=banned)
-
-    def ban(self, hop: Hop, error: RemoteCallError) -> None:
-        log.warning("avoiding node %s for %.0fs: %s", hop.server.address, self.config.ban_seconds, error)
-        self._banned[hop.server.node_id] = time.monotonic() + self.config.ban_seconds
-
-    def _give_up(self, error: RemoteCallError, attempt: int) -> bool:
-        return error.client_fault or attempt >= self.config.max_retries
-
     async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions) -> tuple[torch.Tensor, Trace]:
         trace: Trace = []
         position, attempt = span.start, 0
-        route = await self.route(span)
+        route = await self.router.route(span, spread=True)
         while route:
             hop = route.pop(0)
             req = forward_request(self.model, hop.span, hidden, mask, positions)
             try:
                 out = await call_forward(self.connections, hop.server.address, req, hidden, self.config.request_timeout)
             except RemoteCallError as e:
-                if self._give_up(e, attempt):
+                if not self.router.should_retry(e, attempt):
                     raise
+                self.router.ban(hop, e)
+                await asyncio.sleep(self.router.backoff(attempt))
                 attempt += 1
-                self.ban(hop, e)
-                route = await self.route(Span(position, span.end), refresh=True)
+                route = await self.router.route(Span(position, span.end), refresh=True, spread=True)
                 continue
             trace.append((hop.span, hidden))
             hidden, position = out, hop.span.end
@@ -116,8 +96,9 @@ class RemoteChain:
     async def _backward_span(self, span: Span, hidden, mask, positions, grad: torch.Tensor) -> torch.Tensor:
         """Backward through ``span``; if no single live node covers it any more, recompute the
         intermediate inputs with a forward pass over a new route and go backward hop by hop."""
-        for attempt in range(self.config.max_retries + 1):
-            route = await self.route(span, refresh=attempt > 0)
+        attempt = 0
+        while True:
+            route = await self.router.route(span, refresh=attempt > 0, spread=True)
             if len(route) > 1:
                 _, sub_trace = await self._forward(span, hidden, mask, positions)
                 return await self._backward(sub_trace, mask, positions, grad)
@@ -126,7 +107,8 @@ class RemoteChain:
             try:
                 return await call_backward(self.connections, hop.server.address, req, grad, self.config.request_timeout)
             except RemoteCallError as e:
-                if self._give_up(e, attempt):
+                if not self.router.should_retry(e, attempt):
                     raise
-                self.ban(hop, e)
-        raise AssertionError("unreachable")
+                self.router.ban(hop, e)
+                await asyncio.sleep(self.router.backoff(attempt))
+                attempt += 1

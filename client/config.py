@@ -10,7 +10,8 @@ class ClientConfig:
     model_name: str | None = None  # name in the DHT model key; default: checkpoint dir name or hub id
     request_timeout: float = 60.0  # seconds one Forward/Backward call may take
     max_retries: int = 3  # failed hops re-routed per call before giving up
-    ban_seconds: float = 15.0  # a node that failed is avoided this long
+    ban_seconds: float = 15.0  # a node that failed is avoided this long (doubling on repeats, up to 16x)
+    max_wait: float = 30.0  # seconds to wait for blocks with no live node before raising NoRouteError
     refresh_seconds: float = 5.0  # the swarm view from the DHT is re-read when older than this
     max_step_tokens: int = 2048  # batch x positions per inference message; longer prompts go in pieces
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
@@ -20,5 +21,5 @@ class ClientConfig:
             raise TypeError("initial_peers must be a sequence of multiaddr strings")
         if not self.initial_peers:
             raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer")
-        if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0 or self.max_step_tokens < 1:
-            raise ValueError("request_timeout and max_step_tokens must be > 0, max_retries and ban_seconds >= 0")
+        if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0 or self.max_step_tokens < 1 or self.max_wait < 0:
+            raise ValueError("request_timeout and max_step_tokens must be > 0; max_retries, ban_seconds, max_wait >= 0")

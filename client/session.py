@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -118,7 +119,8 @@ class InferenceSession:
     async def _open(self, span: Span, attempt: int = 0) -> list[_Stream]:
         """Open streams along a fresh route over ``span``."""
         streams: list[_Stream] = []
-        for hop in await self.chain.route(span, refresh=attempt > 0):
+        router = self.chain.router
+        for hop in await router.route(span, refresh=attempt > 0):
             call = self.chain.connections.stub(hop.server.address).Inference()
             stream = _Stream(hop, call)
             opts = pb.SessionOptions(model=self.chain.model, start=hop.span.start, end=hop.span.end,
@@ -129,9 +131,10 @@ class InferenceSession:
                 stream.close()
                 for s in streams:
                     s.close()
-                if e.client_fault or attempt >= self.chain.config.max_retries:
+                if not router.should_retry(e, attempt):
                     raise
-                self.chain.ban(hop, e)
+                router.ban(hop, e)
+                await asyncio.sleep(router.backoff(attempt))
                 return await self._open(span, attempt + 1)
             streams.append(stream)
         return streams
@@ -139,7 +142,8 @@ class InferenceSession:
     async def _replace(self, failed: _Stream, error: RemoteCallError) -> list[_Stream]:
         """Route around a failed hop and replay its history so the new caches match."""
         failed.close()
-        self.chain.ban(failed.hop, error)
+        router = self.chain.router
+        router.ban(failed.hop, error)
         for attempt in range(self.chain.config.max_retries):
             streams = await self._open(failed.hop.span, attempt=1)
             try:
@@ -165,7 +169,9 @@ class InferenceSession:
             part = (hidden[:, lo:lo + size], mask[:, lo:lo + size], positions[:, lo:lo + size])
             request = pb.InferenceRequest(hidden_states=serialize(part[0]), attention_mask=serialize(part[1]),
                                           position_ids=serialize(part[2]))
+            started = time.monotonic()
             response = await stream.exchange(request, self.chain.config.request_timeout)
+            self.chain.router.succeeded(stream.hop, time.monotonic() - started)
             outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
             parts.append(part)
         stream.sent.extend(parts)  # only whole steps: a replay must not repeat half of one

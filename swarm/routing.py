@@ -6,6 +6,7 @@ can run any sub-span of what it hosts, so overlapping and differently sized span
 from __future__ import annotations
 
 import heapq
+import random
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -99,3 +100,30 @@ def choose_route(
         route.append(hop)
         pos = hop.span.start
     return route[::-1]
+
+
+def sample_route(
+    servers: Iterable[ServerInfo],
+    span: Span,
+    rng: random.Random,
+    *,
+    exclude: frozenset[str] = frozenset(),
+) -> list[Hop]:
+    """A route for training and batch forward that spreads load over replicas: at each position, a
+    server covering it is drawn with probability proportional to its throughput, and runs as far as
+    it can."""
+    online = sorted(
+        (s for s in servers if s.state is NodeState.ONLINE and s.node_id not in exclude),
+        key=lambda s: s.node_id,
+    )
+    missing = uncovered_blocks(online, span)
+    if missing:
+        raise NoRouteError(missing)
+    route, pos = [], span.start
+    while pos < span.end:
+        here = [s for s in online if s.span.start <= pos < s.span.end]
+        pick = rng.choices(here, weights=[max(s.throughput, 1e-9) for s in here])[0]
+        end = min(pick.span.end, span.end)
+        route.append(Hop(pick, Span(pos, end)))
+        pos = end
+    return route

@@ -95,11 +95,19 @@ def test_client_holds_no_block_weights(start_nodes, open_client, tiny_path, loca
     assert not any("layers" in n for n in model.state_dict())
 
 
-def test_missing_blocks_give_a_clear_error(start_nodes, open_client, tiny_path):
+def test_missing_blocks_give_a_typed_error_after_the_bounded_wait(start_nodes, open_client, tiny_path, bootstrap):
+    import time
+
+    from client import ClientConfig
+    from swarm.routing import NoRouteError
+
     start_nodes("0:3")
-    model = open_client(tiny_path)
-    with pytest.raises(RuntimeError, match=r"no ONLINE node serves block\(s\) 3:6"):
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=2.0))
+    started = time.monotonic()
+    with pytest.raises(NoRouteError, match=r"no ONLINE node serves block\(s\) 3:6") as err:
         model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert err.value.missing == [3, 4, 5]
+    assert 2.0 <= time.monotonic() - started < 10
 
 
 def test_bad_request_is_reported_not_retried(start_nodes, open_client, tiny_path):

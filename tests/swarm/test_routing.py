@@ -1,6 +1,9 @@
+import random
+from collections import Counter
+
 import pytest
 
-from swarm.routing import NoRouteError, choose_route, format_blocks, uncovered_blocks
+from swarm.routing import NoRouteError, choose_route, format_blocks, sample_route, uncovered_blocks
 from swarm.spans import NodeState, ServerInfo, Span
 
 
@@ -53,3 +56,21 @@ def test_measured_rtt_steers_the_choice():
 def test_helpers():
     assert format_blocks([0, 1, 2, 5, 7, 8]) == "0:3, 5:6, 7:9"
     assert uncovered_blocks([server("a", 1, 3)], Span(0, 4)) == [0, 3]
+
+
+def test_spread_routes_share_load_by_throughput():
+    servers = [server("big", 0, 4, throughput=300.0), server("small", 0, 4, throughput=100.0), server("tail", 4, 6)]
+    rng = random.Random(0)
+    firsts = Counter()
+    for _ in range(2000):
+        route = sample_route(servers, Span(0, 6), rng)
+        assert [h.span for h in route] == [Span(0, 4), Span(4, 6)]
+        firsts[route[0].server.node_id] += 1
+    assert 0.7 < firsts["big"] / 2000 < 0.8  # 300 / (300 + 100)
+
+
+def test_spread_routes_use_partial_spans_and_raise_on_holes():
+    route = sample_route([server("a", 0, 3), server("b", 2, 6)], Span(1, 5), random.Random(1))
+    assert route[0].span.start == 1 and route[-1].span.end == 5
+    with pytest.raises(NoRouteError):
+        sample_route([server("a", 0, 3)], Span(0, 5), random.Random(1))
