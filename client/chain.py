@@ -16,6 +16,7 @@ from client.routing import Router
 from client.transport import Connections, RemoteCallError, call_backward, call_forward, forward_request
 from swarm.aio import LoopThread
 from swarm.dht import SwarmDHT
+from swarm.routing import Hop
 from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class RemoteChain:
             raise
         self.connections = Connections()  # used on the loop thread only
         self.router = Router(self.dht, model, num_blocks, config)
+        self.last_route: list[Hop] = []  # hops of the latest forward pass, for inspection
 
     # ---- the sync bridge -------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
@@ -69,6 +71,7 @@ class RemoteChain:
     # ---- async internals -------------------------------------------------------------------
     async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions) -> tuple[torch.Tensor, Trace]:
         trace: Trace = []
+        used: list[Hop] = []
         position, attempt = span.start, 0
         route = await self.router.route(span, spread=True)
         while route:
@@ -85,7 +88,9 @@ class RemoteChain:
                 route = await self.router.route(Span(position, span.end), refresh=True, spread=True)
                 continue
             trace.append((hop.span, hidden))
+            used.append(hop)
             hidden, position = out, hop.span.end
+        self.last_route = used
         return hidden, trace
 
     async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor) -> torch.Tensor:

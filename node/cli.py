@@ -19,11 +19,13 @@ def build_parser() -> OneLineParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     serve = sub.add_parser("serve", help="serve a span of blocks")
     serve.add_argument("--model", required=True, help="local Hugging Face checkpoint directory (or hub id)")
-    serve.add_argument("--blocks", required=True, help="blocks to host, half-open START:END, e.g. 0:12")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument("--blocks", help="blocks to host, half-open START:END, e.g. 0:12")
+    where.add_argument("--num-blocks", type=int, help="host this many blocks where the swarm is weakest")
     serve.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers to join")
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=0, help="gRPC port (default: a free one)")
-    serve.add_argument("--announce-host", default=None, help="host clients should dial, if not --host")
+    serve.add_argument("--announce-host", default=None, help="host or host:port clients should dial, if not --host")
     serve.add_argument("--dht-port", type=int, default=0, help="DHT port (default: a free one)")
     serve.add_argument("--dtype", choices=COMPUTE_DTYPES, default="float32", help="compute dtype")
     serve.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
@@ -40,7 +42,8 @@ def build_parser() -> OneLineParser:
 
 def config_from_args(args) -> NodeConfig:
     return NodeConfig(
-        model=args.model, blocks=Span.parse(args.blocks), initial_peers=peers_list(args.initial_peers),
+        model=args.model, blocks=Span.parse(args.blocks) if args.blocks else None, num_blocks=args.num_blocks,
+        initial_peers=peers_list(args.initial_peers),
         host=args.host, port=args.port, announce_host=args.announce_host, dht_port=args.dht_port,
         dtype=args.dtype, model_name=args.model_name, max_batch_tokens=args.max_batch_tokens,
         ttl=args.ttl, shutdown_grace=args.shutdown_grace, nat_port_map=args.nat_port_map,
@@ -59,6 +62,7 @@ async def serve(config: NodeConfig) -> int:
         await node.stop(0)
         return fail("node", str(e))
     print(address, flush=True)
+    logging.getLogger("node").info("blocks %s", node.span)
     await stop.wait()
     logging.getLogger("node").info("shutting down: finishing in-flight requests (grace %.1fs)", config.shutdown_grace)
     await node.stop()

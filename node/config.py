@@ -11,11 +11,12 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 @dataclass(frozen=True)
 class NodeConfig:
     model: str  # local Hugging Face checkpoint directory, or a hub id when the hub is reachable
-    blocks: Span  # blocks to host, half-open [start, end)
+    blocks: Span | None = None  # blocks to host, half-open [start, end); None: choose with num_blocks
+    num_blocks: int | None = None  # host this many blocks where the swarm is weakest (instead of blocks)
     initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join; empty starts a new swarm
     host: str = "127.0.0.1"  # interface the gRPC server and the DHT peer listen on
     port: int = 0  # gRPC port; 0 picks a free one
-    announce_host: str | None = None  # host clients should dial, when it differs from `host` (e.g. 0.0.0.0)
+    announce_host: str | None = None  # "host" or "host:port" clients should dial, if not host:port (e.g. 0.0.0.0)
     dht_port: int = 0  # DHT (libp2p) port; 0 picks a free one
     dtype: str = "float32"  # compute dtype of the blocks: float32 or bfloat16
     model_name: str | None = None  # name in the DHT model key; default: checkpoint dir name or hub id
@@ -30,8 +31,12 @@ class NodeConfig:
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
 
     def __post_init__(self) -> None:
-        if not isinstance(self.blocks, Span):
+        if (self.blocks is None) == (self.num_blocks is None):
+            raise ValueError("give exactly one of blocks (e.g. 0:12) or num_blocks (automatic placement)")
+        if self.blocks is not None and not isinstance(self.blocks, Span):
             raise TypeError(f"blocks must be a Span, got {type(self.blocks).__name__}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         for name in ("port", "dht_port"):

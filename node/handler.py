@@ -17,6 +17,7 @@ from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
 from swarm import __version__
+from swarm.spans import NodeState
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.budget, self.policy = budget, policy
         self.throughput = throughput
         self.open_sessions = 0
+        self.in_flight = 0  # unary calls being computed
+        self.state = NodeState.JOINING  # Info reports it; OFFLINE once the node starts shutting down
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -43,6 +46,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             dtype=str(self.blocks.dtype).removeprefix("torch."), version=__version__,
             hidden_size=self.limits.hidden_size, max_batch_tokens=self.limits.max_batch_tokens,
             throughput=self.throughput, cache_tokens=self.budget.capacity, cache_tokens_free=self.budget.free,
+            state=self.state.value,
         )
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
@@ -68,6 +72,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         if first is None:
             return
         try:
+            if self.state is NodeState.OFFLINE:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "this node is shutting down; use another")
             span, batch, max_length = parse_open(first, self.limits, self.policy.max_length)
             await self.budget.reserve(batch * max_length, self.policy.alloc_timeout)
         except RequestError as e:
@@ -120,12 +126,19 @@ class NodeServicer(pb_grpc.NodeServicer):
         out = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask, x.position_ids)
         return out.to(x.hidden.dtype)
 
+    @property
+    def busy(self) -> bool:
+        return self.open_sessions > 0 or self.in_flight > 0
+
     async def _compute(self, context, fn, *args) -> torch.Tensor:
+        self.in_flight += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except Exception as e:  # a bug or an OOM in one request must not take the node down
             log.exception("request failed")
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            self.in_flight -= 1
 
 
 def _without_open(request: pb.InferenceRequest) -> pb.InferenceRequest:

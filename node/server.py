@@ -20,6 +20,7 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__
 from swarm.aio import LoopThread
 from swarm.dht import Announcer, SwarmDHT
+from swarm.placement import choose_blocks
 from swarm.records import default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
 
@@ -47,6 +48,16 @@ def measure_throughput(blocks: SpanBlocks, tokens: int = 32, repeats: int = 2) -
     return tokens / max(best, 1e-9)
 
 
+def announced_address(announce: str | None, host: str, port: int) -> str:
+    """What clients dial: ``announce`` as "host:port", or "host" plus our port, or where we listen."""
+    if announce is None:
+        return f"{host}:{port}"
+    name, sep, given = announce.rpartition(":")
+    if sep and given.isdigit() and "]" not in given:
+        return announce
+    return f"{announce}:{port}"
+
+
 class Node:
     """One running node. ``await start()``, then ``await stop()``; or use NodeThread from sync code."""
 
@@ -59,25 +70,33 @@ class Node:
         self._server: grpc.aio.Server | None = None
         self.servicer: NodeServicer | None = None
         self._pool = ThreadPoolExecutor(config.compute_threads, thread_name_prefix="swarmlm-compute")
+        self.span: Span | None = config.blocks
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
         cfg, loop = self.config, asyncio.get_running_loop()
-        wanted = tuple(f"{LAYER_PREFIX}{i}." for i in range(cfg.blocks.start, cfg.blocks.end))
+        span = cfg.blocks
+        wanted = tuple(f"{LAYER_PREFIX}{i}." for i in range(span.start, span.end)) if span else (LAYER_PREFIX,)
         folder = resolve_checkpoint(cfg.model, need_weights=lambda name: name.startswith(wanted))
         model_config = load_config(folder)
         get_family(model_config)
-        if cfg.blocks.end > model_config.num_hidden_layers:
-            raise CheckpointError(f"--blocks {cfg.blocks} is outside the model's {model_config.num_hidden_layers} "
-                                  f"blocks (valid: 0:{model_config.num_hidden_layers})")
+        total = model_config.num_hidden_layers
+        if span is not None and span.end > total:
+            raise CheckpointError(f"--blocks {span} is outside the model's {total} blocks (valid: 0:{total})")
+        if cfg.num_blocks is not None and cfg.num_blocks > total:
+            raise CheckpointError(f"--num-blocks {cfg.num_blocks} is more than the model's {total} blocks")
         self.model_key = model_key(cfg.model_name or default_model_name(cfg.model), model_config)
         self.dht = await SwarmDHT.create(cfg.initial_peers, host=cfg.host, port=cfg.dht_port,
                                          nat_port_map=cfg.nat_port_map)
+        if span is None:
+            span = choose_blocks(await self.dht.fetch_servers(self.model_key, total), total, cfg.num_blocks)
+            log.info("automatic placement: serving blocks %s, where the swarm is weakest", span)
+        self.span = span
 
         dtype = getattr(torch, cfg.dtype)
-        blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, cfg.blocks, dtype)
+        blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, span, dtype)
         limits = Limits(
-            model=self.model_key, hosted=cfg.blocks, hidden_size=model_config.hidden_size,
+            model=self.model_key, hosted=span, hidden_size=model_config.hidden_size,
             max_batch_tokens=cfg.max_batch_tokens,
             max_position=max(getattr(model_config, "max_position_embeddings", 0) or 0, cfg.max_batch_tokens),
         )
@@ -87,7 +106,7 @@ class Node:
             ("grpc.max_send_message_length", msg_limit),
             *SERVER_KEEPALIVE_OPTIONS,
         ])
-        per_token = cache_bytes_per_token(model_config, len(cfg.blocks), dtype)
+        per_token = cache_bytes_per_token(model_config, len(span), dtype)
         budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
                                step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens)
@@ -97,27 +116,32 @@ class Node:
         port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
-        self.address = f"{cfg.announce_host or cfg.host}:{port}"
+        self.address = announced_address(cfg.announce_host, cfg.host, port)
 
-        info = ServerInfo(node_id=self.dht.peer_id, address=self.address, span=cfg.blocks,
+        info = ServerInfo(node_id=self.dht.peer_id, address=self.address, span=span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = await loop.run_in_executor(self._pool, measure_throughput, blocks)
         await self._server.start()
+        servicer.state = NodeState.ONLINE
         await self._announcer.set_state(NodeState.ONLINE, throughput=servicer.throughput)
-        log.info("serving blocks %s of %s at %s", cfg.blocks, self.model_key, self.address)
+        log.info("serving blocks %s of %s at %s", span, self.model_key, self.address)
         return self.address
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, announce OFFLINE, let in-flight calls finish within the grace period."""
+        """Drain: report and announce OFFLINE at once (new sessions are refused, so clients move on),
+        let open sessions and in-flight calls finish until the grace period ends, then stop."""
         grace = self.config.shutdown_grace if grace is None else grace
-        waits = []
-        if self._server is not None:
-            waits.append(self._server.stop(grace))
+        deadline = time.monotonic() + grace
+        if self.servicer is not None:
+            self.servicer.state = NodeState.OFFLINE
         if self._announcer is not None:
-            waits.append(self._announcer.stop())
-        await asyncio.gather(*waits, return_exceptions=True)
+            await self._announcer.stop()
+        while self.servicer is not None and self.servicer.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - time.monotonic()))
         if self.dht is not None:
             await self.dht.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "start", "end", "dtype", "version", "hidden_size", "max_batch_tokens", "throughput", "cache_tokens", "cache_tokens_free")
+    __slots__ = ("model", "start", "end", "dtype", "version", "hidden_size", "max_batch_tokens", "throughput", "cache_tokens", "cache_tokens_free", "state")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class InfoResponse(_message.Message):
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     CACHE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_TOKENS_FREE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -42,7 +43,8 @@ class InfoResponse(_message.Message):
     throughput: float
     cache_tokens: int
     cache_tokens_free: int
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ...) -> None: ...
+    state: str
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids")
