@@ -39,6 +39,8 @@ class _Stream:
             response = await asyncio.wait_for(self.call.read(), timeout)
         except grpc.aio.AioRpcError as e:
             raise RemoteCallError(address, e.code(), e.details() or "") from None
+        except asyncio.InvalidStateError:  # the stream had already ended (e.g. the node died between steps)
+            raise RemoteCallError(address, await self.call.code(), await self.call.details() or "stream ended") from None
         except asyncio.TimeoutError:
             self.call.cancel()
             raise RemoteCallError(address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {timeout:g}s") from None

@@ -120,6 +120,10 @@ class LocalSwarm:
         return addresses
 
     def stop(self) -> None:
+        """SIGTERM every node at once (they drain in parallel), wait for each, then the bootstrap peer."""
+        for proc in self.nodes:
+            if proc.popen.poll() is None:
+                proc.popen.send_signal(signal.SIGTERM)
         for proc in self.nodes:
             proc.stop()
         if self.bootstrap is not None:
