@@ -28,6 +28,8 @@ class NodeConfig:
     alloc_timeout: float = 10.0  # seconds a new session waits for cache room before RESOURCE_EXHAUSTED
     step_timeout: float = 60.0  # seconds an inference session may idle between steps before it is freed
     max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt
+    throughput: float | None = None  # tokens/s to announce; None measures it at start
+    rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving clearly helps
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
 
     def __post_init__(self) -> None:
@@ -48,5 +50,9 @@ class NodeConfig:
             raise ValueError("ttl must be > 0, shutdown_grace >= 0 and compute_threads >= 1")
         if self.cache_tokens is not None and self.cache_tokens < 1:
             raise ValueError(f"cache_tokens must be positive, got {self.cache_tokens}")
+        if self.rebalance_period is not None and (self.num_blocks is None or self.rebalance_period <= 0):
+            raise ValueError("rebalance_period needs num_blocks (automatic placement) and must be positive")
+        if self.throughput is not None and not self.throughput > 0:
+            raise ValueError(f"throughput must be positive, got {self.throughput}")
         if self.alloc_timeout < 0 or self.step_timeout <= 0 or self.max_chunk_tokens < 1:
             raise ValueError("alloc_timeout must be >= 0, step_timeout > 0 and max_chunk_tokens >= 1")

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import torch
@@ -20,7 +21,7 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__
 from swarm.aio import LoopThread
 from swarm.dht import Announcer, SwarmDHT
-from swarm.placement import choose_blocks
+from swarm.placement import choose_blocks, should_move
 from swarm.records import default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
 
@@ -71,6 +72,7 @@ class Node:
         self.servicer: NodeServicer | None = None
         self._pool = ThreadPoolExecutor(config.compute_threads, thread_name_prefix="swarmlm-compute")
         self.span: Span | None = config.blocks
+        self._rebalancer: asyncio.Task | None = None
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
@@ -122,18 +124,46 @@ class Node:
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
-        servicer.throughput = await loop.run_in_executor(self._pool, measure_throughput, blocks)
+        servicer.throughput = cfg.throughput or await loop.run_in_executor(self._pool, measure_throughput, blocks)
         await self._server.start()
         servicer.state = NodeState.ONLINE
         await self._announcer.set_state(NodeState.ONLINE, throughput=servicer.throughput)
         log.info("serving blocks %s of %s at %s", span, self.model_key, self.address)
+        if cfg.rebalance_period:
+            self._rebalancer = asyncio.create_task(self._rebalance(folder, model_config, dtype, total))
         return self.address
+
+    async def _rebalance(self, folder, model_config, dtype, total: int) -> None:
+        """Every rebalance_period: move to a clearly weaker part of the swarm, if that never uncovers a
+        block. Moving: announce OFFLINE (keep serving stragglers for a TTL), load, swap, announce ONLINE."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.rebalance_period)
+            try:
+                servers = await self.dht.fetch_servers(self.model_key, total)
+                target = should_move(servers, self._announcer.info, total)
+                if target is None or self.servicer.busy:
+                    continue
+                log.info("rebalancing: moving from blocks %s to %s", self.span, target)
+                await self._announcer.set_state(NodeState.OFFLINE)
+                await asyncio.sleep(min(self.config.ttl, self.config.rebalance_period))
+                blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype)
+                self.servicer.blocks = blocks
+                self.servicer.limits = replace(self.servicer.limits, hosted=target)
+                self.span = target
+                await self._announcer.move(target, NodeState.ONLINE)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a failed check must not kill a serving node
+                log.warning("rebalance check failed: %s", e)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report and announce OFFLINE at once (new sessions are refused, so clients move on),
         let open sessions and in-flight calls finish until the grace period ends, then stop."""
         grace = self.config.shutdown_grace if grace is None else grace
         deadline = time.monotonic() + grace
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
         if self.servicer is not None:
             self.servicer.state = NodeState.OFFLINE
         if self._announcer is not None:

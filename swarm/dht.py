@@ -16,7 +16,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from swarm.records import block_key, make_record, parse_record
-from swarm.spans import NodeState, ServerInfo
+from swarm.spans import NodeState, ServerInfo, Span
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,11 @@ class Announcer:
         """Change the announced state and publish it at once."""
         changes = {"state": state} if throughput is None else {"state": state, "throughput": throughput}
         self.info = replace(self.info, **changes)
+        await self._announce()
+
+    async def move(self, span: Span, state: NodeState) -> None:
+        """Serve a new span: old blocks' records were announced OFFLINE before; publish the new ones."""
+        self.info = replace(self.info, span=span, state=state)
         await self._announce()
 
     async def stop(self, final_state: NodeState | None = NodeState.OFFLINE) -> None:

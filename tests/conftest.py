@@ -53,13 +53,14 @@ def bootstrap(dht_loop) -> Iterator[list[str]]:
 
 @pytest.fixture
 def start_nodes(tiny_path, bootstrap) -> Iterator[Callable[..., list[NodeThread]]]:
-    """``start_nodes("0:4", "3:6", **config)`` starts in-process gRPC nodes; all stop at teardown."""
+    """``start_nodes("0:4", "3:6", **config)`` starts in-process gRPC nodes; all stop at teardown.
+    With no spans, one node starts with automatic placement (pass ``num_blocks=``)."""
     started: list[NodeThread] = []
 
     def start(*spans: str, model: Path | None = None, **overrides) -> list[NodeThread]:
         nodes = []
-        for text in spans:
-            config = NodeConfig(model=str(model or tiny_path), blocks=Span.parse(text),
+        for text in spans or (None,):
+            config = NodeConfig(model=str(model or tiny_path), blocks=Span.parse(text) if text else None,
                                 initial_peers=tuple(bootstrap), **overrides)
             node = NodeThread(config)
             started.append(node)

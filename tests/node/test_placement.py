@@ -1,0 +1,40 @@
+"""Automatic placement and rebalancing with real nodes and a real DHT."""
+import asyncio
+
+import torch
+
+from swarm.dht import SwarmDHT
+from swarm.launch import wait_for
+from swarm.spans import NodeState, Span
+
+
+def spans_in_dht(bootstrap, model_key):
+    async def read():
+        dht = await SwarmDHT.create(bootstrap, client_mode=True)
+        try:
+            return {s.address: (s.span, s.state) for s in await dht.fetch_servers(model_key, 6)}
+        finally:
+            await dht.shutdown()
+
+    return asyncio.run(read())
+
+
+def test_num_blocks_fills_the_hole(start_nodes, bootstrap):
+    (a,) = start_nodes("0:4", throughput=100.0)
+    (b,) = start_nodes(num_blocks=2, throughput=100.0)
+    assert b.node.span == Span(4, 6)
+    assert spans_in_dht(bootstrap, a.node.model_key)[b.address] == (Span(4, 6), NodeState.ONLINE)
+
+
+def test_rebalance_moves_to_where_the_swarm_is_weak(start_nodes, open_client, tiny_path, local_model, bootstrap):
+    (a,) = start_nodes("0:6", throughput=100.0)
+    (mover,) = start_nodes(num_blocks=3, rebalance_period=0.5, ttl=1.0, throughput=100.0)
+    assert mover.node.span == Span(0, 3)  # all windows equal: the first
+    start_nodes("0:3", throughput=100.0)  # now 0:3 has three nodes and 3:6 only one
+    assert wait_for(lambda: mover.node.span == Span(3, 6), timeout=20)
+    assert wait_for(lambda: spans_in_dht(bootstrap, a.node.model_key).get(mover.address)
+                    == (Span(3, 6), NodeState.ONLINE), timeout=10)
+    model = open_client(tiny_path)
+    ids = torch.randint(3, 256, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, local_model(input_ids=ids).logits, atol=1e-4)
