@@ -1,5 +1,7 @@
 """The swarmlm client library: Hugging Face-style models whose blocks run in the swarm."""
 from client.config import ClientConfig
 from client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
+from client.peft import DistributedPeftModel, get_peft_model
 
-__all__ = ["AutoDistributedModelForCausalLM", "ClientConfig", "DistributedModelForCausalLM"]
+__all__ = ["AutoDistributedModelForCausalLM", "ClientConfig", "DistributedModelForCausalLM", "DistributedPeftModel",
+           "get_peft_model"]

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
+import grpc
 import torch
+
+from client.adapters import RemoteLora
 
 from client.config import ClientConfig
 from client.routing import Router
@@ -22,6 +26,15 @@ from swarm.spans import ServerInfo, Span
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Trace = list[tuple[Span, torch.Tensor]]  # (blocks, their input hidden states) per hop, in order
+LoraGrads = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """The client's adapter as one forward/backward pair uses it (same dropout masks in both)."""
+
+    adapter: RemoteLora
+    dropout_seed: int
 
 
 class RemoteChain:
@@ -39,15 +52,17 @@ class RemoteChain:
         self.connections = Connections()  # used on the loop thread only
         self.router = Router(self.dht, model, num_blocks, config)
         self.last_route: list[Hop] = []  # hops of the latest forward pass, for inspection
+        self._lora_sent: dict[tuple[str, str], int] = {}  # (address, adapter id) -> version it holds
 
     # ---- the sync bridge -------------------------------------------------------------------
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
-                positions: torch.Tensor | None) -> tuple[torch.Tensor, Trace]:
-        return self.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions))
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
+                lora: LoraUse | None = None) -> tuple[torch.Tensor, Trace]:
+        return self.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions, lora))
 
     def backward(self, trace: Trace, mask: torch.Tensor | None, positions: torch.Tensor | None,
-                 grad: torch.Tensor) -> torch.Tensor:
-        return self.run(self._backward(trace, mask, positions, grad))
+                 grad: torch.Tensor, lora: LoraUse | None = None) -> tuple[torch.Tensor, LoraGrads]:
+        grads: LoraGrads = {}
+        return self.run(self._backward(trace, mask, positions, grad, lora, grads)), grads
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run a coroutine on the client's loop and wait (the bridge used by sessions too)."""
@@ -69,16 +84,47 @@ class RemoteChain:
             self._loop.close()
 
     # ---- async internals -------------------------------------------------------------------
-    async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions) -> tuple[torch.Tensor, Trace]:
+    def _lora_message(self, address: str, span: Span, lora: LoraUse | None, resend: bool):
+        """The adapter for a hop: weights only when this node may not hold the current version."""
+        if lora is None:
+            return None
+        known = self._lora_sent.get((address, lora.adapter.id)) == lora.adapter.version()
+        return lora.adapter.message(span, with_weights=resend or not known, dropout_seed=lora.dropout_seed)
+
+    def _lora_delivered(self, address: str, lora: LoraUse | None, message) -> None:
+        if lora is not None and message is not None and message.modules:
+            self._lora_sent[(address, lora.adapter.id)] = message.version
+
+    async def _call(self, hop: Hop, lora: LoraUse | None, send):
+        """``send(lora_message)`` to a hop; re-send the adapter's weights once if the node lost them."""
+        for resend in (False, True):
+            message = self._lora_message(hop.server.address, hop.span, lora, resend)
+            try:
+                result = await send(message)
+            except RemoteCallError as e:
+                if e.code == grpc.StatusCode.FAILED_PRECONDITION and message is not None and not message.modules:
+                    continue
+                raise
+            self._lora_delivered(hop.server.address, lora, message)
+            return result
+        raise AssertionError("unreachable")
+
+    async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions,
+                       lora: LoraUse | None = None) -> tuple[torch.Tensor, Trace]:
         trace: Trace = []
         used: list[Hop] = []
         position, attempt = span.start, 0
         route = await self.router.route(span, spread=True)
         while route:
             hop = route.pop(0)
-            req = forward_request(self.model, hop.span, hidden, mask, positions)
+
+            async def send(message, hop=hop, hidden=hidden):
+                req = forward_request(self.model, hop.span, hidden, mask, positions, message)
+                return await call_forward(self.connections, hop.server.address, req, hidden,
+                                          self.config.request_timeout)
+
             try:
-                out = await call_forward(self.connections, hop.server.address, req, hidden, self.config.request_timeout)
+                out = await self._call(hop, lora, send)
             except RemoteCallError as e:
                 if not self.router.should_retry(e, attempt):
                     raise
@@ -93,24 +139,34 @@ class RemoteChain:
         self.last_route = used
         return hidden, trace
 
-    async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor) -> torch.Tensor:
+    async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor, lora: LoraUse | None,
+                        lora_grads: LoraGrads) -> torch.Tensor:
         for span, hidden in reversed(trace):
-            grad = await self._backward_span(span, hidden, mask, positions, grad)
+            grad = await self._backward_span(span, hidden, mask, positions, grad, lora, lora_grads)
         return grad
 
-    async def _backward_span(self, span: Span, hidden, mask, positions, grad: torch.Tensor) -> torch.Tensor:
+    async def _backward_span(self, span: Span, hidden, mask, positions, grad: torch.Tensor,
+                             lora: LoraUse | None, lora_grads: LoraGrads) -> torch.Tensor:
         """Backward through ``span``; if no single live node covers it any more, recompute the
         intermediate inputs with a forward pass over a new route and go backward hop by hop."""
         attempt = 0
         while True:
             route = await self.router.route(span, refresh=attempt > 0, spread=True)
             if len(route) > 1:
-                _, sub_trace = await self._forward(span, hidden, mask, positions)
-                return await self._backward(sub_trace, mask, positions, grad)
+                _, sub_trace = await self._forward(span, hidden, mask, positions, lora)
+                return await self._backward(sub_trace, mask, positions, grad, lora, lora_grads)
             hop = route[0]
-            req = forward_request(self.model, hop.span, hidden, mask, positions)
+            like = lora.adapter.shapes(span) if lora is not None else None
+
+            async def send(message, hop=hop):
+                req = forward_request(self.model, hop.span, hidden, mask, positions, message)
+                return await call_backward(self.connections, hop.server.address, req, grad,
+                                           self.config.request_timeout, like)
+
             try:
-                return await call_backward(self.connections, hop.server.address, req, grad, self.config.request_timeout)
+                grad_in, grads = await self._call(hop, lora, send)
+                lora_grads.update(grads)
+                return grad_in
             except RemoteCallError as e:
                 if not self.router.should_retry(e, attempt):
                     raise

@@ -38,7 +38,7 @@ class RemoteGenerationMixin:
 
         Pass it to ``generate(..., session=sess)`` to continue a conversation: each call sends only
         the tokens the nodes have not seen yet."""
-        return InferenceSession(self.chain, max_length)
+        return InferenceSession(self.chain, max_length, lora=self.model.layers.lora)
 
     def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None,
                  **kwargs):

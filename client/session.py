@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
+from client.adapters import RemoteLora
 from client.chain import RemoteChain
 from client.transport import RemoteCallError, decode_tensor
 from proto import swarmlm_pb2 as pb
@@ -56,10 +57,10 @@ class _Stream:
 class InferenceSession:
     """Server-side caches along a route, for generation. Use as a context manager."""
 
-    def __init__(self, chain: RemoteChain, max_length: int):
+    def __init__(self, chain: RemoteChain, max_length: int, lora: RemoteLora | None = None):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        self.chain, self.max_length = chain, max_length
+        self.chain, self.max_length, self.lora = chain, max_length, lora
         self.batch_size: int | None = None
         self.position = 0  # positions already in every node's cache
         self.token_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
@@ -127,6 +128,9 @@ class InferenceSession:
             stream = _Stream(hop, call)
             opts = pb.SessionOptions(model=self.chain.model, start=hop.span.start, end=hop.span.end,
                                      batch_size=self.batch_size, max_length=self.max_length)
+            if self.lora is not None:  # the session applies the adapter as it is when the session opens
+                opts.lora.CopyFrom(self.lora.message(hop.span, with_weights=True))
+                opts.lora.dropout = 0.0
             try:
                 await stream.exchange(pb.InferenceRequest(open=opts), self.chain.config.request_timeout)
             except RemoteCallError as e:

@@ -60,8 +60,10 @@ class Connections:
 
 
 def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Tensor | None,
-                    positions: torch.Tensor | None) -> pb.ForwardRequest:
+                    positions: torch.Tensor | None, lora: pb.LoraAdapter | None = None) -> pb.ForwardRequest:
     req = pb.ForwardRequest(model=model, start=span.start, end=span.end, hidden_states=serialize(hidden))
+    if lora is not None:
+        req.lora.CopyFrom(lora)
     if mask is not None:
         req.attention_mask.CopyFrom(serialize(mask))
     if positions is not None:
@@ -89,10 +91,19 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
 
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
-                        timeout: float) -> torch.Tensor:
+                        timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+                        ) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
+    """d loss / d input, and d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``)."""
     try:
         resp = await conns.stub(address).Backward(
             pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad)), timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise RemoteCallError(address, e.code(), e.details() or "") from None
-    return decode_tensor(address, resp.grad_inputs, grad)
+    lora_grads = {}
+    for m in resp.lora_grads:
+        key = (m.block, m.module)
+        if lora_like is None or key not in lora_like:
+            raise RemoteCallError(address, None, f"unexpected LoRA gradient for {key}")
+        a, b = lora_like[key]
+        lora_grads[key] = (decode_tensor(address, m.a, a), decode_tensor(address, m.b, b))
+    return decode_tensor(address, resp.grad_inputs, grad), lora_grads

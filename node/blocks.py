@@ -16,6 +16,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from node.families import get_family, uses_sliding_window
 from node.loading import CheckpointError, read_tensors
+from node.lora import Lora, active, install_hooks
 from swarm.spans import Span
 
 
@@ -53,6 +54,7 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> Span
             raise CheckpointError(f"checkpoint {folder} lacks {sorted(missing)[:3]} for block {i}")
         layer.load_state_dict(state, assign=True, strict=True)
         layers.append(layer.eval().requires_grad_(False))
+    install_hooks(layers, span.start)
     rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
     return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)
 
@@ -150,10 +152,20 @@ def backward_span(
     grad_outputs: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """d loss / d hidden for blocks ``span``, recomputing the forward pass from ``hidden``."""
-    with torch.enable_grad():
+    lora: Lora | None = None,
+) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
+    """d loss / d hidden for blocks ``span``, and d loss / d (A, B) of ``lora``'s modules there,
+    recomputing the forward pass from ``hidden`` (the node keeps nothing between calls)."""
+    leaf_lora = lora.for_span(span.start, span.end) if lora is not None else None
+    with torch.enable_grad(), active(leaf_lora):
         x = hidden.to(blocks.dtype).detach().requires_grad_(True)
         out = forward_span(blocks, span, x, attention_mask, position_ids)
-        (grad,) = torch.autograd.grad(out, x, grad_outputs.to(out.dtype))
-    return grad
+        keys = list(leaf_lora.weights) if leaf_lora is not None else []
+        leaves = [x] + [t for k in keys for t in leaf_lora.weights[k]]
+        grads = torch.autograd.grad(out, leaves, grad_outputs.to(out.dtype), allow_unused=True)
+    lora_grads = {}
+    for i, key in enumerate(keys):
+        a, b = leaf_lora.weights[key]
+        ga, gb = grads[1 + 2 * i], grads[2 + 2 * i]
+        lora_grads[key] = (ga if ga is not None else torch.zeros_like(a), gb if gb is not None else torch.zeros_like(b))
+    return grads[0], lora_grads

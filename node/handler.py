@@ -11,7 +11,8 @@ import grpc
 import torch
 
 from node.blocks import SpanBlocks, backward_span, forward_span, inference_step, new_cache
-from node.requests import Limits, RequestError, parse_backward, parse_forward, parse_open, parse_step
+from node.lora import LoraCache, active, linear_shapes
+from node.requests import Adapters, Limits, RequestError, parse_backward, parse_forward, parse_open, parse_step
 from node.sessions import CacheBudget, Session
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
@@ -34,6 +35,7 @@ class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, blocks: SpanBlocks, limits: Limits, pool: ThreadPoolExecutor, budget: CacheBudget,
                  policy: SessionPolicy, throughput: float = 0.0):
         self.blocks, self.limits, self.pool = blocks, limits, pool
+        self.adapters = Adapters(linear_shapes(blocks.layers[0]), LoraCache())
         self.budget, self.policy = budget, policy
         self.throughput = throughput
         self.open_sessions = 0
@@ -51,7 +53,7 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
         try:
-            x = parse_forward(request, self.limits)
+            x = parse_forward(request, self.limits, self.adapters)
         except RequestError as e:
             await context.abort(e.code, str(e))
         out = await self._compute(context, self._forward, x)
@@ -59,11 +61,13 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
         try:
-            x, grad = parse_backward(request, self.limits)
+            x, grad = parse_backward(request, self.limits, self.adapters)
         except RequestError as e:
             await context.abort(e.code, str(e))
-        out = await self._compute(context, self._backward, x, grad)
-        return pb.BackwardResponse(grad_inputs=serialize(out))
+        out, lora_grads = await self._compute(context, self._backward, x, grad)
+        return pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
+            pb.LoraModule(block=block, module=name, a=serialize(ga), b=serialize(gb))
+            for (block, name), (ga, gb) in lora_grads.items()])
 
     async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
         """A session: reserve cache room, then answer each step with the new positions' outputs.
@@ -74,14 +78,14 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             if self.state is NodeState.OFFLINE:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "this node is shutting down; use another")
-            span, batch, max_length = parse_open(first, self.limits, self.policy.max_length)
+            span, batch, max_length, lora = parse_open(first, self.limits, self.policy.max_length, self.adapters)
             await self.budget.reserve(batch * max_length, self.policy.alloc_timeout)
         except RequestError as e:
             await context.abort(e.code, str(e))
         self.open_sessions += 1
         try:
             session = Session(span, batch, max_length, new_cache(self.blocks),
-                              torch.ones(batch, 0, dtype=torch.int64))
+                              torch.ones(batch, 0, dtype=torch.int64), lora)
             request = first
             while request is not None:
                 if request is first and not first.HasField("hidden_states"):
@@ -112,25 +116,26 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     def _step(self, session: Session, hidden, mask, positions) -> torch.Tensor:
         full_mask = torch.cat([session.mask, mask], dim=1)
-        out = inference_step(self.blocks, session.span, session.cache, hidden, full_mask, positions,
-                             self.policy.max_chunk_tokens)
+        with active(session.lora):
+            out = inference_step(self.blocks, session.span, session.cache, hidden, full_mask, positions,
+                                 self.policy.max_chunk_tokens)
         session.mask = full_mask
         return out.to(hidden.dtype)
 
     def _forward(self, x) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), active(x.lora):
             out = forward_span(self.blocks, x.span, x.hidden, x.attention_mask, x.position_ids)
         return out.to(x.hidden.dtype)
 
-    def _backward(self, x, grad) -> torch.Tensor:
-        out = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask, x.position_ids)
-        return out.to(x.hidden.dtype)
+    def _backward(self, x, grad):
+        out, lora_grads = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask, x.position_ids, x.lora)
+        return out.to(x.hidden.dtype), lora_grads
 
     @property
     def busy(self) -> bool:
         return self.open_sessions > 0 or self.in_flight > 0
 
-    async def _compute(self, context, fn, *args) -> torch.Tensor:
+    async def _compute(self, context, fn, *args):
         self.in_flight += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)

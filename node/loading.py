@@ -76,5 +76,7 @@ def read_tensors(folder: Path, want: Callable[[str], bool], dtype: torch.dtype |
         with safe_open(file, framework="pt") as f:
             for name in names:
                 t = f.get_tensor(name)
-                out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                # copy: an mmap-backed tensor would be read lazily (first request pays), could be
+                # evicted under memory pressure, and would change if the file were overwritten
+                out[name] = t.to(dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype, copy=True)
     return out

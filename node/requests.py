@@ -2,6 +2,7 @@
 anything is allocated. Raises RequestError carrying the gRPC status to answer with."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -9,6 +10,7 @@ import torch
 
 from proto import swarmlm_pb2 as pb
 from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize
+from node.lora import MAX_RANK, Lora, LoraCache
 from swarm.spans import Span
 
 
@@ -33,6 +35,43 @@ class SpanInputs:
     hidden: torch.Tensor
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
+    lora: Lora | None = None
+
+
+def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int]], cache: LoraCache) -> Lora:
+    """Check a client's adapter against the blocks it targets, or find its unchanged copy in ``cache``."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    if not 0 < len(msg.id) <= 128:
+        raise RequestError(bad, "lora.id must be 1..128 characters")
+    if not math.isfinite(msg.scaling) or not 0 <= msg.dropout < 1:
+        raise RequestError(bad, "lora.scaling must be finite and lora.dropout in [0, 1)")
+    if not msg.modules:
+        cached = cache.get(msg.id, msg.version)
+        if cached is None or not set(range(span.start, span.end)) <= cached.blocks:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"adapter {msg.id!r} version {msg.version} is not cached here for blocks {span}; "
+                               "send its weights")
+        return cached
+    weights = {}
+    for m in msg.modules:
+        if m.block not in span or m.module not in shapes:
+            raise RequestError(bad, f"lora module {m.module!r} of block {m.block} is not a projection of blocks {span}")
+        if (m.block, m.module) in weights:
+            raise RequestError(bad, f"lora module {m.module!r} of block {m.block} given twice")
+        fan_in, fan_out = shapes[m.module]
+        budget = MAX_RANK * max(fan_in, fan_out) * 4
+        a = _tensor(m.a, f"lora {m.module} A", FLOAT_DTYPES, budget, 2).float()
+        b = _tensor(m.b, f"lora {m.module} B", FLOAT_DTYPES, budget, 2).float()
+        rank = a.shape[0]
+        if not 0 < rank <= MAX_RANK or tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
+            raise RequestError(bad, f"lora {m.module} shapes A {list(a.shape)}, B {list(b.shape)} do not fit "
+                                    f"[r, {fan_in}] and [{fan_out}, r] with 0 < r <= {MAX_RANK}")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise RequestError(bad, f"lora {m.module} of block {m.block} contains NaN or infinity")
+        weights[(m.block, m.module)] = (a, b)
+    lora = Lora(msg.id, msg.version, msg.scaling, msg.dropout, msg.dropout_seed, weights,
+                frozenset(range(span.start, span.end)))
+    return cache.put(lora)
 
 
 def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int) -> torch.Tensor:
@@ -96,7 +135,7 @@ def _parse_positions(msg: pb.Tensor, limits: Limits, batch: int, seq: int) -> to
     return positions.to(torch.int64)
 
 
-def parse_forward(req: pb.ForwardRequest, limits: Limits) -> SpanInputs:
+def parse_forward(req: pb.ForwardRequest, limits: Limits, adapters: "Adapters | None" = None) -> SpanInputs:
     span = _check_model_and_span(req.model, req.start, req.end, limits)
     if not req.HasField("hidden_states"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states is required")
@@ -104,10 +143,26 @@ def parse_forward(req: pb.ForwardRequest, limits: Limits) -> SpanInputs:
     batch, seq = hidden.shape[:2]
     mask = _parse_mask(req.attention_mask, limits, batch, seq) if req.HasField("attention_mask") else None
     positions = _parse_positions(req.position_ids, limits, batch, seq) if req.HasField("position_ids") else None
-    return SpanInputs(span, hidden, mask, positions)
+    lora = _lora(req, "lora", span, adapters)
+    return SpanInputs(span, hidden, mask, positions, lora)
 
 
-def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int) -> tuple[Span, int, int]:
+@dataclass
+class Adapters:
+    shapes: dict[str, tuple[int, int]]  # projection name -> (in, out) features, the same in every block
+    cache: LoraCache  # recently used client adapters
+
+
+def _lora(req, field: str, span: Span, adapters: Adapters | None) -> Lora | None:
+    if not req.HasField(field):
+        return None
+    if adapters is None:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "this node does not apply LoRA adapters")
+    return parse_lora(getattr(req, field), span, adapters.shapes, adapters.cache)
+
+
+def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int,
+               adapters: Adapters | None = None) -> tuple[Span, int, int, Lora | None]:
     """The first message of an inference stream -> (span, batch_size, max_length)."""
     if not req.HasField("open"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the first inference message must carry `open`")
@@ -118,7 +173,7 @@ def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int
     if opts.max_length > max_session_length:
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
                            f"max_length {opts.max_length} is over this node's limit of {max_session_length}")
-    return span, opts.batch_size, opts.max_length
+    return span, opts.batch_size, opts.max_length, _lora(opts, "lora", span, adapters)
 
 
 def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int
@@ -140,10 +195,11 @@ def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length
     return hidden, mask, positions
 
 
-def parse_backward(req: pb.BackwardRequest, limits: Limits) -> tuple[SpanInputs, torch.Tensor]:
+def parse_backward(req: pb.BackwardRequest, limits: Limits, adapters: Adapters | None = None
+                   ) -> tuple[SpanInputs, torch.Tensor]:
     if not req.HasField("inputs") or not req.HasField("grad_outputs"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "inputs and grad_outputs are required")
-    inputs = parse_forward(req.inputs, limits)
+    inputs = parse_forward(req.inputs, limits, adapters)
     grad = _parse_activations(req.grad_outputs, limits, "grad_outputs")
     if grad.shape != inputs.hidden.shape:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,

@@ -72,6 +72,7 @@ class Session:
     max_length: int  # positions it may hold
     cache: Any  # transformers Cache with this session's keys/values
     mask: torch.Tensor = field(default_factory=lambda: torch.ones(0, 0, dtype=torch.int64))  # [batch, length]
+    lora: Any = None  # the client's LoRA adapter applied at every step, if any
 
     @property
     def length(self) -> int:

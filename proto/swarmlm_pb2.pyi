@@ -46,21 +46,51 @@ class InfoResponse(_message.Message):
     state: str
     def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
+class LoraModule(_message.Message):
+    __slots__ = ("block", "module", "a", "b")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    module: str
+    a: Tensor
+    b: Tensor
+    def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class LoraAdapter(_message.Message):
+    __slots__ = ("id", "version", "scaling", "dropout", "dropout_seed", "modules")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    version: int
+    scaling: float
+    dropout: float
+    dropout_seed: int
+    modules: _containers.RepeatedCompositeFieldContainer[LoraModule]
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., scaling: _Optional[float] = ..., dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids")
+    __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids", "lora")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
     hidden_states: Tensor
     attention_mask: Tensor
     position_ids: Tensor
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    lora: LoraAdapter
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states",)
@@ -77,24 +107,28 @@ class BackwardRequest(_message.Message):
     def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_inputs",)
+    __slots__ = ("grad_inputs", "lora_grads")
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: Tensor
-    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    lora_grads: _containers.RepeatedCompositeFieldContainer[LoraModule]
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
-    __slots__ = ("model", "start", "end", "batch_size", "max_length")
+    __slots__ = ("model", "start", "end", "batch_size", "max_length", "lora")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
     batch_size: int
     max_length: int
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
+    lora: LoraAdapter
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "hidden_states", "attention_mask", "position_ids")

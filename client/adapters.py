@@ -1,0 +1,109 @@
+"""Client-held LoRA weights for remote blocks, named and initialised as PEFT does.
+
+The weights never leave the client for good: each request carries the weights of the blocks it
+targets (or, when unchanged since the node last saw them, only the adapter's id and version), the
+node applies them, and backward returns their gradients.
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from node.families import get_family
+from node.lora import linear_shapes
+from proto import swarmlm_pb2 as pb
+from proto.tensors import serialize
+from swarm.spans import Span
+
+PEFT_PREFIX = "base_model.model.model.layers"
+
+
+def _targets(shapes: dict[str, tuple[int, int]], target_modules: Any) -> list[str]:
+    """Projection paths inside a block that ``target_modules`` (names or suffixes, as PEFT takes) select."""
+    if isinstance(target_modules, str):
+        raise ValueError("target_modules as a regular expression is not supported; list the module names")
+    names = set(target_modules or ())
+    picked = [path for path in shapes if path.split(".")[-1] in names or path in names]
+    if not picked:
+        raise ValueError(f"target_modules {sorted(names)} match no projection of a block; "
+                         f"available: {sorted(p.split('.')[-1] for p in shapes)}")
+    return sorted(picked)
+
+
+class RemoteLora(nn.Module):
+    """LoRA A/B matrices for every (block, projection) of the model, kept by the client."""
+
+    def __init__(self, model_config: Any, lora_config: Any, layers: Iterable[int] | None = None):
+        super().__init__()
+        if getattr(lora_config, "use_dora", False) or getattr(lora_config, "bias", "none") != "none":
+            raise ValueError("DoRA and LoRA biases are not supported over the swarm")
+        family = get_family(model_config)
+        with torch.device("meta"):
+            shapes = linear_shapes(family.layer_cls(model_config, 0))
+        self.paths = _targets(shapes, lora_config.target_modules)
+        r, alpha = lora_config.r, lora_config.lora_alpha
+        self.scaling = alpha / math.sqrt(r) if lora_config.use_rslora else alpha / r
+        self.dropout = float(lora_config.lora_dropout)
+        blocks = list(layers if layers is not None else range(model_config.num_hidden_layers))
+        self.keys = [(b, p) for b in blocks for p in self.paths]
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        for _, path in self.keys:
+            fan_in, fan_out = shapes[path]
+            a = torch.empty(r, fan_in)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init: A random, B zero
+            self.lora_A.append(nn.Parameter(a))
+            self.lora_B.append(nn.Parameter(torch.zeros(fan_out, r)))
+        self.id = uuid.uuid4().hex
+        self._seed = 0
+
+    def version(self) -> int:
+        """Changes whenever any weight changes in place (optimizer steps, loads)."""
+        return sum(p._version for p in self.parameters())
+
+    def next_dropout_seed(self) -> int:
+        self._seed += 1
+        return self._seed
+
+    def message(self, span: Span, with_weights: bool, dropout_seed: int = 0) -> pb.LoraAdapter:
+        """The adapter for blocks ``span``; with_weights=False names only its id and version."""
+        msg = pb.LoraAdapter(id=self.id, version=self.version(), scaling=self.scaling,
+                             dropout=self.dropout if self.training else 0.0, dropout_seed=dropout_seed)
+        if with_weights:
+            for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B):
+                if block in span:
+                    msg.modules.add(block=block, module=path, a=serialize(a.detach()), b=serialize(b.detach()))
+        return msg
+
+    def shapes(self, span: Span) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """(A, B) of the modules inside ``span``: what their gradients must look like."""
+        return {key: (a, b) for key, a, b in zip(self.keys, self.lora_A, self.lora_B) if key[0] in span}
+
+    def gradients(self, grads: dict) -> list[torch.Tensor]:
+        """Gradients in parameter order (every A, then every B); zeros for modules not reached."""
+        ga = [grads[k][0] if k in grads else torch.zeros_like(a) for k, a in zip(self.keys, self.lora_A)]
+        gb = [grads[k][1] if k in grads else torch.zeros_like(b) for k, b in zip(self.keys, self.lora_B)]
+        return ga + gb
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the names PEFT saves for a causal LM (``adapter_model.safetensors``)."""
+        out = {}
+        for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B):
+            out[f"{PEFT_PREFIX}.{block}.{path}.lora_A.weight"] = a.detach().contiguous()
+            out[f"{PEFT_PREFIX}.{block}.{path}.lora_B.weight"] = b.detach().contiguous()
+        return out
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.peft_state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(k for k in set(state) - set(expected) if ".lora_" in k)
+        if missing or unexpected:
+            raise ValueError(f"adapter does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        with torch.no_grad():
+            for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B):
+                a.copy_(state[f"{PEFT_PREFIX}.{block}.{path}.lora_A.weight"])
+                b.copy_(state[f"{PEFT_PREFIX}.{block}.{path}.lora_B.weight"])

@@ -1,0 +1,149 @@
+"""LoRA held by the client, applied by the nodes: == local PEFT (gradients, training, save/load)."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from peft import get_peft_model as local_get_peft_model
+from transformers import AutoModelForCausalLM
+
+from client import DistributedPeftModel, get_peft_model
+from client.chain import LoraUse
+
+CONFIG = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def batch():
+    torch.manual_seed(2)
+    ids = torch.randint(3, 256, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def local_peft(tiny_path, ours, config=CONFIG):
+    """Local transformers + PEFT with exactly our adapter's weights."""
+    model = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                 copy.deepcopy(config))
+    state = ours.adapter.peft_state_dict()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(state[name.replace(".default", "")])
+    return model
+
+
+def lora_grads_local(model):
+    return {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
+
+
+def lora_grads_ours(model):
+    grads = {}
+    for (block, path), a, b in zip(model.adapter.keys, model.adapter.lora_A, model.adapter.lora_B):
+        grads[f"base_model.model.model.layers.{block}.{path}.lora_A.weight"] = a.grad
+        grads[f"base_model.model.model.layers.{block}.{path}.lora_B.weight"] = b.grad
+    return grads
+
+
+@pytest.fixture
+def peft_pair(start_nodes, open_client, tiny_path):
+    start_nodes("0:4", "2:6")
+    ours = get_peft_model(open_client(tiny_path), copy.deepcopy(CONFIG))
+    with torch.no_grad():
+        for b in ours.adapter.lora_B:  # PEFT starts B at zero; make the adapter matter
+            b.normal_(0, 0.1)
+    return ours, local_peft(tiny_path, ours)
+
+
+def test_one_step_gradients_equal_local_peft(peft_pair):
+    ours, local = peft_pair
+    ids, mask, labels = batch()
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = local(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-4)
+    out.loss.backward()
+    ref.loss.backward()
+    expected, got = lora_grads_local(local), lora_grads_ours(ours)
+    assert set(got) == set(expected) and len(got) == 6 * 3 * 2
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    assert max(g.abs().max() for g in got.values()) > 0
+
+
+def test_twenty_adamw_steps_equal_local_peft(peft_pair):
+    ours, local = peft_pair
+    ids, mask, labels = batch()
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    opt_local = torch.optim.AdamW([p for p in local.parameters() if p.requires_grad], lr=1e-2)
+    assert sum(p.numel() for g in opt_ours.param_groups for p in g["params"]) == \
+        sum(p.numel() for g in opt_local.param_groups for p in g["params"])
+    losses = []
+    for _ in range(20):
+        for model, opt in ((ours, opt_ours), (local, opt_local)):
+            opt.zero_grad()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    state = ours.adapter.peft_state_dict()
+    for name, p in local.named_parameters():
+        if "lora_" in name:
+            assert torch.allclose(state[name.replace(".default", "")], p, atol=1e-5), name
+
+
+def test_saved_adapter_loads_in_peft_with_same_logits_and_generation(peft_pair, tiny_path, tmp_path):
+    ours, _ = peft_pair
+    ours.save_pretrained(tmp_path / "adapter")
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    base = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits,
+                              loaded(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours.generate(ids, **kwargs), loaded.generate(input_ids=ids, **kwargs))
+
+
+def test_locally_trained_peft_adapter_loads_into_the_distributed_model(start_nodes, open_client, tiny_path, tmp_path):
+    start_nodes("0:6")
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                 copy.deepcopy(CONFIG))
+    with torch.no_grad():
+        for name, p in local.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    local.save_pretrained(tmp_path / "local-adapter")
+    ours = DistributedPeftModel.from_pretrained(open_client(tiny_path), tmp_path / "local-adapter", is_trainable=True)
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits,
+                              local(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()  # further training works
+    assert all(a.grad is not None for a in ours.adapter.lora_A)
+
+
+def test_rslora_scaling_and_unknown_targets(start_nodes, open_client, tiny_path):
+    start_nodes("0:6")
+    model = open_client(tiny_path)
+    rs = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["o_proj", "gate_proj"])
+    peft = get_peft_model(model, rs)
+    assert peft.adapter.scaling == pytest.approx(8 / 2) and peft.adapter.paths == ["mlp.gate_proj", "self_attn.o_proj"]
+    with pytest.raises(ValueError, match="match no projection"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["nonexistent"]))
+
+
+def test_unchanged_adapter_is_not_resent(peft_pair):
+    ours, _ = peft_pair
+    ids, mask, labels = batch()
+    chain = ours.base_model.chain
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    version = ours.adapter.version()
+    assert chain._lora_sent and set(chain._lora_sent.values()) == {version}
+    address = next(iter(chain._lora_sent))[0]
+    message = chain._lora_message(address, chain.last_route[0].span, LoraUse(ours.adapter, 1), resend=False)
+    assert len(message.modules) == 0  # the node already holds this version: only id + version travel
+    with torch.no_grad():
+        ours.adapter.lora_A[0].add_(1.0)  # an optimizer step would do this
+    assert ours.adapter.version() != version
