@@ -60,18 +60,26 @@ class RemoteLora(nn.Module):
             self.lora_B.append(nn.Parameter(torch.zeros(fan_out, r)))
         self.id = uuid.uuid4().hex
         self._seed = 0
+        self._version = 0
+        self._snapshot: list[torch.Tensor] | None = None
 
     def version(self) -> int:
-        """Changes whenever any weight changes in place (optimizer steps, loads)."""
-        return sum(p._version for p in self.parameters())
+        """A number that changes whenever any weight changes. Compared by content: tensor version
+        counters are not enough (fused optimizers update parameters without bumping them)."""
+        current = [p.detach() for p in self.parameters()]
+        if self._snapshot is None or any(not torch.equal(a, b) for a, b in zip(current, self._snapshot)):
+            self._snapshot = [t.clone() for t in current]
+            self._version += 1
+        return self._version
 
     def next_dropout_seed(self) -> int:
         self._seed += 1
         return self._seed
 
-    def message(self, span: Span, with_weights: bool, dropout_seed: int = 0) -> pb.LoraAdapter:
+    def message(self, span: Span, with_weights: bool, dropout_seed: int = 0, version: int | None = None
+                ) -> pb.LoraAdapter:
         """The adapter for blocks ``span``; with_weights=False names only its id and version."""
-        msg = pb.LoraAdapter(id=self.id, version=self.version(), scaling=self.scaling,
+        msg = pb.LoraAdapter(id=self.id, version=self.version() if version is None else version, scaling=self.scaling,
                              dropout=self.dropout if self.training else 0.0, dropout_seed=dropout_seed)
         if with_weights:
             for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B):

@@ -35,6 +35,7 @@ class LoraUse:
 
     adapter: RemoteLora
     dropout_seed: int
+    version: int  # the adapter's version when the forward pass started
 
 
 class RemoteChain:
@@ -88,8 +89,9 @@ class RemoteChain:
         """The adapter for a hop: weights only when this node may not hold the current version."""
         if lora is None:
             return None
-        known = self._lora_sent.get((address, lora.adapter.id)) == lora.adapter.version()
-        return lora.adapter.message(span, with_weights=resend or not known, dropout_seed=lora.dropout_seed)
+        known = self._lora_sent.get((address, lora.adapter.id)) == lora.version
+        return lora.adapter.message(span, with_weights=resend or not known, dropout_seed=lora.dropout_seed,
+                                    version=lora.version)
 
     def _lora_delivered(self, address: str, lora: LoraUse | None, message) -> None:
         if lora is not None and message is not None and message.modules:

@@ -1,7 +1,7 @@
 """The user's model: embeddings, final norm and LM head held locally; every block runs in the swarm."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -94,6 +94,47 @@ class DistributedModelForCausalLM(RemoteGenerationMixin, PreTrainedModel, Genera
         self.chain.close()
 
 
+def load_distributed(
+    model_cls: type[PreTrainedModel],
+    model: str,
+    client_config: ClientConfig,
+    dtype: torch.dtype,
+    config_changes: dict | None = None,
+    fresh: dict[str, Callable[[torch.Tensor], None]] | None = None,
+) -> PreTrainedModel:
+    """Build ``model_cls`` holding only the client-side weights of checkpoint ``model`` and join the swarm.
+
+    ``fresh`` names weights a checkpoint may lack (e.g. a classification head) and how to initialise them.
+    """
+    local = lambda name: not name.startswith(LAYER_PREFIX)  # noqa: E731
+    folder = resolve_checkpoint(model, need_weights=local)
+    model_config = load_config(folder)
+    for name, value in (config_changes or {}).items():
+        setattr(model_config, name, value)
+    get_family(model_config)
+    key = model_key(client_config.model_name or default_model_name(model), model_config)
+    with torch.device("meta"):
+        shell = model_cls(model_config, chain=None)
+    wanted = set(shell.state_dict())
+    tensors = {k: v for k, v in read_tensors(folder, local, dtype).items() if k in wanted}
+    tied = getattr(model_config, "tie_word_embeddings", False) and "lm_head.weight" in wanted
+    if tied:
+        tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
+    for name, init in (fresh or {}).items():
+        if tensors.get(name) is None:
+            tensors[name] = torch.empty(shell.state_dict()[name].shape, dtype=dtype)
+            init(tensors[name])
+    missing = sorted(k for k in wanted if tensors.get(k) is None)
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} lacks {missing}")
+    chain = RemoteChain(client_config, key, model_config.num_hidden_layers)
+    shell.model.layers.chain = chain
+    shell.load_state_dict(tensors, assign=True, strict=True)
+    if tied:
+        shell.lm_head.weight = shell.model.embed_tokens.weight
+    return shell.eval()
+
+
 class AutoDistributedModelForCausalLM:
     """Entry point, like transformers' Auto classes: picks the family from the checkpoint's config."""
 
@@ -112,24 +153,4 @@ class AutoDistributedModelForCausalLM:
         ``client_config`` overrides ``initial_peers`` / ``model_name`` with every client setting.
         """
         config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name)
-        local = lambda name: not name.startswith(LAYER_PREFIX)  # noqa: E731
-        folder = resolve_checkpoint(model, need_weights=local)
-        model_config = load_config(folder)
-        get_family(model_config)
-        key = model_key(config.model_name or default_model_name(model), model_config)
-        with torch.device("meta"):
-            shell = DistributedModelForCausalLM(model_config, chain=None)  # type: ignore[arg-type]
-        wanted = set(shell.state_dict())
-        tensors = {k: v for k, v in read_tensors(folder, local, dtype).items() if k in wanted}
-        tied = getattr(model_config, "tie_word_embeddings", False)
-        if tied:
-            tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
-        missing = sorted(k for k in wanted if tensors.get(k) is None)
-        if missing:
-            raise CheckpointError(f"checkpoint {folder} lacks {missing}")
-        chain = RemoteChain(config, key, model_config.num_hidden_layers)
-        shell.model.layers.chain = chain
-        shell.load_state_dict(tensors, assign=True, strict=True)
-        if tied:
-            shell.lm_head.weight = shell.model.embed_tokens.weight
-        return shell.eval()
+        return load_distributed(DistributedModelForCausalLM, model, config, dtype)

@@ -9,39 +9,61 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig
+from peft import LoraConfig, PeftConfig, PromptEncoderConfig, PromptTuningConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from client.adapters import RemoteLora
+from client.classification import DistributedModelForSequenceClassification
 from client.model import DistributedModelForCausalLM
+from client.prompts import RemotePrompt
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+SCORE_KEY = "base_model.model.score.weight"  # where PEFT saves a SEQ_CLS head (modules_to_save)
+
+
+DistributedModel = DistributedModelForCausalLM | DistributedModelForSequenceClassification
 
 
 class DistributedPeftModel(nn.Module):
     """A distributed causal LM with a client-held adapter; frozen everywhere else."""
 
-    def __init__(self, model: DistributedModelForCausalLM, peft_config: PeftConfig):
+    def __init__(self, model: DistributedModel, peft_config: PeftConfig):
         super().__init__()
-        if not isinstance(peft_config, LoraConfig):
-            raise TypeError(f"{type(peft_config).__name__} is not supported yet over the swarm; use LoraConfig")
         self.base_model = model
         self.peft_config = peft_config
         model.requires_grad_(False)
-        model.model.layers.lora = RemoteLora(model.config, peft_config)
+        if isinstance(model, DistributedModelForSequenceClassification):
+            model.score.requires_grad_(True)  # the head trains with the adapter, as PEFT's SEQ_CLS task does
+        self.prompt: RemotePrompt | None = None
+        if isinstance(peft_config, LoraConfig):
+            model.model.layers.lora = RemoteLora(model.config, peft_config)
+        elif isinstance(peft_config, (PromptTuningConfig, PromptEncoderConfig)):
+            self.prompt = RemotePrompt(model.config, peft_config, model.get_input_embeddings())
+        else:
+            raise TypeError(f"{type(peft_config).__name__} is not supported over the swarm; use LoraConfig, "
+                            "PromptTuningConfig or PromptEncoderConfig")
 
     @property
-    def adapter(self) -> RemoteLora:
-        return self.base_model.model.layers.lora
+    def adapter(self) -> RemoteLora | RemotePrompt:
+        return self.prompt if self.prompt is not None else self.base_model.model.layers.lora
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 logits_to_keep: int = 0):
+        if self.prompt is not None:  # logits include the virtual positions, as PEFT's do
+            if inputs_embeds is None:
+                inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
+            inputs_embeds, attention_mask, labels = self.prompt.extend(inputs_embeds, attention_mask, labels)
+            input_ids = position_ids = None
+        extra = {"logits_to_keep": logits_to_keep} if isinstance(self.base_model, DistributedModelForCausalLM) else {}
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, labels=labels, logits_to_keep=logits_to_keep)
+                               inputs_embeds=inputs_embeds, labels=labels, **extra)
 
     def generate(self, *args, **kwargs):
-        """generate() with the adapter applied by every node of the session."""
+        """generate() with the adapter applied by every node of the session (LoRA adapters)."""
+        if self.prompt is not None:
+            raise NotImplementedError("generation with prompt-tuning adapters is not supported yet; "
+                                      "LoRA adapters generate normally")
         return self.base_model.generate(*args, **kwargs)
 
     def inference_session(self, max_length: int):
@@ -63,22 +85,36 @@ class DistributedPeftModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.peft_config.base_model_name_or_path = self.base_model.config.name_or_path or None
         self.peft_config.save_pretrained(str(directory))
-        save_file(self.adapter.peft_state_dict(), str(directory / ADAPTER_WEIGHTS))
+        save_file(self._state_dict_to_save(), str(directory / ADAPTER_WEIGHTS))
+
+    def _state_dict_to_save(self) -> dict[str, torch.Tensor]:
+        state = self.adapter.peft_state_dict()
+        if isinstance(self.base_model, DistributedModelForSequenceClassification):
+            state[SCORE_KEY] = self.base_model.score.weight.detach().contiguous()
+        return state
 
     @classmethod
-    def from_pretrained(cls, model: DistributedModelForCausalLM, directory: str | Path,
+    def from_pretrained(cls, model: DistributedModel, directory: str | Path,
                         is_trainable: bool = False) -> "DistributedPeftModel":
         """Load a PEFT adapter (trained here or locally with PEFT) onto a distributed model."""
         directory = Path(directory)
         config = PeftConfig.from_pretrained(str(directory))
         peft = cls(model, config)
-        peft.adapter.load_peft_state_dict(load_file(str(directory / ADAPTER_WEIGHTS)))
-        peft.adapter.requires_grad_(is_trainable)
+        state = load_file(str(directory / ADAPTER_WEIGHTS))
+        if isinstance(model, DistributedModelForSequenceClassification) and SCORE_KEY in state:
+            with torch.no_grad():
+                model.score.weight.copy_(state.pop(SCORE_KEY))
+            model.score.requires_grad_(is_trainable)
+        if peft.prompt is not None:
+            peft.prompt.load_peft_state_dict(state, is_trainable)
+        else:
+            peft.adapter.load_peft_state_dict(state)
+            peft.adapter.requires_grad_(is_trainable)
         return peft.train(is_trainable)
 
 
-def get_peft_model(model: DistributedModelForCausalLM, peft_config: PeftConfig) -> DistributedPeftModel:
+def get_peft_model(model: DistributedModel, peft_config: PeftConfig) -> DistributedPeftModel:
     """Attach a fresh, trainable client-held adapter described by a PEFT config."""
-    if not isinstance(model, DistributedModelForCausalLM):
-        raise TypeError("get_peft_model here takes a model from AutoDistributedModelForCausalLM.from_pretrained")
+    if not isinstance(model, (DistributedModelForCausalLM, DistributedModelForSequenceClassification)):
+        raise TypeError("get_peft_model here takes a model from AutoDistributedModelFor*.from_pretrained")
     return DistributedPeftModel(model, peft_config)

@@ -35,6 +35,6 @@ class RemoteBlocks(nn.Module):
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.lora is None:
             return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, None)
-        use = LoraUse(self.lora, self.lora.next_dropout_seed())
+        use = LoraUse(self.lora, self.lora.next_dropout_seed(), self.lora.version())
         params = [*self.lora.lora_A, *self.lora.lora_B]
         return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, use, *params)

@@ -142,8 +142,8 @@ def test_unchanged_adapter_is_not_resent(peft_pair):
     version = ours.adapter.version()
     assert chain._lora_sent and set(chain._lora_sent.values()) == {version}
     address = next(iter(chain._lora_sent))[0]
-    message = chain._lora_message(address, chain.last_route[0].span, LoraUse(ours.adapter, 1), resend=False)
+    message = chain._lora_message(address, chain.last_route[0].span, LoraUse(ours.adapter, 1, version), resend=False)
     assert len(message.modules) == 0  # the node already holds this version: only id + version travel
-    with torch.no_grad():
-        ours.adapter.lora_A[0].add_(1.0)  # an optimizer step would do this
+    opt = torch.optim.AdamW(ours.adapter.parameters(), lr=0.1, fused=True)  # fused steps bump no version counter
+    opt.step()
     assert ours.adapter.version() != version

@@ -1,0 +1,307 @@
+"""`swarm finetune`: train a LoRA adapter through the swarm on a text file, with checkpoints and resume.
+
+The client holds every trainable weight (the adapter) and the optimizer; the nodes apply the adapter
+and return its gradients. Data: ``.jsonl`` (one JSON object per line with a "text" field) or ``.txt``
+(one example per line). Output, in PEFT's own format (``peft.PeftModel.from_pretrained`` loads it)::
+
+    OUTPUT/adapter_config.json, adapter_model.safetensors      the final adapter
+    OUTPUT/optimizer.safetensors, trainer_state.json            what --resume needs
+    OUTPUT/checkpoint-STEP/...                                  the same, every --save-every steps
+
+Optimizer state is stored as safetensors tensors (AdamW's per-parameter ``exp_avg``, ``exp_avg_sq``,
+``step``) plus JSON; never pickle. The batch of a step depends only on (seed, step), so a resumed run
+sees the same batches, in the same order, as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class FinetuneError(RuntimeError):
+    """A mistake the user can fix (data, options, output directory); reported as one line."""
+
+
+@dataclass
+class FinetuneOptions:
+    model: str
+    initial_peers: Sequence[str]
+    data: str
+    output: str
+    model_name: str | None = None
+    steps: int = 100
+    batch_size: int = 8
+    max_length: int = 256
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: str = "q_proj,v_proj"
+    save_every: int = 0
+    log_every: int = 1
+    resume: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_namespace(cls, args, initial_peers: Sequence[str]) -> "FinetuneOptions":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, "initial_peers": tuple(initial_peers)})
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "lora_r", "log_every"):
+            if getattr(self, name) < 1:
+                raise FinetuneError(f"--{name.replace('_', '-')} must be positive")
+        if self.save_every < 0 or self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise FinetuneError("--save-every, --max-grad-norm and --weight-decay must be >= 0 and --lr > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise FinetuneError("--lora-dropout must be in [0, 1)")
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def read_texts(path: str | Path) -> list[str]:
+    """Examples from a .jsonl ("text" field per line) or .txt (one per line) file; blank lines skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"data file {path} does not exist")
+    if path.suffix not in (".jsonl", ".txt"):
+        raise FinetuneError(f"data file {path} must end in .jsonl or .txt")
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".txt":
+                texts.append(line.rstrip("\r\n"))
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FinetuneError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise FinetuneError(f"{path}:{number}: expected an object with a string \"text\" field")
+            texts.append(record["text"])
+    return texts
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    from node.loading import CheckpointError, resolve_checkpoint
+
+    folder = resolve_checkpoint(model_path, need_weights=lambda _: False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise CheckpointError(f"{model_path} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise FinetuneError(f"the tokenizer of {model_path} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per example, truncated; examples under 2 tokens (nothing to predict) are dropped."""
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [x for x in ids if len(x) >= 2]
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Examples of 0-based ``step``: consecutive slices of one seeded shuffle per epoch."""
+    out, perms = [], {}
+    for i in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(i, n)
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(int(perms[epoch][pos]))
+    return out
+
+
+def collate(tokenizer, examples: list[list[int]]) -> dict[str, torch.Tensor]:
+    batch = tokenizer.pad({"input_ids": examples}, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def latest_checkpoint(output: Path) -> tuple[Path, int] | None:
+    """The directory (a checkpoint-STEP or ``output`` itself) holding the most advanced complete state."""
+    if not output.is_dir():
+        return None
+    found = []
+    for folder in [output, *(p for p in output.iterdir() if CHECKPOINT.match(p.name))]:
+        if (folder / STATE_FILE).is_file():
+            found.append((json.loads((folder / STATE_FILE).read_text())["step"], folder != output, folder))
+    if not found:
+        return None
+    step, _, folder = max(found)
+    return folder, step
+
+
+def save_state(model, optimizer, folder: Path, state: dict) -> None:
+    """Adapter (PEFT format) + AdamW tensors (safetensors) + trainer state (JSON, written last)."""
+    from safetensors.torch import save_file
+
+    (folder / STATE_FILE).unlink(missing_ok=True)  # a folder without it is incomplete
+    model.save_pretrained(folder)
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    tensors = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                tensors[f"{names[id(p)]}::{key}"] = torch.as_tensor(value).detach().contiguous()
+    save_file(tensors, str(folder / OPTIMIZER_FILE))
+    tmp = folder / f"{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(tmp, folder / STATE_FILE)
+
+
+def save_checkpoint(model, optimizer, output: Path, state: dict) -> Path:
+    """``output/checkpoint-STEP``, written under a temporary name then renamed into place."""
+    final = output / f"checkpoint-{state['step']}"
+    tmp = output / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_state(model, optimizer, tmp, state)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def load_optimizer(model, optimizer, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / OPTIMIZER_FILE))
+    per_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in saved.items():
+        name, _, field = key.partition("::")
+        per_param.setdefault(name, {})[field] = value
+    order = [n for n, p in model.named_parameters() if p.requires_grad]
+    if per_param and set(per_param) != set(order):
+        raise FinetuneError(f"{folder / OPTIMIZER_FILE} does not match the adapter's parameters")
+    current = optimizer.state_dict()
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    params = dict(model.named_parameters())
+    current["state"] = {index[id(params[n])]: per_param[n] for n in order if n in per_param}
+    optimizer.load_state_dict(current)
+
+
+# ---- training -----------------------------------------------------------------------------------
+def say(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def build_model(opts: FinetuneOptions, resume_from: Path | None):
+    from peft import LoraConfig
+
+    from client import AutoDistributedModelForCausalLM, DistributedPeftModel, get_peft_model
+
+    base = AutoDistributedModelForCausalLM.from_pretrained(opts.model, initial_peers=opts.initial_peers,
+                                                           model_name=opts.model_name)
+    try:
+        if resume_from is not None:
+            return DistributedPeftModel.from_pretrained(base, resume_from, is_trainable=True)
+        targets = [t.strip() for t in opts.target_modules.split(",") if t.strip()]
+        config = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                            target_modules=targets)
+        return get_peft_model(base, config)
+    except (ValueError, TypeError) as e:
+        base.close()
+        raise FinetuneError(str(e)) from None
+    except BaseException:
+        base.close()
+        raise
+
+
+def run(opts: FinetuneOptions) -> int:
+    """Train; returns the exit status. Raises FinetuneError / CheckpointError / DHTStartError / NoRouteError /
+    RemoteCallError for the CLI to report in one line."""
+    from tqdm import tqdm
+
+    opts.check()
+    output = Path(opts.output)
+    texts = read_texts(opts.data)
+    if not texts:
+        raise FinetuneError(f"data file {opts.data} holds no examples")
+    resume = latest_checkpoint(output) if opts.resume else None
+    if opts.resume and resume is None:
+        raise FinetuneError(f"--resume: no checkpoint in {output} (a folder with {STATE_FILE})")
+    if not opts.resume and latest_checkpoint(output) is not None:
+        raise FinetuneError(f"{output} already holds a training run; pass --resume to continue it "
+                            f"or choose another --output")
+    tokenizer = load_tokenizer(opts.model)
+    examples = tokenize(tokenizer, texts, opts.max_length)
+    if not examples:
+        raise FinetuneError(f"data file {opts.data} has no example of at least 2 tokens")
+
+    torch.manual_seed(opts.seed)  # the adapter's initial A matrices
+    model = build_model(opts, resume[0] if resume else None)
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+        start = 0
+        if resume is not None:
+            folder, start = resume
+            load_optimizer(model, optimizer, folder)
+            state = json.loads((folder / STATE_FILE).read_text())
+            if hasattr(model.adapter, "_seed"):  # LoRA dropout masks continue where they stopped
+                model.adapter._seed = state.get("dropout_seed", model.adapter._seed)
+            say(f"resuming from {folder} at step {start}")
+        model.train()
+        trainable, _ = model.trainable_parameters()
+        cfg = model.peft_config
+        say(f"{len(examples)} examples from {opts.data}; {trainable:,d} trainable parameters (LoRA r="
+            f"{getattr(cfg, 'r', '?')} on {','.join(sorted(getattr(cfg, 'target_modules', None) or []))})")
+
+        def state_at(step: int, loss: float | None) -> dict:
+            return {"step": step, "loss": loss, "seed": opts.seed, "batch_size": opts.batch_size,
+                    "max_length": opts.max_length, "lr": opts.lr, "data": str(opts.data),
+                    "dropout_seed": getattr(model.adapter, "_seed", 0)}
+
+        loss_value = None
+        with tqdm(total=opts.steps, initial=min(start, opts.steps), desc="finetune", file=sys.stderr,
+                  dynamic_ncols=True) as bar:
+            for step in range(start + 1, opts.steps + 1):
+                batch = collate(tokenizer, [examples[i] for i in batch_indices(len(examples), opts.batch_size,
+                                                                               step - 1, opts.seed)])
+                optimizer.zero_grad(set_to_none=True)
+                loss = model(**batch).loss
+                loss.backward()
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FinetuneError(f"loss is {loss_value} at step {step}; try a lower --lr")
+                if opts.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+                optimizer.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if step % opts.log_every == 0 or step == opts.steps:
+                    say(f"step {step}/{opts.steps} loss {loss_value:.4f}")
+                if opts.save_every and step % opts.save_every == 0:
+                    say(f"checkpoint saved to {save_checkpoint(model, optimizer, output, state_at(step, loss_value))}")
+        if start >= opts.steps:
+            say(f"already at step {start} (--steps {opts.steps}); nothing to train")
+        output.mkdir(parents=True, exist_ok=True)
+        save_state(model, optimizer, output, state_at(max(start, opts.steps), loss_value))
+        say(f"adapter saved to {output}")
+        return 0
+    finally:
+        model.base_model.close()
