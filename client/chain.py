@@ -121,7 +121,7 @@ class RemoteChain:
             hop = route.pop(0)
 
             async def send(message, hop=hop, hidden=hidden):
-                req = forward_request(self.model, hop.span, hidden, mask, positions, message)
+                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter)
                 return await call_forward(self.connections, hop.server.address, req, hidden,
                                           self.config.request_timeout)
 
@@ -161,7 +161,7 @@ class RemoteChain:
             like = lora.adapter.shapes(span) if lora is not None else None
 
             async def send(message, hop=hop):
-                req = forward_request(self.model, hop.span, hidden, mask, positions, message)
+                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter)
                 return await call_backward(self.connections, hop.server.address, req, grad,
                                            self.config.request_timeout, like)
 

@@ -13,6 +13,7 @@ class ClientConfig:
     ban_seconds: float = 15.0  # a node that failed is avoided this long (doubling on repeats, up to 16x)
     max_wait: float = 30.0  # seconds to wait for blocks with no live node before raising NoRouteError
     refresh_seconds: float = 5.0  # the swarm view from the DHT is re-read when older than this
+    adapter: str | None = None  # name of a node-hosted LoRA adapter to use; routes only use nodes hosting it
     max_step_tokens: int = 2048  # batch x positions per inference message; longer prompts go in pieces
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
 

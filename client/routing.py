@@ -29,7 +29,10 @@ class Router:
     async def servers(self, refresh: bool = False) -> list[ServerInfo]:
         """The swarm as last read from the DHT (re-read when stale or asked to)."""
         if refresh or time.monotonic() - self._fetched_at > self.config.refresh_seconds:
-            self._servers = await self.dht.fetch_servers(self.model, self.num_blocks)
+            servers = await self.dht.fetch_servers(self.model, self.num_blocks)
+            if self.config.adapter:  # only nodes that host the chosen adapter can serve us
+                servers = [s for s in servers if self.config.adapter in s.adapters]
+            self._servers = servers
             self._fetched_at = time.monotonic()
         return self._servers
 

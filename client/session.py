@@ -127,7 +127,8 @@ class InferenceSession:
             call = self.chain.connections.stub(hop.server.address).Inference()
             stream = _Stream(hop, call)
             opts = pb.SessionOptions(model=self.chain.model, start=hop.span.start, end=hop.span.end,
-                                     batch_size=self.batch_size, max_length=self.max_length)
+                                     batch_size=self.batch_size, max_length=self.max_length,
+                                     adapter_name=self.chain.config.adapter or "")
             if self.lora is not None:  # the session applies the adapter as it is when the session opens
                 opts.lora.CopyFrom(self.lora.message(hop.span, with_weights=True))
                 opts.lora.dropout = 0.0

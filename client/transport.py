@@ -60,8 +60,10 @@ class Connections:
 
 
 def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Tensor | None,
-                    positions: torch.Tensor | None, lora: pb.LoraAdapter | None = None) -> pb.ForwardRequest:
-    req = pb.ForwardRequest(model=model, start=span.start, end=span.end, hidden_states=serialize(hidden))
+                    positions: torch.Tensor | None, lora: pb.LoraAdapter | None = None,
+                    adapter_name: str | None = None) -> pb.ForwardRequest:
+    req = pb.ForwardRequest(model=model, start=span.start, end=span.end, hidden_states=serialize(hidden),
+                            adapter_name=adapter_name or "")
     if lora is not None:
         req.lora.CopyFrom(lora)
     if mask is not None:

@@ -33,9 +33,9 @@ class SessionPolicy:
 
 class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, blocks: SpanBlocks, limits: Limits, pool: ThreadPoolExecutor, budget: CacheBudget,
-                 policy: SessionPolicy, throughput: float = 0.0):
+                 policy: SessionPolicy, throughput: float = 0.0, hosted: dict | None = None):
         self.blocks, self.limits, self.pool = blocks, limits, pool
-        self.adapters = Adapters(linear_shapes(blocks.layers[0]), LoraCache())
+        self.adapters = Adapters(linear_shapes(blocks.layers[0]), LoraCache(), hosted or {})
         self.budget, self.policy = budget, policy
         self.throughput = throughput
         self.open_sessions = 0

@@ -7,14 +7,19 @@ the client sends, so the backward pass recomputes exactly the same forward.
 """
 from __future__ import annotations
 
+import json
+import math
+import re
 import threading
 import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 _active = threading.local()
@@ -105,3 +110,39 @@ class LoraCache:
         while len(self._items) > self.max_adapters:
             self._items.popitem(last=False)
         return lora
+
+
+def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, tuple[int, int]]) -> Lora:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), restricted to
+    blocks [first, end): what a node serves under the folder's name."""
+    config = json.loads((directory / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{directory} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    weights: dict[tuple[int, str], list] = {}
+    pattern = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+    with safe_open(directory / "adapter_model.safetensors", framework="pt") as f:
+        for name in f.keys():
+            match = pattern.match(name)
+            if match is None or not first <= int(match[1]) < end:
+                continue
+            block, path, which = int(match[1]), match[2], match[3]
+            if path not in shapes:
+                raise ValueError(f"{directory}: {path} is not a projection of these blocks")
+            weights.setdefault((block, path), [None, None])[0 if which == "A" else 1] = f.get_tensor(name).float()
+    if any(a is None or b is None for a, b in weights.values()):
+        raise ValueError(f"{directory}: some modules have lora_A without lora_B or the other way round")
+    return Lora(directory.name, 0, scaling, 0.0, 0, {k: (a, b) for k, (a, b) in weights.items()},
+                frozenset(range(first, end)))
+
+
+def load_adapter_dir(root: Path, first: int, end: int, shapes: dict[str, tuple[int, int]]) -> dict[str, Lora]:
+    """Every adapter folder under ``root``, by folder name."""
+    if not root.is_dir():
+        raise ValueError(f"--adapters {root} is not a directory")
+    found = {d.name: load_peft_adapter(d, first, end, shapes)
+             for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()}
+    if not found:
+        raise ValueError(f"--adapters {root} holds no PEFT adapter folders (adapter_config.json)")
+    return found

@@ -151,9 +151,17 @@ def parse_forward(req: pb.ForwardRequest, limits: Limits, adapters: "Adapters | 
 class Adapters:
     shapes: dict[str, tuple[int, int]]  # projection name -> (in, out) features, the same in every block
     cache: LoraCache  # recently used client adapters
+    hosted: dict[str, Lora]  # adapters this node serves by name (node serve --adapters)
 
 
 def _lora(req, field: str, span: Span, adapters: Adapters | None) -> Lora | None:
+    name = req.adapter_name
+    if name and req.HasField(field):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "give either a client adapter or adapter_name, not both")
+    if name:
+        if adapters is None or name not in adapters.hosted:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"this node hosts no adapter named {name!r}")
+        return adapters.hosted[name]
     if not req.HasField(field):
         return None
     if adapters is None:

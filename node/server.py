@@ -6,6 +6,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import torch
@@ -15,6 +16,7 @@ from node.config import NodeConfig
 from node.families import LAYER_PREFIX, get_family
 from node.handler import NodeServicer, SessionPolicy
 from node.loading import CheckpointError, load_config, resolve_checkpoint
+from node.lora import linear_shapes, load_adapter_dir
 from node.requests import Limits, max_message_bytes
 from node.sessions import CacheBudget, cache_bytes_per_token, default_cache_tokens
 from proto import swarmlm_pb2_grpc as pb_grpc
@@ -112,7 +114,9 @@ class Node:
         budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
                                step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens)
-        servicer = NodeServicer(blocks, limits, self._pool, budget, policy)
+        hosted = load_adapter_dir(Path(cfg.adapters), span.start, span.end, linear_shapes(blocks.layers[0])) \
+            if cfg.adapters else {}
+        servicer = NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)
         self.servicer = servicer
         pb_grpc.add_NodeServicer_to_server(servicer, self._server)
         port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
@@ -121,7 +125,8 @@ class Node:
         self.address = announced_address(cfg.announce_host, cfg.host, port)
 
         info = ServerInfo(node_id=self.dht.peer_id, address=self.address, span=span,
-                          state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype)
+                          state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
+                          adapters=tuple(sorted(hosted)))
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await loop.run_in_executor(self._pool, measure_throughput, blocks)
@@ -148,6 +153,9 @@ class Node:
                 await self._announcer.set_state(NodeState.OFFLINE)
                 await asyncio.sleep(min(self.config.ttl, self.config.rebalance_period))
                 blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype)
+                if self.config.adapters:
+                    self.servicer.adapters.hosted = load_adapter_dir(
+                        Path(self.config.adapters), target.start, target.end, linear_shapes(blocks.layers[0]))
                 self.servicer.blocks = blocks
                 self.servicer.limits = replace(self.servicer.limits, hosted=target)
                 self.span = target

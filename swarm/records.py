@@ -21,7 +21,9 @@ RECORD_FIELDS = {
     "throughput": float,
     "version": str,
     "dtype": str,
+    "adapters": list,
 }
+MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
 
@@ -66,6 +68,7 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         "throughput": float(info.throughput),
         "version": info.version,
         "dtype": info.dtype,
+        "adapters": list(info.adapters),
     }
 
 
@@ -88,6 +91,9 @@ def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> Se
             return None
         if kind is str and len(item) > MAX_STRING:
             return None
+    adapters = value["adapters"]
+    if len(adapters) > MAX_ADAPTERS or not all(isinstance(a, str) and 0 < len(a) <= MAX_STRING for a in adapters):
+        return None
     if not _valid_address(value["address"]):
         return None
     if value["state"] not in NodeState.__members__ or value["dtype"] not in ALLOWED_DTYPES:
@@ -106,4 +112,5 @@ def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> Se
         throughput=throughput,
         version=value["version"],
         dtype=value["dtype"],
+        adapters=tuple(adapters),
     )

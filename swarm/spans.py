@@ -58,3 +58,4 @@ class ServerInfo:
     throughput: float  # measured tokens per second through one block
     version: str  # swarmlm version of the node
     dtype: str  # compute dtype of the node's blocks
+    adapters: tuple[str, ...] = ()  # names of LoRA adapters the node hosts (node serve --adapters)

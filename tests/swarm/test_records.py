@@ -28,6 +28,9 @@ def test_record_round_trip():
         {"throughput": -1.0},
         {"version": "x" * 1000},
         {"extra": 1},
+        {"adapters": "style"},
+        {"adapters": [1]},
+        {"adapters": ["x" * 1000]},
     ],
 )
 def test_malformed_records_are_ignored(change):
