@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
 import grpc
@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Trace = list[tuple[Span, torch.Tensor]]  # (blocks, their input hidden states) per hop, in order
 LoraGrads = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Extras:
+    """What a forward/backward pair sends besides hidden states, and the gradients it collects."""
+
+    lora: "LoraUse | None"
+    prefix: torch.Tensor | None  # [blocks, 2, batch, kv_heads, virtual, head_dim]
+    lora_grads: LoraGrads = field(default_factory=dict)
+    grad_prefix: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -57,13 +67,16 @@ class RemoteChain:
 
     # ---- the sync bridge -------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
-                lora: LoraUse | None = None) -> tuple[torch.Tensor, Trace]:
-        return self.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions, lora))
+                lora: LoraUse | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
+        """All blocks over ``hidden``; ``prefix`` holds prefix-tuning keys/values for every block."""
+        return self.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions, lora, prefix))
 
     def backward(self, trace: Trace, mask: torch.Tensor | None, positions: torch.Tensor | None,
-                 grad: torch.Tensor, lora: LoraUse | None = None) -> tuple[torch.Tensor, LoraGrads]:
-        grads: LoraGrads = {}
-        return self.run(self._backward(trace, mask, positions, grad, lora, grads)), grads
+                 grad: torch.Tensor, lora: LoraUse | None = None, prefix: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, LoraGrads, torch.Tensor | None]:
+        extra = Extras(lora, prefix)
+        grad_in = self.run(self._backward(trace, mask, positions, grad, extra))
+        return grad_in, extra.lora_grads, extra.grad_prefix
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run a coroutine on the client's loop and wait (the bridge used by sessions too)."""
@@ -112,7 +125,7 @@ class RemoteChain:
         raise AssertionError("unreachable")
 
     async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions,
-                       lora: LoraUse | None = None) -> tuple[torch.Tensor, Trace]:
+                       lora: LoraUse | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
         trace: Trace = []
         used: list[Hop] = []
         position, attempt = span.start, 0
@@ -121,7 +134,8 @@ class RemoteChain:
             hop = route.pop(0)
 
             async def send(message, hop=hop, hidden=hidden):
-                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter)
+                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
+                                      prefix)
                 return await call_forward(self.connections, hop.server.address, req, hidden,
                                           self.config.request_timeout)
 
@@ -141,33 +155,38 @@ class RemoteChain:
         self.last_route = used
         return hidden, trace
 
-    async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor, lora: LoraUse | None,
-                        lora_grads: LoraGrads) -> torch.Tensor:
+    async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor, extra: Extras) -> torch.Tensor:
         for span, hidden in reversed(trace):
-            grad = await self._backward_span(span, hidden, mask, positions, grad, lora, lora_grads)
+            grad = await self._backward_span(span, hidden, mask, positions, grad, extra)
         return grad
 
     async def _backward_span(self, span: Span, hidden, mask, positions, grad: torch.Tensor,
-                             lora: LoraUse | None, lora_grads: LoraGrads) -> torch.Tensor:
+                             extra: Extras) -> torch.Tensor:
         """Backward through ``span``; if no single live node covers it any more, recompute the
         intermediate inputs with a forward pass over a new route and go backward hop by hop."""
         attempt = 0
         while True:
             route = await self.router.route(span, refresh=attempt > 0, spread=True)
             if len(route) > 1:
-                _, sub_trace = await self._forward(span, hidden, mask, positions, lora)
-                return await self._backward(sub_trace, mask, positions, grad, lora, lora_grads)
+                _, sub_trace = await self._forward(span, hidden, mask, positions, extra.lora, extra.prefix)
+                return await self._backward(sub_trace, mask, positions, grad, extra)
             hop = route[0]
-            like = lora.adapter.shapes(span) if lora is not None else None
+            like = extra.lora.adapter.shapes(span) if extra.lora is not None else None
+            prefix_like = extra.prefix[span.start:span.end] if extra.prefix is not None else None
 
             async def send(message, hop=hop):
-                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter)
+                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
+                                      extra.prefix)
                 return await call_backward(self.connections, hop.server.address, req, grad,
-                                           self.config.request_timeout, like)
+                                           self.config.request_timeout, like, prefix_like)
 
             try:
-                grad_in, grads = await self._call(hop, lora, send)
-                lora_grads.update(grads)
+                grad_in, grads, grad_prefix = await self._call(hop, extra.lora, send)
+                extra.lora_grads.update(grads)
+                if grad_prefix is not None:
+                    if extra.grad_prefix is None:
+                        extra.grad_prefix = torch.zeros_like(extra.prefix)
+                    extra.grad_prefix[span.start:span.end] = grad_prefix
                 return grad_in
             except RemoteCallError as e:
                 if not self.router.should_retry(e, attempt):

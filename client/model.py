@@ -37,8 +37,9 @@ class DistributedBaseModel(nn.Module):
             new = inputs_embeds.shape[1]
             mask = attention_mask[:, -new:] if attention_mask is not None else None
             return self.norm(cache.session.step(inputs_embeds, mask, position_ids))
-        if position_ids is None:  # what local transformers does without a cache
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+        if position_ids is None:  # what local transformers does: after the cache (a prefix-tuning prefix)
+            offset = self.layers.prefix_length
+            position_ids = torch.arange(offset, offset + inputs_embeds.shape[1]).unsqueeze(0)
         hidden = self.layers(inputs_embeds, attention_mask, position_ids)
         return self.norm(hidden)
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PromptEncoderConfig, PromptTuningConfig
+from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from client.adapters import RemoteLora
 from client.classification import DistributedModelForSequenceClassification
 from client.model import DistributedModelForCausalLM
-from client.prompts import RemotePrompt
+from client.prompts import RemotePrefix, RemotePrompt
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SCORE_KEY = "base_model.model.score.weight"  # where PEFT saves a SEQ_CLS head (modules_to_save)
@@ -40,13 +40,16 @@ class DistributedPeftModel(nn.Module):
             model.model.layers.lora = RemoteLora(model.config, peft_config)
         elif isinstance(peft_config, (PromptTuningConfig, PromptEncoderConfig)):
             self.prompt = RemotePrompt(model.config, peft_config, model.get_input_embeddings())
+        elif isinstance(peft_config, PrefixTuningConfig):
+            model.model.layers.prefix = RemotePrefix(model.config, peft_config)
         else:
             raise TypeError(f"{type(peft_config).__name__} is not supported over the swarm; use LoraConfig, "
-                            "PromptTuningConfig or PromptEncoderConfig")
+                            "PromptTuningConfig, PromptEncoderConfig or PrefixTuningConfig")
 
     @property
-    def adapter(self) -> RemoteLora | RemotePrompt:
-        return self.prompt if self.prompt is not None else self.base_model.model.layers.lora
+    def adapter(self) -> RemoteLora | RemotePrompt | RemotePrefix:
+        layers = self.base_model.model.layers
+        return self.prompt or layers.prefix or layers.lora
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
                 logits_to_keep: int = 0):
@@ -61,8 +64,8 @@ class DistributedPeftModel(nn.Module):
 
     def generate(self, *args, **kwargs):
         """generate() with the adapter applied by every node of the session (LoRA adapters)."""
-        if self.prompt is not None:
-            raise NotImplementedError("generation with prompt-tuning adapters is not supported yet; "
+        if not isinstance(self.adapter, RemoteLora):
+            raise NotImplementedError("generation with prompt, p-tuning or prefix adapters is not supported yet; "
                                       "LoRA adapters generate normally")
         return self.base_model.generate(*args, **kwargs)
 
@@ -105,8 +108,8 @@ class DistributedPeftModel(nn.Module):
             with torch.no_grad():
                 model.score.weight.copy_(state.pop(SCORE_KEY))
             model.score.requires_grad_(is_trainable)
-        if peft.prompt is not None:
-            peft.prompt.load_peft_state_dict(state, is_trainable)
+        if not isinstance(peft.adapter, RemoteLora):
+            peft.adapter.load_peft_state_dict(state, is_trainable)
         else:
             peft.adapter.load_peft_state_dict(state)
             peft.adapter.requires_grad_(is_trainable)

@@ -1,12 +1,14 @@
-"""Prompt tuning and p-tuning held by the client: virtual tokens prepended to the input embeddings,
-computed by PEFT's own prompt encoders (so initialisation, math and saved format match PEFT)."""
+"""Prompt tuning, p-tuning and prefix tuning held by the client, computed by PEFT's own prompt
+encoders (so initialisation, math and saved format match PEFT). Prompt methods prepend virtual
+tokens to the input embeddings; prefix tuning sends per-block key/value prefixes to the nodes."""
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from peft import PromptEncoderConfig, PromptTuningConfig
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from peft.tuners.p_tuning import PromptEncoder
+from peft.tuners.prefix_tuning import PrefixEncoder
 from peft.tuners.prompt_tuning import PromptEmbedding
 from peft.utils.other import _prepare_prompt_learning_config
 from torch import nn
@@ -65,5 +67,52 @@ class RemotePrompt(nn.Module):
         else:  # PEFT saves p-tuning's computed prompts; they can be used, not trained further
             if trainable:
                 raise ValueError("a saved p-tuning adapter holds computed prompts only; it cannot be trained further")
+            self.fixed = weights.clone()
+            self.encoder.requires_grad_(False)
+
+
+class RemotePrefix(nn.Module):
+    """Prefix tuning: per-block key/value prefixes from PEFT's PrefixEncoder, sent to the nodes that
+    run those blocks; their attention uses them and backward returns their gradients."""
+
+    def __init__(self, model_config: Any, peft_config: PrefixTuningConfig):
+        super().__init__()
+        peft_config = _prepare_prompt_learning_config(peft_config, model_config)
+        peft_config.num_transformer_submodules = 1
+        self.config = peft_config
+        self.num_virtual_tokens = peft_config.num_virtual_tokens
+        self.heads = peft_config.num_attention_heads  # PEFT sizes prefixes by key/value heads (GQA)
+        self.head_dim = peft_config.token_dim // peft_config.num_attention_heads
+        self.encoder = PrefixEncoder(peft_config)
+        self.fixed: torch.Tensor | None = None  # embeddings loaded from a saved adapter (inference)
+
+    def embeddings(self, batch_size: int) -> torch.Tensor:
+        if self.fixed is not None:
+            return self.fixed.unsqueeze(0).expand(batch_size, -1, -1)
+        tokens = torch.arange(self.num_virtual_tokens).unsqueeze(0).expand(batch_size, -1)
+        return self.encoder(tokens)
+
+    def key_values(self, batch_size: int) -> torch.Tensor:
+        """[blocks, 2 (key, value), batch, kv_heads, virtual tokens, head_dim], laid out as PEFT's."""
+        layers = self.config.num_layers
+        kv = self.embeddings(batch_size).view(batch_size, self.num_virtual_tokens, layers * 2, self.heads,
+                                              self.head_dim)
+        return kv.permute(2, 0, 3, 1, 4).reshape(layers, 2, batch_size, self.heads, self.num_virtual_tokens,
+                                                 self.head_dim)
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.embeddings(1)[0].detach().contiguous()}
+
+    def load_peft_state_dict(self, state: dict[str, torch.Tensor], trainable: bool) -> None:
+        weights = state.get("prompt_embeddings")
+        if weights is None or weights.shape[0] != self.num_virtual_tokens:
+            raise ValueError("adapter has no prompt_embeddings for this prefix-tuning config")
+        if not self.config.prefix_projection:
+            with torch.no_grad():
+                self.encoder.embedding.weight.copy_(weights)
+            self.encoder.requires_grad_(trainable)
+        elif trainable:
+            raise ValueError("a saved prefix_projection adapter holds computed prefixes only; it cannot be trained")
+        else:
             self.fixed = weights.clone()
             self.encoder.requires_grad_(False)

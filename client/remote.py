@@ -6,21 +6,24 @@ from torch import nn
 
 from client.adapters import RemoteLora
 from client.chain import LoraUse, RemoteChain
+from client.prompts import RemotePrefix
 
 
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, mask, positions, chain: RemoteChain, lora: LoraUse | None,
-                *lora_params: torch.Tensor) -> torch.Tensor:
-        out, trace = chain.forward(hidden.detach(), mask, positions, lora)
-        ctx.chain, ctx.trace, ctx.mask, ctx.positions, ctx.lora = chain, trace, mask, positions, lora
+                prefix: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
+        prefix = prefix.detach() if prefix is not None else None
+        out, trace = chain.forward(hidden.detach(), mask, positions, lora, prefix)
+        ctx.chain, ctx.trace, ctx.mask, ctx.positions, ctx.lora, ctx.prefix = chain, trace, mask, positions, lora, prefix
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_in, lora_grads = ctx.chain.backward(ctx.trace, ctx.mask, ctx.positions, grad.contiguous(), ctx.lora)
+        grad_in, lora_grads, grad_prefix = ctx.chain.backward(ctx.trace, ctx.mask, ctx.positions, grad.contiguous(),
+                                                              ctx.lora, ctx.prefix)
         params = ctx.lora.adapter.gradients(lora_grads) if ctx.lora is not None else []
-        return (grad_in, None, None, None, None, *params)
+        return (grad_in, None, None, None, None, grad_prefix, *params)
 
 
 class RemoteBlocks(nn.Module):
@@ -30,11 +33,23 @@ class RemoteBlocks(nn.Module):
         super().__init__()
         self.chain = chain
         self.lora: RemoteLora | None = None  # client-held LoRA weights the nodes apply, if any
+        self.prefix: RemotePrefix | None = None  # client-held prefix-tuning keys/values, if any
+
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix.num_virtual_tokens if self.prefix is not None else 0
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        prefix = None
+        if self.prefix is not None:  # the nodes attend over the virtual positions first, as PEFT does
+            batch, seq = hidden.shape[:2]
+            prefix = self.prefix.key_values(batch)
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, seq, dtype=torch.int64)
+            attention_mask = torch.cat([attention_mask.new_ones(batch, self.prefix_length), attention_mask], dim=1)
         if self.lora is None:
-            return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, None)
+            return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, None, prefix)
         use = LoraUse(self.lora, self.lora.next_dropout_seed(), self.lora.version())
         params = [*self.lora.lora_A, *self.lora.lora_B]
-        return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, use, *params)
+        return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, use, prefix, *params)

@@ -61,9 +61,11 @@ class Connections:
 
 def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Tensor | None,
                     positions: torch.Tensor | None, lora: pb.LoraAdapter | None = None,
-                    adapter_name: str | None = None) -> pb.ForwardRequest:
+                    adapter_name: str | None = None, prefix: torch.Tensor | None = None) -> pb.ForwardRequest:
     req = pb.ForwardRequest(model=model, start=span.start, end=span.end, hidden_states=serialize(hidden),
                             adapter_name=adapter_name or "")
+    if prefix is not None:  # this hop's slice of the prefix-tuning keys/values
+        req.prefix.CopyFrom(serialize(prefix[span.start:span.end].detach()))
     if lora is not None:
         req.lora.CopyFrom(lora)
     if mask is not None:
@@ -93,9 +95,10 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
 
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
-                        timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None
-                        ) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
-    """d loss / d input, and d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``)."""
+                        timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        prefix_like: torch.Tensor | None = None):
+    """d loss / d input, d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``) and
+    d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
     try:
         resp = await conns.stub(address).Backward(
             pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad)), timeout=timeout)
@@ -108,4 +111,9 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
             raise RemoteCallError(address, None, f"unexpected LoRA gradient for {key}")
         a, b = lora_like[key]
         lora_grads[key] = (decode_tensor(address, m.a, a), decode_tensor(address, m.b, b))
-    return decode_tensor(address, resp.grad_inputs, grad), lora_grads
+    grad_prefix = None
+    if prefix_like is not None:
+        if not resp.HasField("grad_prefix"):
+            raise RemoteCallError(address, None, "no gradient for the prefix that was sent")
+        grad_prefix = decode_tensor(address, resp.grad_prefix, prefix_like)
+    return decode_tensor(address, resp.grad_inputs, grad), lora_grads, grad_prefix

@@ -145,6 +145,14 @@ def inference_step(
     return torch.cat(outputs, dim=1)
 
 
+def prefixed_cache(blocks: SpanBlocks, span: Span, prefix: torch.Tensor) -> DynamicCache:
+    """A cache holding prefix-tuning keys/values ([blocks, 2, batch, kv_heads, virtual, head_dim])."""
+    cache = new_cache(blocks)
+    for j, i in enumerate(range(span.start, span.end)):
+        cache.update(prefix[j, 0].to(blocks.dtype), prefix[j, 1].to(blocks.dtype), i)
+    return cache
+
+
 def backward_span(
     blocks: SpanBlocks,
     span: Span,
@@ -153,19 +161,23 @@ def backward_span(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     lora: Lora | None = None,
-) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
-    """d loss / d hidden for blocks ``span``, and d loss / d (A, B) of ``lora``'s modules there,
-    recomputing the forward pass from ``hidden`` (the node keeps nothing between calls)."""
+    prefix: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """d loss / d hidden for blocks ``span``, d loss / d (A, B) of ``lora``'s modules there and
+    d loss / d ``prefix``, recomputing the forward pass (the node keeps nothing between calls)."""
     leaf_lora = lora.for_span(span.start, span.end) if lora is not None else None
     with torch.enable_grad(), active(leaf_lora):
         x = hidden.to(blocks.dtype).detach().requires_grad_(True)
-        out = forward_span(blocks, span, x, attention_mask, position_ids)
+        leaf_prefix = prefix.detach().requires_grad_(True) if prefix is not None else None
+        cache = prefixed_cache(blocks, span, leaf_prefix) if leaf_prefix is not None else None
+        out = forward_span(blocks, span, x, attention_mask, position_ids, cache)
         keys = list(leaf_lora.weights) if leaf_lora is not None else []
-        leaves = [x] + [t for k in keys for t in leaf_lora.weights[k]]
+        leaves = [x] + [t for k in keys for t in leaf_lora.weights[k]] + ([leaf_prefix] if prefix is not None else [])
         grads = torch.autograd.grad(out, leaves, grad_outputs.to(out.dtype), allow_unused=True)
     lora_grads = {}
     for i, key in enumerate(keys):
         a, b = leaf_lora.weights[key]
         ga, gb = grads[1 + 2 * i], grads[2 + 2 * i]
         lora_grads[key] = (ga if ga is not None else torch.zeros_like(a), gb if gb is not None else torch.zeros_like(b))
-    return grads[0], lora_grads
+    grad_prefix = grads[-1] if prefix is not None else None
+    return grads[0], lora_grads, grad_prefix

@@ -10,7 +10,7 @@ from typing import AsyncIterator
 import grpc
 import torch
 
-from node.blocks import SpanBlocks, backward_span, forward_span, inference_step, new_cache
+from node.blocks import SpanBlocks, backward_span, forward_span, inference_step, new_cache, prefixed_cache
 from node.lora import LoraCache, active, linear_shapes
 from node.requests import Adapters, Limits, RequestError, parse_backward, parse_forward, parse_open, parse_step
 from node.sessions import CacheBudget, Session
@@ -64,10 +64,13 @@ class NodeServicer(pb_grpc.NodeServicer):
             x, grad = parse_backward(request, self.limits, self.adapters)
         except RequestError as e:
             await context.abort(e.code, str(e))
-        out, lora_grads = await self._compute(context, self._backward, x, grad)
-        return pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
+        out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
+        response = pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
             pb.LoraModule(block=block, module=name, a=serialize(ga), b=serialize(gb))
             for (block, name), (ga, gb) in lora_grads.items()])
+        if grad_prefix is not None:
+            response.grad_prefix.CopyFrom(serialize(grad_prefix.to(x.prefix.dtype)))
+        return response
 
     async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
         """A session: reserve cache room, then answer each step with the new positions' outputs.
@@ -124,12 +127,14 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     def _forward(self, x) -> torch.Tensor:
         with torch.no_grad(), active(x.lora):
-            out = forward_span(self.blocks, x.span, x.hidden, x.attention_mask, x.position_ids)
+            cache = prefixed_cache(self.blocks, x.span, x.prefix) if x.prefix is not None else None
+            out = forward_span(self.blocks, x.span, x.hidden, x.attention_mask, x.position_ids, cache)
         return out.to(x.hidden.dtype)
 
     def _backward(self, x, grad):
-        out, lora_grads = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask, x.position_ids, x.lora)
-        return out.to(x.hidden.dtype), lora_grads
+        out, lora_grads, grad_prefix = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask,
+                                                     x.position_ids, x.lora, x.prefix)
+        return out.to(x.hidden.dtype), lora_grads, grad_prefix
 
     @property
     def busy(self) -> bool:

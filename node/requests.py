@@ -27,6 +27,9 @@ class Limits:
     hidden_size: int  # the model's hidden size
     max_batch_tokens: int  # batch * seq per request
     max_position: int  # positions must be in [0, max_position)
+    kv_heads: int = 0  # key/value heads per block (shape of prefix-tuning prefixes)
+    head_dim: int = 0  # size of one attention head
+    max_prefix: int = 512  # most prefix-tuning virtual tokens accepted
 
 
 @dataclass
@@ -36,6 +39,7 @@ class SpanInputs:
     attention_mask: torch.Tensor | None
     position_ids: torch.Tensor | None
     lora: Lora | None = None
+    prefix: torch.Tensor | None = None  # [blocks, 2, batch, kv_heads, virtual, head_dim]
 
 
 def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int]], cache: LoraCache) -> Lora:
@@ -141,10 +145,27 @@ def parse_forward(req: pb.ForwardRequest, limits: Limits, adapters: "Adapters | 
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states is required")
     hidden = _parse_activations(req.hidden_states, limits)
     batch, seq = hidden.shape[:2]
-    mask = _parse_mask(req.attention_mask, limits, batch, seq) if req.HasField("attention_mask") else None
+    prefix = _parse_prefix(req.prefix, limits, span, batch) if req.HasField("prefix") else None
+    virtual = prefix.shape[4] if prefix is not None else 0
+    mask = _parse_mask(req.attention_mask, limits, batch, virtual + seq) if req.HasField("attention_mask") else None
     positions = _parse_positions(req.position_ids, limits, batch, seq) if req.HasField("position_ids") else None
     lora = _lora(req, "lora", span, adapters)
-    return SpanInputs(span, hidden, mask, positions, lora)
+    return SpanInputs(span, hidden, mask, positions, lora, prefix)
+
+
+def _parse_prefix(msg: pb.Tensor, limits: Limits, span: Span, batch: int) -> torch.Tensor:
+    shape = list(msg.shape)
+    expected = [len(span), 2, batch, limits.kv_heads, None, limits.head_dim]
+    if len(shape) != 6 or any(e is not None and s != e for s, e in zip(shape, expected)) \
+            or not 0 < shape[4] <= limits.max_prefix:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"prefix shape {shape} does not fit [blocks={len(span)}, 2, batch={batch}, "
+                           f"kv_heads={limits.kv_heads}, 1..{limits.max_prefix}, head_dim={limits.head_dim}]")
+    budget = len(span) * 2 * batch * limits.kv_heads * limits.max_prefix * limits.head_dim * 4
+    prefix = _tensor(msg, "prefix", FLOAT_DTYPES, budget, 6)
+    if not torch.isfinite(prefix).all():
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "prefix contains NaN or infinity")
+    return prefix
 
 
 @dataclass

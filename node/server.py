@@ -103,6 +103,8 @@ class Node:
             model=self.model_key, hosted=span, hidden_size=model_config.hidden_size,
             max_batch_tokens=cfg.max_batch_tokens,
             max_position=max(getattr(model_config, "max_position_embeddings", 0) or 0, cfg.max_batch_tokens),
+            kv_heads=getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads,
+            head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
         )
         msg_limit = max_message_bytes(limits)
         self._server = grpc.aio.server(options=[

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/swarmlm.proto\x12\nswarmlm.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xdc\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x07 \x01(\x04\x12\x12\n\nthroughput\x18\x08 \x01(\x01\x12\x14\n\x0c\x63\x61\x63he_tokens\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\"i\n\nLoraModule\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x1d\n\x01\x61\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x1d\n\x01\x62\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\x8b\x01\n\x0bLoraAdapter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07scaling\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\x12\x14\n\x0c\x64ropout_seed\x18\x05 \x01(\x04\x12\'\n\x07modules\x18\x06 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\"\xf9\x01\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12)\n\rhidden_states\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12%\n\x04lora\x18\x07 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x08 \x01(\t\"<\n\x0f\x46orwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"g\n\x0f\x42\x61\x63kwardRequest\x12*\n\x06inputs\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.ForwardRequest\x12(\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"g\n\x10\x42\x61\x63kwardResponse\x12\'\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\nlora_grads\x18\x02 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\"\xa0\x01\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12%\n\x04lora\x18\x06 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x07 \x01(\t\"\xbd\x01\n\x10InferenceRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.SessionOptions\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"T\n\x11InferenceResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r2\x9a\x02\n\x04Node\x12\x39\n\x04Info\x12\x17.swarmlm.v1.InfoRequest\x1a\x18.swarmlm.v1.InfoResponse\x12\x42\n\x07\x46orward\x12\x1a.swarmlm.v1.ForwardRequest\x1a\x1b.swarmlm.v1.ForwardResponse\x12\x45\n\x08\x42\x61\x63kward\x12\x1b.swarmlm.v1.BackwardRequest\x1a\x1c.swarmlm.v1.BackwardResponse\x12L\n\tInference\x12\x1c.swarmlm.v1.InferenceRequest\x1a\x1d.swarmlm.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/swarmlm.proto\x12\nswarmlm.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xdc\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x07 \x01(\x04\x12\x12\n\nthroughput\x18\x08 \x01(\x01\x12\x14\n\x0c\x63\x61\x63he_tokens\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\"i\n\nLoraModule\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x1d\n\x01\x61\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x1d\n\x01\x62\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\x8b\x01\n\x0bLoraAdapter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07scaling\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\x12\x14\n\x0c\x64ropout_seed\x18\x05 \x01(\x04\x12\'\n\x07modules\x18\x06 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\"\x9d\x02\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12)\n\rhidden_states\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12%\n\x04lora\x18\x07 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x08 \x01(\t\x12\"\n\x06prefix\x18\t \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"<\n\x0f\x46orwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"g\n\x0f\x42\x61\x63kwardRequest\x12*\n\x06inputs\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.ForwardRequest\x12(\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\x90\x01\n\x10\x42\x61\x63kwardResponse\x12\'\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\nlora_grads\x18\x02 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\x12\'\n\x0bgrad_prefix\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\xa0\x01\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12%\n\x04lora\x18\x06 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x07 \x01(\t\"\xbd\x01\n\x10InferenceRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.SessionOptions\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"T\n\x11InferenceResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r2\x9a\x02\n\x04Node\x12\x39\n\x04Info\x12\x17.swarmlm.v1.InfoRequest\x1a\x18.swarmlm.v1.InfoResponse\x12\x42\n\x07\x46orward\x12\x1a.swarmlm.v1.ForwardRequest\x1a\x1b.swarmlm.v1.ForwardResponse\x12\x45\n\x08\x42\x61\x63kward\x12\x1b.swarmlm.v1.BackwardRequest\x1a\x1c.swarmlm.v1.BackwardResponse\x12L\n\tInference\x12\x1c.swarmlm.v1.InferenceRequest\x1a\x1d.swarmlm.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,19 +42,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LORAADAPTER']._serialized_start=435
   _globals['_LORAADAPTER']._serialized_end=574
   _globals['_FORWARDREQUEST']._serialized_start=577
-  _globals['_FORWARDREQUEST']._serialized_end=826
-  _globals['_FORWARDRESPONSE']._serialized_start=828
-  _globals['_FORWARDRESPONSE']._serialized_end=888
-  _globals['_BACKWARDREQUEST']._serialized_start=890
-  _globals['_BACKWARDREQUEST']._serialized_end=993
-  _globals['_BACKWARDRESPONSE']._serialized_start=995
-  _globals['_BACKWARDRESPONSE']._serialized_end=1098
-  _globals['_SESSIONOPTIONS']._serialized_start=1101
-  _globals['_SESSIONOPTIONS']._serialized_end=1261
-  _globals['_INFERENCEREQUEST']._serialized_start=1264
-  _globals['_INFERENCEREQUEST']._serialized_end=1453
-  _globals['_INFERENCERESPONSE']._serialized_start=1455
-  _globals['_INFERENCERESPONSE']._serialized_end=1539
-  _globals['_NODE']._serialized_start=1542
-  _globals['_NODE']._serialized_end=1824
+  _globals['_FORWARDREQUEST']._serialized_end=862
+  _globals['_FORWARDRESPONSE']._serialized_start=864
+  _globals['_FORWARDRESPONSE']._serialized_end=924
+  _globals['_BACKWARDREQUEST']._serialized_start=926
+  _globals['_BACKWARDREQUEST']._serialized_end=1029
+  _globals['_BACKWARDRESPONSE']._serialized_start=1032
+  _globals['_BACKWARDRESPONSE']._serialized_end=1176
+  _globals['_SESSIONOPTIONS']._serialized_start=1179
+  _globals['_SESSIONOPTIONS']._serialized_end=1339
+  _globals['_INFERENCEREQUEST']._serialized_start=1342
+  _globals['_INFERENCEREQUEST']._serialized_end=1531
+  _globals['_INFERENCERESPONSE']._serialized_start=1533
+  _globals['_INFERENCERESPONSE']._serialized_end=1617
+  _globals['_NODE']._serialized_start=1620
+  _globals['_NODE']._serialized_end=1902
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,7 @@ class LoraAdapter(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., scaling: _Optional[float] = ..., dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids", "lora", "adapter_name")
+    __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids", "lora", "adapter_name", "prefix")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class ForwardRequest(_message.Message):
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -92,7 +93,8 @@ class ForwardRequest(_message.Message):
     position_ids: Tensor
     lora: LoraAdapter
     adapter_name: str
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ...) -> None: ...
+    prefix: Tensor
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden_states",)
@@ -109,12 +111,14 @@ class BackwardRequest(_message.Message):
     def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_inputs", "lora_grads")
+    __slots__ = ("grad_inputs", "lora_grads", "grad_prefix")
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_PREFIX_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: Tensor
     lora_grads: _containers.RepeatedCompositeFieldContainer[LoraModule]
-    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
+    grad_prefix: Tensor
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., grad_prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
     __slots__ = ("model", "start", "end", "batch_size", "max_length", "lora", "adapter_name")

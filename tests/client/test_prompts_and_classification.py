@@ -150,3 +150,35 @@ def test_trainer_trains_a_lora_adapter_through_the_swarm(start_nodes, open_clien
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     assert len(losses) == 8 and losses[-1] < losses[0] and result.global_step == 8
     assert all(not torch.equal(b0, b) for b0, b in zip(before, model.adapter.lora_B))
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["prefix", "prefix-projection"])
+def test_prefix_tuning_gradients_and_saved_adapter_equal_local_peft(projection, start_nodes, open_client, tiny_path,
+                                                                  tmp_path):
+    """Per-block key/value prefixes travel to the nodes; their gradients come back (GQA model)."""
+    from peft import PrefixTuningConfig
+
+    start_nodes("0:4", "3:6")
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection,
+                                encoder_hidden_size=16)
+    ours = get_peft_model(open_client(tiny_path), copy.deepcopy(config))
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                 copy.deepcopy(config))
+    local_params = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters()
+                    if "prompt_encoder" in k}
+    ours.adapter.encoder.load_state_dict(local_params)
+    ids, mask, labels = batch()
+    out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = local(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.shape == ref.logits.shape == (3, 9, 256)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-4)
+    out.loss.backward()
+    ref.loss.backward()
+    for name, p in ours.adapter.encoder.named_parameters():
+        assert p.grad.abs().max() > 0 and torch.allclose(p.grad, local_params[name].grad, atol=1e-5), name
+    ours.save_pretrained(tmp_path / "prefix")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                       tmp_path / "prefix").eval()
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(input_ids=ids, attention_mask=mask).logits,
+                              loaded(input_ids=ids, attention_mask=mask).logits, atol=1e-4)

@@ -53,6 +53,9 @@ CASES = [
     ("position_ids", serialize(torch.full((1, 5), -1)), grpc.StatusCode.INVALID_ARGUMENT, "position_ids must be in"),
     ("position_ids", serialize(torch.full((1, 5), 10**9)), grpc.StatusCode.INVALID_ARGUMENT, "position_ids must be in"),
     ("position_ids", serialize(torch.zeros(1, 5)), grpc.StatusCode.INVALID_ARGUMENT, "not allowed"),
+    ("prefix", serialize(torch.zeros(2, 2, 2, 9, 3, 16)), grpc.StatusCode.INVALID_ARGUMENT, "prefix shape"),
+    ("prefix", raw("float32", [2, 2, 2, 2, 1 << 30, 16], 0), grpc.StatusCode.INVALID_ARGUMENT, "prefix shape"),
+    ("adapter_name", "missing", grpc.StatusCode.NOT_FOUND, "no adapter named"),
 ]
 
 
