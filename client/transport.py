@@ -45,6 +45,8 @@ class Connections:
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.NodeStub] = {}
+        self.bytes_sent = 0  # serialized request bytes of successful calls (benchmarks read these)
+        self.bytes_received = 0
 
     def stub(self, address: str) -> pb_grpc.NodeStub:
         if address not in self._stubs:
@@ -91,6 +93,8 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
         resp = await conns.stub(address).Forward(req, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise RemoteCallError(address, e.code(), e.details() or "") from None
+    conns.bytes_sent += req.ByteSize()
+    conns.bytes_received += resp.ByteSize()
     return decode_tensor(address, resp.hidden_states, like)
 
 
@@ -100,10 +104,12 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
     """d loss / d input, d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``) and
     d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
     try:
-        resp = await conns.stub(address).Backward(
-            pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad)), timeout=timeout)
+        request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad))
+        resp = await conns.stub(address).Backward(request, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise RemoteCallError(address, e.code(), e.details() or "") from None
+    conns.bytes_sent += request.ByteSize()
+    conns.bytes_received += resp.ByteSize()
     lora_grads = {}
     for m in resp.lora_grads:
         key = (m.block, m.module)
