@@ -49,6 +49,16 @@ def uncovered_blocks(servers: Iterable[ServerInfo], span: Span) -> list[int]:
     return [b for b in range(span.start, span.end) if b not in covered]
 
 
+def usable_servers(servers: Iterable[ServerInfo], span: Span, exclude: frozenset[str]) -> list[ServerInfo]:
+    """ONLINE, not excluded servers in a stable order; NoRouteError if they leave blocks of ``span`` bare."""
+    online = sorted((s for s in servers if s.state is NodeState.ONLINE and s.node_id not in exclude),
+                    key=lambda s: s.node_id)
+    missing = uncovered_blocks(online, span)
+    if missing:
+        raise NoRouteError(missing)
+    return online
+
+
 def choose_route(
     servers: Iterable[ServerInfo],
     span: Span,
@@ -62,13 +72,7 @@ def choose_route(
     Cost of a hop = its round trip (measured ``rtt[node_id]`` or a default) plus
     ``tokens * blocks / throughput``. Fewer hops win ties. ``exclude`` holds banned node ids.
     """
-    online = sorted(
-        (s for s in servers if s.state is NodeState.ONLINE and s.node_id not in exclude),
-        key=lambda s: s.node_id,
-    )
-    missing = uncovered_blocks(online, span)
-    if missing:
-        raise NoRouteError(missing)
+    online = usable_servers(servers, span, exclude)
     rtt = rtt or {}
     # useful break points: where some server's span starts or ends, plus the target bounds
     points = sorted({span.start, span.end} | {p for s in online for p in (s.span.start, s.span.end)
@@ -112,13 +116,7 @@ def sample_route(
     """A route for training and batch forward that spreads load over replicas: at each position, a
     server covering it is drawn with probability proportional to its throughput, and runs as far as
     it can."""
-    online = sorted(
-        (s for s in servers if s.state is NodeState.ONLINE and s.node_id not in exclude),
-        key=lambda s: s.node_id,
-    )
-    missing = uncovered_blocks(online, span)
-    if missing:
-        raise NoRouteError(missing)
+    online = usable_servers(servers, span, exclude)
     route, pos = [], span.start
     while pos < span.end:
         here = [s for s in online if s.span.start <= pos < s.span.end]
