@@ -15,6 +15,18 @@ from pathlib import Path
 from typing import Sequence
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if the launching process dies (Linux), so a killed test
+    run or demo never leaves nodes behind. Elsewhere a no-op. (Linux ties this to the launching
+    thread: start nodes from long-lived threads, e.g. the main one.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
 class LaunchError(RuntimeError):
     """A process did not become ready; carries what it printed on stderr."""
 
@@ -26,7 +38,7 @@ class Proc:
         self.argv = list(argv)
         self.popen = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.stderr_lines: list[str] = []
