@@ -59,7 +59,7 @@ class RemoteLora(nn.Module):
             self.lora_A.append(nn.Parameter(a))
             self.lora_B.append(nn.Parameter(torch.zeros(fan_out, r)))
         self.id = uuid.uuid4().hex
-        self._seed = 0
+        self.dropout_seed = 0  # seeds of LoRA dropout masks so far; save it to resume training exactly
         self._version = 0
         self._snapshot: list[torch.Tensor] | None = None
 
@@ -73,8 +73,8 @@ class RemoteLora(nn.Module):
         return self._version
 
     def next_dropout_seed(self) -> int:
-        self._seed += 1
-        return self._seed
+        self.dropout_seed += 1
+        return self.dropout_seed
 
     def message(self, span: Span, with_weights: bool, dropout_seed: int = 0, version: int | None = None
                 ) -> pb.LoraAdapter:

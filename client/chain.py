@@ -20,12 +20,13 @@ from client.routing import Router
 from client.transport import Connections, RemoteCallError, call_backward, call_forward, forward_request
 from swarm.aio import LoopThread
 from swarm.dht import SwarmDHT
+from swarm.keys import load_optional
 from swarm.routing import Hop
 from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Trace = list[tuple[Span, torch.Tensor]]  # (blocks, their input hidden states) per hop, in order
+Trace = list[tuple[Span, torch.Tensor, str]]  # (blocks, their input hidden states, kept-activations token)
 LoraGrads = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -53,23 +54,27 @@ class RemoteChain:
 
     def __init__(self, config: ClientConfig, model: str, num_blocks: int):
         self.config, self.model, self.num_blocks = config, model, num_blocks
+        swarm_key = load_optional(config.swarm_key)  # a private swarm: DHT records and calls need it
         self._loop = LoopThread("swarmlm-client")
         try:
             self.dht = self._loop.run(SwarmDHT.create(
-                config.initial_peers, client_mode=True, nat_port_map=config.nat_port_map))
+                config.initial_peers, client_mode=True, nat_port_map=config.nat_port_map, swarm_key=swarm_key))
         except BaseException:
             self._loop.close()
             raise
-        self.connections = Connections()  # used on the loop thread only
+        self.connections = Connections(swarm_key)  # used on the loop thread only
         self.router = Router(self.dht, model, num_blocks, config)
         self.last_route: list[Hop] = []  # hops of the latest forward pass, for inspection
         self._lora_sent: dict[tuple[str, str], int] = {}  # (address, adapter id) -> version it holds
 
     # ---- the sync bridge -------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
-                lora: LoraUse | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
-        """All blocks over ``hidden``; ``prefix`` holds prefix-tuning keys/values for every block."""
-        return self.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions, lora, prefix))
+                lora: LoraUse | None = None, prefix: torch.Tensor | None = None,
+                for_backward: bool = False) -> tuple[torch.Tensor, Trace]:
+        """All blocks over ``hidden``; ``prefix`` holds prefix-tuning keys/values for every block.
+        ``for_backward`` asks nodes to keep activations so the backward pass need not recompute."""
+        return self.run(self._forward(Span(0, self.num_blocks), hidden, mask, positions, lora, prefix,
+                                      for_backward))
 
     def backward(self, trace: Trace, mask: torch.Tensor | None, positions: torch.Tensor | None,
                  grad: torch.Tensor, lora: LoraUse | None = None, prefix: torch.Tensor | None = None
@@ -124,8 +129,8 @@ class RemoteChain:
             return result
         raise AssertionError("unreachable")
 
-    async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions,
-                       lora: LoraUse | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, Trace]:
+    async def _forward(self, span: Span, hidden: torch.Tensor, mask, positions, lora: LoraUse | None = None,
+                       prefix: torch.Tensor | None = None, for_backward: bool = False) -> tuple[torch.Tensor, Trace]:
         trace: Trace = []
         used: list[Hop] = []
         position, attempt = span.start, 0
@@ -136,11 +141,12 @@ class RemoteChain:
             async def send(message, hop=hop, hidden=hidden):
                 req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
                                       prefix)
+                req.keep_for_backward = for_backward
                 return await call_forward(self.connections, hop.server.address, req, hidden,
                                           self.config.request_timeout)
 
             try:
-                out = await self._call(hop, lora, send)
+                out, token = await self._call(hop, lora, send)
             except RemoteCallError as e:
                 if not self.router.should_retry(e, attempt):
                     raise
@@ -149,26 +155,26 @@ class RemoteChain:
                 attempt += 1
                 route = await self.router.route(Span(position, span.end), refresh=True, spread=True)
                 continue
-            trace.append((hop.span, hidden))
+            trace.append((hop.span, hidden, token))
             used.append(hop)
             hidden, position = out, hop.span.end
         self.last_route = used
         return hidden, trace
 
     async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor, extra: Extras) -> torch.Tensor:
-        for span, hidden in reversed(trace):
-            grad = await self._backward_span(span, hidden, mask, positions, grad, extra)
+        for span, hidden, token in reversed(trace):
+            grad = await self._backward_span(span, hidden, mask, positions, grad, extra, token)
         return grad
 
     async def _backward_span(self, span: Span, hidden, mask, positions, grad: torch.Tensor,
-                             extra: Extras) -> torch.Tensor:
+                             extra: Extras, token: str = "") -> torch.Tensor:
         """Backward through ``span``; if no single live node covers it any more, recompute the
         intermediate inputs with a forward pass over a new route and go backward hop by hop."""
         attempt = 0
         while True:
             route = await self.router.route(span, refresh=attempt > 0, spread=True)
             if len(route) > 1:
-                _, sub_trace = await self._forward(span, hidden, mask, positions, extra.lora, extra.prefix)
+                _, sub_trace = await self._forward(span, hidden, mask, positions, extra.lora, extra.prefix, True)
                 return await self._backward(sub_trace, mask, positions, grad, extra)
             hop = route[0]
             like = extra.lora.adapter.shapes(span) if extra.lora is not None else None
@@ -178,7 +184,7 @@ class RemoteChain:
                 req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
                                       extra.prefix)
                 return await call_backward(self.connections, hop.server.address, req, grad,
-                                           self.config.request_timeout, like, prefix_like)
+                                           self.config.request_timeout, like, prefix_like, token)
 
             try:
                 grad_in, grads, grad_prefix = await self._call(hop, extra.lora, send)

@@ -1,6 +1,7 @@
 """Sequence classification over the swarm: a client-side score head on the last real token."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -66,10 +67,14 @@ class AutoDistributedModelForSequenceClassification:
         model_name: str | None = None,
         dtype: torch.dtype = torch.float32,
         client_config: ClientConfig | None = None,
+        swarm_key: str | None = None,
     ) -> DistributedModelForSequenceClassification:
         """Client-side embeddings, norm and a ``num_labels`` score head (from the checkpoint if it has
-        one, else freshly initialised as transformers does); blocks run in the swarm."""
+        one, else freshly initialised as transformers does); blocks run in the swarm.
+        ``swarm_key``: path of the key file of a private swarm."""
         config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name)
+        if swarm_key is not None:
+            config = replace(config, swarm_key=swarm_key)
         return load_distributed(
             DistributedModelForSequenceClassification, model, config, dtype,
             config_changes={"num_labels": num_labels},

@@ -1,6 +1,7 @@
 """Client configuration: one flat dataclass, every field commented."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -16,6 +17,7 @@ class ClientConfig:
     adapter: str | None = None  # name of a node-hosted LoRA adapter to use; routes only use nodes hosting it
     max_step_tokens: int = 2048  # batch x positions per inference message; longer prompts go in pieces
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
+    swarm_key: str | None = None  # path of the swarm key file of a private swarm (`swarm keygen`); None: open
 
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):
@@ -24,3 +26,5 @@ class ClientConfig:
             raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer")
         if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0 or self.max_step_tokens < 1 or self.max_wait < 0:
             raise ValueError("request_timeout and max_step_tokens must be > 0; max_retries, ban_seconds, max_wait >= 0")
+        if self.swarm_key is not None and not isinstance(self.swarm_key, (str, os.PathLike)):
+            raise TypeError(f"swarm_key must be the path of a key file, got {type(self.swarm_key).__name__}")

@@ -56,6 +56,7 @@ class FinetuneOptions:
     log_every: int = 1
     resume: bool = False
     seed: int = 0
+    swarm_key: str | None = None
 
     @classmethod
     def from_namespace(cls, args, initial_peers: Sequence[str]) -> "FinetuneOptions":
@@ -145,8 +146,11 @@ def latest_checkpoint(output: Path) -> tuple[Path, int] | None:
         return None
     found = []
     for folder in [output, *(p for p in output.iterdir() if CHECKPOINT.match(p.name))]:
-        if (folder / STATE_FILE).is_file():
-            found.append((json.loads((folder / STATE_FILE).read_text())["step"], folder != output, folder))
+        try:
+            step = int(json.loads((folder / STATE_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # absent (incomplete save) or unreadable
+        found.append((step, folder != output, folder))
     if not found:
         return None
     step, _, folder = max(found)
@@ -214,8 +218,9 @@ def build_model(opts: FinetuneOptions, resume_from: Path | None):
 
     from client import AutoDistributedModelForCausalLM, DistributedPeftModel, get_peft_model
 
+    private = {"swarm_key": opts.swarm_key} if opts.swarm_key else {}
     base = AutoDistributedModelForCausalLM.from_pretrained(opts.model, initial_peers=opts.initial_peers,
-                                                           model_name=opts.model_name)
+                                                           model_name=opts.model_name, **private)
     try:
         if resume_from is not None:
             return DistributedPeftModel.from_pretrained(base, resume_from, is_trainable=True)
@@ -262,9 +267,13 @@ def run(opts: FinetuneOptions) -> int:
             folder, start = resume
             load_optimizer(model, optimizer, folder)
             state = json.loads((folder / STATE_FILE).read_text())
-            if hasattr(model.adapter, "_seed"):  # LoRA dropout masks continue where they stopped
-                model.adapter._seed = state.get("dropout_seed", model.adapter._seed)
+            if hasattr(model.adapter, "dropout_seed"):  # LoRA dropout masks continue where they stopped
+                model.adapter.dropout_seed = state.get("dropout_seed", model.adapter.dropout_seed)
             say(f"resuming from {folder} at step {start}")
+            changed = [k for k in ("seed", "batch_size") if state.get(k, getattr(opts, k)) != getattr(opts, k)]
+            if changed:
+                say(f"note: --{', --'.join(k.replace('_', '-') for k in changed)} differ from the checkpoint's, "
+                    f"so later batches differ from those of an uninterrupted run")
         model.train()
         trainable, _ = model.trainable_parameters()
         cfg = model.peft_config
@@ -274,7 +283,7 @@ def run(opts: FinetuneOptions) -> int:
         def state_at(step: int, loss: float | None) -> dict:
             return {"step": step, "loss": loss, "seed": opts.seed, "batch_size": opts.batch_size,
                     "max_length": opts.max_length, "lr": opts.lr, "data": str(opts.data),
-                    "dropout_seed": getattr(model.adapter, "_seed", 0)}
+                    "dropout_seed": getattr(model.adapter, "dropout_seed", 0)}
 
         loss_value = None
         with tqdm(total=opts.steps, initial=min(start, opts.steps), desc="finetune", file=sys.stderr,

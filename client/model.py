@@ -1,6 +1,7 @@
 """The user's model: embeddings, final norm and LM head held locally; every block runs in the swarm."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -148,10 +149,14 @@ class AutoDistributedModelForCausalLM:
         model_name: str | None = None,
         dtype: torch.dtype = torch.float32,
         client_config: ClientConfig | None = None,
+        swarm_key: str | None = None,
     ) -> DistributedModelForCausalLM:
         """Load embeddings, final norm and LM head of ``model`` (never block weights) and join the swarm.
 
         ``client_config`` overrides ``initial_peers`` / ``model_name`` with every client setting.
+        ``swarm_key``: path of the key file of a private swarm (also accepted with ``client_config``).
         """
         config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name)
+        if swarm_key is not None:
+            config = replace(config, swarm_key=swarm_key)
         return load_distributed(DistributedModelForCausalLM, model, config, dtype)

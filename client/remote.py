@@ -12,9 +12,9 @@ from client.prompts import RemotePrefix
 class _RemoteBlocksFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, mask, positions, chain: RemoteChain, lora: LoraUse | None,
-                prefix: torch.Tensor | None, *lora_params: torch.Tensor) -> torch.Tensor:
+                prefix: torch.Tensor | None, for_backward: bool, *lora_params: torch.Tensor) -> torch.Tensor:
         prefix = prefix.detach() if prefix is not None else None
-        out, trace = chain.forward(hidden.detach(), mask, positions, lora, prefix)
+        out, trace = chain.forward(hidden.detach(), mask, positions, lora, prefix, for_backward)
         ctx.chain, ctx.trace, ctx.mask, ctx.positions, ctx.lora, ctx.prefix = chain, trace, mask, positions, lora, prefix
         return out
 
@@ -23,7 +23,7 @@ class _RemoteBlocksFunction(torch.autograd.Function):
         grad_in, lora_grads, grad_prefix = ctx.chain.backward(ctx.trace, ctx.mask, ctx.positions, grad.contiguous(),
                                                               ctx.lora, ctx.prefix)
         params = ctx.lora.adapter.gradients(lora_grads) if ctx.lora is not None else []
-        return (grad_in, None, None, None, None, grad_prefix, *params)
+        return (grad_in, None, None, None, None, grad_prefix, None, *params)
 
 
 class RemoteBlocks(nn.Module):
@@ -48,8 +48,13 @@ class RemoteBlocks(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(batch, seq, dtype=torch.int64)
             attention_mask = torch.cat([attention_mask.new_ones(batch, self.prefix_length), attention_mask], dim=1)
+        params = [*self.lora.lora_A, *self.lora.lora_B] if self.lora is not None else []
+        # will a backward pass follow? then nodes keep this pass's activations instead of recomputing
+        for_backward = torch.is_grad_enabled() and any(
+            t.requires_grad for t in [hidden, *params, *([prefix] if prefix is not None else [])])
         if self.lora is None:
-            return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, None, prefix)
+            return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, None, prefix,
+                                               for_backward)
         use = LoraUse(self.lora, self.lora.next_dropout_seed(), self.lora.version())
-        params = [*self.lora.lora_A, *self.lora.lora_B]
-        return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, use, prefix, *params)
+        return _RemoteBlocksFunction.apply(hidden, attention_mask, position_ids, self.chain, use, prefix,
+                                           for_backward, *params)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import grpc
 import torch
 
+from client.auth import auth_interceptors
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import FLOAT_DTYPES, TensorError, deserialize, serialize
+from swarm.keys import SwarmKey
 from swarm.spans import Span
 
 # Ping idle connections so a blackholed node is noticed in seconds, not at a long deadline.
@@ -42,7 +44,8 @@ class RemoteCallError(RuntimeError):
 class Connections:
     """One channel per node address, created lazily on the running loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, swarm_key: SwarmKey | None = None) -> None:
+        self.swarm_key = swarm_key  # with a key, every call carries a proof of it (a private swarm)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, pb_grpc.NodeStub] = {}
         self.bytes_sent = 0  # serialized request bytes of successful calls (benchmarks read these)
@@ -50,7 +53,8 @@ class Connections:
 
     def stub(self, address: str) -> pb_grpc.NodeStub:
         if address not in self._stubs:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = grpc.aio.insecure_channel(
+                address, options=CHANNEL_OPTIONS, interceptors=auth_interceptors(self.swarm_key, address))
             self._stubs[address] = pb_grpc.NodeStub(self._channels[address])
         return self._stubs[address]
 
@@ -88,23 +92,24 @@ def decode_tensor(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Ten
 
 
 async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest, like: torch.Tensor,
-                       timeout: float) -> torch.Tensor:
+                       timeout: float) -> tuple[torch.Tensor, str]:
+    """The outputs, and the token of activations the node kept when asked to (else "")."""
     try:
         resp = await conns.stub(address).Forward(req, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise RemoteCallError(address, e.code(), e.details() or "") from None
     conns.bytes_sent += req.ByteSize()
     conns.bytes_received += resp.ByteSize()
-    return decode_tensor(address, resp.hidden_states, like)
+    return decode_tensor(address, resp.hidden_states, like), resp.backward_token
 
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
                         timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                        prefix_like: torch.Tensor | None = None):
+                        prefix_like: torch.Tensor | None = None, token: str = ""):
     """d loss / d input, d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``) and
     d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
     try:
-        request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad))
+        request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad), backward_token=token)
         resp = await conns.stub(address).Backward(request, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise RemoteCallError(address, e.code(), e.details() or "") from None

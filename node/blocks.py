@@ -153,6 +153,55 @@ def prefixed_cache(blocks: SpanBlocks, span: Span, prefix: torch.Tensor) -> Dyna
     return cache
 
 
+@dataclass
+class SavedPass:
+    """A forward pass kept with its autograd graph, so backward need not recompute it."""
+
+    span: Span
+    out: torch.Tensor
+    leaves: list[torch.Tensor]  # [input hidden, (A, B) per LoRA module..., prefix?]
+    lora: Lora | None
+    has_prefix: bool
+
+    @property
+    def nbytes(self) -> int:
+        """A rough size of what the graph holds: activations of every block, a few per layer."""
+        return self.out.numel() * self.out.element_size() * len(self.span) * 12
+
+
+def forward_for_backward(
+    blocks: SpanBlocks,
+    span: Span,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    lora: Lora | None = None,
+    prefix: torch.Tensor | None = None,
+) -> SavedPass:
+    """Forward over ``span`` with the graph kept for the gradients of input, LoRA weights and prefix."""
+    leaf_lora = lora.for_span(span.start, span.end) if lora is not None else None
+    with torch.enable_grad(), active(leaf_lora):
+        x = hidden.to(blocks.dtype).detach().requires_grad_(True)
+        leaf_prefix = prefix.detach().requires_grad_(True) if prefix is not None else None
+        cache = prefixed_cache(blocks, span, leaf_prefix) if leaf_prefix is not None else None
+        out = forward_span(blocks, span, x, attention_mask, position_ids, cache)
+    keys = list(leaf_lora.weights) if leaf_lora is not None else []
+    leaves = [x] + [t for k in keys for t in leaf_lora.weights[k]] + ([leaf_prefix] if prefix is not None else [])
+    return SavedPass(span, out, leaves, leaf_lora, prefix is not None)
+
+
+def backward_saved(saved: SavedPass, grad_outputs: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """Gradients of a kept forward pass: input, LoRA (A, B) per module, prefix."""
+    grads = torch.autograd.grad(saved.out, saved.leaves, grad_outputs.to(saved.out.dtype), allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, saved.leaves)]
+    lora_grads = {}
+    if saved.lora is not None:
+        for i, key in enumerate(saved.lora.weights):
+            lora_grads[key] = (grads[1 + 2 * i], grads[2 + 2 * i])
+    return grads[0], lora_grads, grads[-1] if saved.has_prefix else None
+
+
 def backward_span(
     blocks: SpanBlocks,
     span: Span,
@@ -165,19 +214,5 @@ def backward_span(
 ) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
     """d loss / d hidden for blocks ``span``, d loss / d (A, B) of ``lora``'s modules there and
     d loss / d ``prefix``, recomputing the forward pass (the node keeps nothing between calls)."""
-    leaf_lora = lora.for_span(span.start, span.end) if lora is not None else None
-    with torch.enable_grad(), active(leaf_lora):
-        x = hidden.to(blocks.dtype).detach().requires_grad_(True)
-        leaf_prefix = prefix.detach().requires_grad_(True) if prefix is not None else None
-        cache = prefixed_cache(blocks, span, leaf_prefix) if leaf_prefix is not None else None
-        out = forward_span(blocks, span, x, attention_mask, position_ids, cache)
-        keys = list(leaf_lora.weights) if leaf_lora is not None else []
-        leaves = [x] + [t for k in keys for t in leaf_lora.weights[k]] + ([leaf_prefix] if prefix is not None else [])
-        grads = torch.autograd.grad(out, leaves, grad_outputs.to(out.dtype), allow_unused=True)
-    lora_grads = {}
-    for i, key in enumerate(keys):
-        a, b = leaf_lora.weights[key]
-        ga, gb = grads[1 + 2 * i], grads[2 + 2 * i]
-        lora_grads[key] = (ga if ga is not None else torch.zeros_like(a), gb if gb is not None else torch.zeros_like(b))
-    grad_prefix = grads[-1] if prefix is not None else None
-    return grads[0], lora_grads, grad_prefix
+    saved = forward_for_backward(blocks, span, hidden, attention_mask, position_ids, lora, prefix)
+    return backward_saved(saved, grad_outputs)

@@ -38,10 +38,13 @@ def build_parser() -> OneLineParser:
     serve.add_argument("--step-timeout", type=float, default=60.0, help="seconds a session may idle before it is freed")
     serve.add_argument("--rebalance-period", type=float, default=None,
                        help="with --num-blocks: seconds between checks whether moving clearly helps the swarm")
+    serve.add_argument("--activation-cache-mb", type=int, default=1024,
+                       help="MiB of forward activations kept for the following backward (0: always recompute)")
     serve.add_argument("--adapters", default=None,
                        help="folder of PEFT LoRA adapter folders to serve; clients pick one by folder name")
     serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce (default: measured)")
     serve.add_argument("--nat-port-map", action="store_true", help="opt in to UPnP/NAT-PMP port mapping")
+    serve.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): join a private swarm")
     return parser
 
 
@@ -52,7 +55,8 @@ def config_from_args(args) -> NodeConfig:
         host=args.host, port=args.port, announce_host=args.announce_host, dht_port=args.dht_port,
         dtype=args.dtype, model_name=args.model_name, max_batch_tokens=args.max_batch_tokens,
         ttl=args.ttl, shutdown_grace=args.shutdown_grace, nat_port_map=args.nat_port_map,
-        rebalance_period=args.rebalance_period, throughput=args.throughput, adapters=args.adapters, cache_tokens=args.cache_tokens, alloc_timeout=args.alloc_timeout, step_timeout=args.step_timeout,
+        rebalance_period=args.rebalance_period, activation_cache_mb=args.activation_cache_mb, throughput=args.throughput, adapters=args.adapters, cache_tokens=args.cache_tokens, alloc_timeout=args.alloc_timeout, step_timeout=args.step_timeout,
+        swarm_key=args.swarm_key,
     )
 
 

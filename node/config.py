@@ -1,9 +1,11 @@
 """Node configuration: one flat dataclass; `node serve` flags map onto it one to one."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from swarm.spans import Span
+from swarm.validator import MAX_RECORD_LIFETIME
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -28,10 +30,12 @@ class NodeConfig:
     alloc_timeout: float = 10.0  # seconds a new session waits for cache room before RESOURCE_EXHAUSTED
     step_timeout: float = 60.0  # seconds an inference session may idle between steps before it is freed
     max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt
+    activation_cache_mb: int = 1024  # forward activations kept for the following backward (0: always recompute)
     adapters: str | None = None  # folder of PEFT LoRA adapter folders to serve by name (their span's weights only)
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving clearly helps
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
+    swarm_key: str | None = None  # path of the swarm key file (`swarm keygen`): a private swarm; None: open
 
     def __post_init__(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -49,6 +53,10 @@ class NodeConfig:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if self.ttl <= 0 or self.shutdown_grace < 0 or self.compute_threads < 1:
             raise ValueError("ttl must be > 0, shutdown_grace >= 0 and compute_threads >= 1")
+        if self.ttl > MAX_RECORD_LIFETIME:
+            raise ValueError(f"ttl must be at most {MAX_RECORD_LIFETIME:g}s (the DHT's maximum record lifetime)")
+        if self.swarm_key is not None and not isinstance(self.swarm_key, (str, os.PathLike)):
+            raise TypeError(f"swarm_key must be a path string, got {type(self.swarm_key).__name__}")
         if self.cache_tokens is not None and self.cache_tokens < 1:
             raise ValueError(f"cache_tokens must be positive, got {self.cache_tokens}")
         if self.rebalance_period is not None and (self.num_blocks is None or self.rebalance_period <= 0):

@@ -10,7 +10,9 @@ from typing import AsyncIterator
 import grpc
 import torch
 
-from node.blocks import SpanBlocks, backward_span, forward_span, inference_step, new_cache, prefixed_cache
+from node.activations import ActivationCache
+from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_backward, forward_span,
+                         inference_step, new_cache, prefixed_cache)
 from node.lora import LoraCache, active, linear_shapes
 from node.requests import Adapters, Limits, RequestError, parse_backward, parse_forward, parse_open, parse_step
 from node.sessions import CacheBudget, Session
@@ -29,6 +31,8 @@ class SessionPolicy:
     alloc_timeout: float  # seconds a session waits for cache room before RESOURCE_EXHAUSTED
     step_timeout: float  # seconds a session may sit idle between messages before it is closed
     max_chunk_tokens: int  # batch x positions computed at once in a long prefill
+    activation_bytes: int = 1 << 30  # forward activations kept for a following Backward (0: always recompute)
+    activation_ttl: float = 60.0  # seconds kept activations wait for their Backward
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -36,6 +40,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                  policy: SessionPolicy, throughput: float = 0.0, hosted: dict | None = None):
         self.blocks, self.limits, self.pool = blocks, limits, pool
         self.adapters = Adapters(linear_shapes(blocks.layers[0]), LoraCache(), hosted or {})
+        self.activations = ActivationCache(policy.activation_bytes, policy.activation_ttl)
         self.budget, self.policy = budget, policy
         self.throughput = throughput
         self.open_sessions = 0
@@ -56,6 +61,12 @@ class NodeServicer(pb_grpc.NodeServicer):
             x = parse_forward(request, self.limits, self.adapters)
         except RequestError as e:
             await context.abort(e.code, str(e))
+        if request.keep_for_backward and self.policy.activation_bytes > 0:
+            saved = await self._compute(context, forward_for_backward, self.blocks, x.span, x.hidden,
+                                        x.attention_mask, x.position_ids, x.lora, x.prefix)
+            token = self.activations.put(saved)
+            return pb.ForwardResponse(hidden_states=serialize(saved.out.detach().to(x.hidden.dtype)),
+                                      backward_token=token or "")
         out = await self._compute(context, self._forward, x)
         return pb.ForwardResponse(hidden_states=serialize(out))
 
@@ -64,7 +75,12 @@ class NodeServicer(pb_grpc.NodeServicer):
             x, grad = parse_backward(request, self.limits, self.adapters)
         except RequestError as e:
             await context.abort(e.code, str(e))
-        out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
+        saved = self.activations.pop(request.backward_token) if request.backward_token else None
+        if saved is not None and saved.span == x.span and saved.leaves[0].shape == x.hidden.shape:
+            out, lora_grads, grad_prefix = await self._compute(context, backward_saved, saved, grad)
+            out = out.to(x.hidden.dtype)
+        else:  # stateless: recompute the forward pass from the inputs the client sent again
+            out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
         response = pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
             pb.LoraModule(block=block, module=name, a=serialize(ga), b=serialize(gb))
             for (block, name), (ga, gb) in lora_grads.items()])

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from node.auth import AuthInterceptor
 from node.blocks import SpanBlocks, forward_span, load_span
 from node.config import NodeConfig
 from node.families import LAYER_PREFIX, get_family
@@ -23,6 +24,7 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__
 from swarm.aio import LoopThread
 from swarm.dht import Announcer, SwarmDHT
+from swarm.keys import load_optional
 from swarm.placement import choose_blocks, should_move
 from swarm.records import default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
@@ -75,10 +77,12 @@ class Node:
         self._pool = ThreadPoolExecutor(config.compute_threads, thread_name_prefix="swarmlm-compute")
         self.span: Span | None = config.blocks
         self._rebalancer: asyncio.Task | None = None
+        self.auth: AuthInterceptor | None = None  # checks swarm key proofs in a private swarm
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
         cfg, loop = self.config, asyncio.get_running_loop()
+        swarm_key = load_optional(cfg.swarm_key)
         span = cfg.blocks
         wanted = tuple(f"{LAYER_PREFIX}{i}." for i in range(span.start, span.end)) if span else (LAYER_PREFIX,)
         folder = resolve_checkpoint(cfg.model, need_weights=lambda name: name.startswith(wanted))
@@ -91,7 +95,7 @@ class Node:
             raise CheckpointError(f"--num-blocks {cfg.num_blocks} is more than the model's {total} blocks")
         self.model_key = model_key(cfg.model_name or default_model_name(cfg.model), model_config)
         self.dht = await SwarmDHT.create(cfg.initial_peers, host=cfg.host, port=cfg.dht_port,
-                                         nat_port_map=cfg.nat_port_map)
+                                         nat_port_map=cfg.nat_port_map, swarm_key=swarm_key)
         if span is None:
             span = choose_blocks(await self.dht.fetch_servers(self.model_key, total), total, cfg.num_blocks)
             log.info("automatic placement: serving blocks %s, where the swarm is weakest", span)
@@ -107,7 +111,8 @@ class Node:
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
         )
         msg_limit = max_message_bytes(limits)
-        self._server = grpc.aio.server(options=[
+        self.auth = AuthInterceptor(swarm_key) if swarm_key is not None else None
+        self._server = grpc.aio.server(interceptors=[self.auth] if self.auth else None, options=[
             ("grpc.max_receive_message_length", msg_limit),
             ("grpc.max_send_message_length", msg_limit),
             *SERVER_KEEPALIVE_OPTIONS,
@@ -115,7 +120,8 @@ class Node:
         per_token = cache_bytes_per_token(model_config, len(span), dtype)
         budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
-                               step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens)
+                               step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens,
+                               activation_bytes=cfg.activation_cache_mb << 20)
         hosted = load_adapter_dir(Path(cfg.adapters), span.start, span.end, linear_shapes(blocks.layers[0])) \
             if cfg.adapters else {}
         servicer = NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)
@@ -125,8 +131,10 @@ class Node:
         if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = announced_address(cfg.announce_host, cfg.host, port)
+        if self.auth is not None:
+            self.auth.audience = self.address  # proofs name the address clients dial
 
-        info = ServerInfo(node_id=self.dht.peer_id, address=self.address, span=span,
+        info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
                           adapters=tuple(sorted(hosted)))
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)

@@ -75,7 +75,7 @@ class LoraAdapter(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., scaling: _Optional[float] = ..., dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids", "lora", "adapter_name", "prefix")
+    __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids", "lora", "adapter_name", "prefix", "keep_for_backward")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class ForwardRequest(_message.Message):
     LORA_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FOR_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -94,21 +95,26 @@ class ForwardRequest(_message.Message):
     lora: LoraAdapter
     adapter_name: str
     prefix: Tensor
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    keep_for_backward: bool
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ..., keep_for_backward: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden_states",)
+    __slots__ = ("hidden_states", "backward_token")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    backward_token: str
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., backward_token: _Optional[str] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("inputs", "grad_outputs")
+    __slots__ = ("inputs", "grad_outputs", "backward_token")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     inputs: ForwardRequest
     grad_outputs: Tensor
-    def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    backward_token: str
+    def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., backward_token: _Optional[str] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_inputs", "lora_grads", "grad_prefix")

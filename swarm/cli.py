@@ -7,6 +7,7 @@ import sys
 
 from swarm.cliargs import OneLineParser, fail, peers_list
 from swarm.dht import DHTStartError, SwarmDHT
+from swarm.keys import SwarmKeyError, generate_key_text, load_optional
 from swarm.records import default_model_name, model_key
 from swarm.routing import format_blocks, uncovered_blocks
 from swarm.spans import NodeState, ServerInfo, Span
@@ -15,16 +16,19 @@ from swarm.spans import NodeState, ServerInfo, Span
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="swarm", description="swarmlm swarm tools")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    sub.add_parser("keygen", help="print a new random swarm key (swarm keygen > lab.key)")
     boot = sub.add_parser("bootstrap", help="run a DHT-only peer others join through")
     boot.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     boot.add_argument("--port", type=int, default=0, help="DHT port (default: a free one)")
     boot.add_argument("--initial-peers", nargs="*", default=[], help="join an existing swarm too")
     boot.add_argument("--nat-port-map", action="store_true", help="opt in to UPnP/NAT-PMP port mapping")
+    boot.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     status = sub.add_parser("status", help="table of blocks and the nodes serving them")
     status.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
     status.add_argument("--model", required=True, help="checkpoint directory or hub id (for its config)")
     status.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
     status.add_argument("--all", action="store_true", help="also list OFFLINE nodes")
+    status.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     gen = sub.add_parser("generate", help="generate text through the swarm, printed as tokens arrive")
     gen.add_argument("prompt", help="text prompt")
     gen.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
@@ -36,15 +40,41 @@ def build_parser() -> OneLineParser:
     gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
+    ft = sub.add_parser("finetune", help="train a LoRA adapter through the swarm on a .jsonl or .txt file")
+    ft.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
+    ft.add_argument("--model", required=True, help="checkpoint directory or hub id (with its tokenizer)")
+    ft.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
+    ft.add_argument("--data", required=True, help='.jsonl (a "text" field per line) or .txt (one example a line)')
+    ft.add_argument("--output", required=True, help="adapter directory (PEFT format) and its checkpoints")
+    ft.add_argument("--steps", type=int, default=100, help="optimizer steps in total (default 100)")
+    ft.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    ft.add_argument("--max-length", type=int, default=256, help="tokens per example, longer ones truncated")
+    ft.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    ft.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 for none (default 1)")
+    ft.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
+    ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    ft.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated projections to adapt")
+    ft.add_argument("--save-every", type=int, default=0, help="also save OUTPUT/checkpoint-STEP every N steps")
+    ft.add_argument("--log-every", type=int, default=1, help="print the loss every N steps (default 1)")
+    ft.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint in --output (its LoRA settings win)")
+    ft.add_argument("--seed", type=int, default=0, help="adapter init and data order (default 0)")
+    ft.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     return parser
 
 
 async def bootstrap(args) -> int:
     try:
+        swarm_key = load_optional(args.swarm_key)
         dht = await SwarmDHT.create(peers_list(args.initial_peers), host=args.host, port=args.port,
-                                    nat_port_map=args.nat_port_map)
-    except DHTStartError as e:
+                                    nat_port_map=args.nat_port_map, swarm_key=swarm_key)
+    except (DHTStartError, SwarmKeyError) as e:
         return fail("swarm", str(e))
+    if swarm_key is not None:
+        print(f"private swarm, key fingerprint {swarm_key.fingerprint}", file=sys.stderr, flush=True)
     for maddr in await dht.visible_maddrs():
         print(maddr, flush=True)
     stop = asyncio.Event()
@@ -71,8 +101,9 @@ async def status(args) -> int:
 
     try:
         config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
-        dht = await SwarmDHT.create(peers_list(args.initial_peers), client_mode=True)
-    except (CheckpointError, DHTStartError) as e:
+        dht = await SwarmDHT.create(peers_list(args.initial_peers), client_mode=True,
+                                    swarm_key=load_optional(args.swarm_key))
+    except (CheckpointError, DHTStartError, SwarmKeyError) as e:
         return fail("swarm", str(e))
     try:
         key = model_key(args.model_name or default_model_name(args.model), config)
@@ -90,6 +121,7 @@ async def status(args) -> int:
 
 def generate(args) -> int:
     from client.commands import generate_text
+    from client.transport import RemoteCallError
     from node.loading import CheckpointError
     from swarm.routing import NoRouteError
 
@@ -98,16 +130,35 @@ def generate(args) -> int:
     try:
         generate_text(args.model, peers_list(args.initial_peers), args.prompt, max_new_tokens=args.max_new_tokens,
                       do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      seed=args.seed, model_name=args.model_name)
-    except (CheckpointError, DHTStartError, NoRouteError) as e:
+                      seed=args.seed, model_name=args.model_name, swarm_key=args.swarm_key)
+    except (CheckpointError, DHTStartError, NoRouteError, SwarmKeyError, RemoteCallError) as e:
         return fail("swarm", str(e))
     return 0
 
 
+def finetune(args) -> int:
+    from client.finetune import FinetuneError, FinetuneOptions, run
+    from client.transport import RemoteCallError
+    from node.loading import CheckpointError
+    from swarm.routing import NoRouteError
+
+    try:
+        return run(FinetuneOptions.from_namespace(args, peers_list(args.initial_peers)))
+    except (FinetuneError, CheckpointError, DHTStartError, NoRouteError, RemoteCallError, SwarmKeyError) as e:
+        return fail("swarm", str(e))
+    except KeyboardInterrupt:
+        return fail("swarm", "interrupted (use --resume to continue from the latest checkpoint)", 130)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keygen":
+        print(generate_key_text(), end="", flush=True)
+        return 0
     if args.command == "generate":
         return generate(args)
+    if args.command == "finetune":
+        return finetune(args)
     return asyncio.run(bootstrap(args) if args.command == "bootstrap" else status(args))
 
 

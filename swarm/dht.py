@@ -13,10 +13,13 @@ from dataclasses import replace
 from typing import Sequence
 
 from hivemind.dht.node import DHTNode
-from hivemind.utils import get_dht_time
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.keys import SwarmKey
 from swarm.records import block_key, make_record, parse_record
 from swarm.spans import NodeState, ServerInfo, Span
+from swarm.validator import MAX_RECORD_LIFETIME, MAX_VALUE_BYTES, make_validator
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +32,23 @@ def host_maddr(host: str, port: int) -> str:
     return f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}"
 
 
-class SwarmDHT:
-    """One DHT peer. Create with ``await SwarmDHT.create(...)``; all methods run on that loop."""
+RECORD_OVERHEAD = 512  # bytes an owner signature and encryption add to a record value
 
-    def __init__(self, node: DHTNode):
+
+class SwarmDHT:
+    """One DHT peer. Create with ``await SwarmDHT.create(...)``; all methods run on that loop.
+
+    Records are signed by this peer's own RSA key (its ``node_id`` names the key), so nobody else can
+    overwrite them; with a swarm key they are also encrypted and their key names hidden (see
+    swarm.validator), and only peers holding the key can read or write them.
+    """
+
+    def __init__(self, node: DHTNode, swarm_key: SwarmKey | None = None, owner_marker: str = ""):
         self.node = node
         self.peer_id = node.peer_id.to_base58()
+        self.swarm_key = swarm_key
+        self.owner_marker = owner_marker  # "[owner:<RSA public key>]": subkeys with it are ours alone
+        self.node_id = self.owned(self.peer_id)  # subkey of this peer's records
 
     @classmethod
     async def create(
@@ -45,36 +59,65 @@ class SwarmDHT:
         port: int = 0,
         client_mode: bool = False,
         nat_port_map: bool = False,
+        swarm_key: SwarmKey | None = None,
     ) -> "SwarmDHT":
-        """Start a DHT peer. UPnP/NAT-PMP port mapping stays off unless the caller opts in: it sends
-        packets to the LAN gateway and multicast groups."""
+        """Start a DHT peer (of the private swarm of ``swarm_key``, if given). UPnP/NAT-PMP port
+        mapping stays off unless the caller opts in: it sends packets to the LAN gateway and
+        multicast groups. Peers that announce get their own RSA key; client-mode peers share one."""
+        if client_mode:
+            owner = RSAPrivateKey.process_wide()
+        else:
+            owner = await asyncio.get_running_loop().run_in_executor(None, RSAPrivateKey)
+        validator, marker = make_validator(swarm_key, owner)
         try:
             node = await DHTNode.create(
                 initial_peers=list(initial_peers),
                 host_maddrs=[host_maddr(host, port)],
                 client_mode=client_mode,
                 nat_port_map=nat_port_map,
+                record_validator=validator,
             )
         except Exception as e:  # hivemind raises P2PDaemonError / ValueError with multi-line texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DHTStartError(f"could not start a DHT peer (initial peers {list(initial_peers)}): {first}") from e
-        return cls(node)
+        return cls(node, swarm_key, marker)
+
+    def owned(self, name: str) -> str:
+        """A subkey only this peer can write under: ``name`` followed by our owner marker."""
+        return f"{name}{self.owner_marker}"
+
+    def dht_key(self, name: str) -> str:
+        """The DHT key a record name is stored under: hidden with the swarm key in a private swarm."""
+        return name if self.swarm_key is None else self.swarm_key.hide_name(name)
 
     async def visible_maddrs(self) -> list[str]:
         return [str(m) for m in await self.node.p2p.get_visible_maddrs()]
 
     async def announce(self, model: str, info: ServerInfo, ttl: float) -> bool:
         """Store ``info`` under every block of its span; it expires after ``ttl`` seconds unless refreshed."""
+        value = self.check_announceable(info, ttl)
         blocks = range(info.span.start, info.span.end)
-        keys = [block_key(model, b) for b in blocks]
-        value = make_record(info)
+        keys = [self.dht_key(block_key(model, b)) for b in blocks]
         ok = await self.node.store_many(
             keys, [value] * len(keys), get_dht_time() + ttl, subkeys=[info.node_id] * len(keys))
         return all(ok.values())
 
+    def check_announceable(self, info: ServerInfo, ttl: float) -> dict:
+        """The record of ``info``; ValueError if the swarm's peers would refuse it."""
+        if not self.owner_marker or not info.node_id.endswith(self.owner_marker):
+            raise ValueError("announce: info.node_id must be a subkey this peer owns (SwarmDHT.node_id or owned())")
+        if not 0 < ttl <= MAX_RECORD_LIFETIME:
+            raise ValueError(f"ttl must be in (0, {MAX_RECORD_LIFETIME:g}] seconds (the DHT's maximum record lifetime)")
+        value = make_record(info)
+        size = len(MSGPackSerializer.dumps(value))
+        if size > MAX_VALUE_BYTES - RECORD_OVERHEAD:
+            raise ValueError(f"a DHT record of {size} bytes is over the limit of {MAX_VALUE_BYTES - RECORD_OVERHEAD} "
+                             "(fewer or shorter adapter names?)")
+        return value
+
     async def fetch_servers(self, model: str, num_blocks: int) -> list[ServerInfo]:
         """Every node announced for ``model`` (any state), one entry per node: its freshest valid record."""
-        keys = [block_key(model, b) for b in range(num_blocks)]
+        keys = [self.dht_key(block_key(model, b)) for b in range(num_blocks)]
         found = await self.node.get_many(keys, sufficient_expiration_time=math.inf)
         best: dict[str, tuple[float, ServerInfo]] = {}
         for block, key in enumerate(keys):
@@ -92,8 +135,9 @@ class SwarmDHT:
         return sorted((info for _, info in best.values()), key=lambda i: (i.span.start, i.node_id))
 
     async def store_raw(self, key: str, value: object, expiration: float, subkey: str | None = None) -> bool:
-        """Store an arbitrary value (tests use it to plant malformed records)."""
-        return await self.node.store(key, value, expiration, subkey=subkey)
+        """Store an arbitrary value (tests use it to plant malformed records); the key is hidden like
+        announce's in a private swarm."""
+        return await self.node.store(self.dht_key(key), value, expiration, subkey=subkey)
 
     async def shutdown(self) -> None:
         await self.node.shutdown()
@@ -109,6 +153,7 @@ class Announcer:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.dht.check_announceable(self.info, self.ttl)  # a record peers would refuse is an error, not a warning
         await self._announce()
         self._task = asyncio.create_task(self._heartbeat())
 

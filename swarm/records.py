@@ -26,6 +26,7 @@ RECORD_FIELDS = {
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
+MAX_NODE_ID = 1024  # a node id is its peer id plus its owner public key marker (see swarm.dht)
 
 # Config fields that define what a block computes; everything else (paths, dtype, generation
 # defaults, transformers' own bookkeeping) is left out so identical models fingerprint identically.
@@ -79,7 +80,7 @@ def _valid_address(address: str) -> bool:
 
 def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> ServerInfo | None:
     """Validate one record read under ``block``; return None when it is malformed in any way."""
-    if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_STRING:
+    if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
     if not isinstance(value, dict) or set(value) != set(RECORD_FIELDS):
         return None

@@ -51,7 +51,7 @@ class NodeState(str, enum.Enum):
 class ServerInfo:
     """One node as announced in the DHT."""
 
-    node_id: str  # DHT peer id of the node; subkey of its records
+    node_id: str  # peer id + owner public key marker: subkey of its records, signed by the node
     address: str  # gRPC address as host:port
     span: Span  # blocks the node hosts
     state: NodeState  # JOINING / ONLINE / OFFLINE

@@ -54,14 +54,15 @@ def bootstrap(dht_loop) -> Iterator[list[str]]:
 @pytest.fixture
 def start_nodes(tiny_path, bootstrap) -> Iterator[Callable[..., list[NodeThread]]]:
     """``start_nodes("0:4", "3:6", **config)`` starts in-process gRPC nodes; all stop at teardown.
-    With no spans, one node starts with automatic placement (pass ``num_blocks=``)."""
+    With no spans, one node starts with automatic placement (pass ``num_blocks=``). ``initial_peers=``
+    overrides the shared bootstrap peer (e.g. a private swarm's)."""
     started: list[NodeThread] = []
 
     def start(*spans: str, model: Path | None = None, **overrides) -> list[NodeThread]:
         nodes = []
         for text in spans or (None,):
             config = NodeConfig(model=str(model or tiny_path), blocks=Span.parse(text) if text else None,
-                                initial_peers=tuple(bootstrap), **overrides)
+                                **{"initial_peers": tuple(bootstrap), **overrides})
             node = NodeThread(config)
             started.append(node)
             nodes.append(node.start())
@@ -83,7 +84,7 @@ def open_client(bootstrap) -> Iterator[Callable]:
     models = []
 
     def make(path, **kwargs):
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=bootstrap, **kwargs)
+        model = AutoDistributedModelForCausalLM.from_pretrained(str(path), **{"initial_peers": bootstrap, **kwargs})
         models.append(model)
         return model
 

@@ -116,7 +116,7 @@ def test_sigterm_mid_generation_drains_without_client_errors(swarm, tiny_path, l
     proc = leaving["proc"]
     proc.popen.wait(10)
     assert proc.popen.returncode == 0
-    assert leaving["exited"] - leaving["at"] < 3 + 3  # grace 3 s, plus the process's own exit
+    assert leaving["exited"] - leaving["at"] < 3 + 12  # grace 3 s, plus exit (slow on a loaded machine); a hang fails
     assert "shutting down" in " ".join(proc.stderr_lines)
 
 

@@ -2,6 +2,7 @@
 installed `swarm` console script; the adapter it writes loads in PEFT, checkpoints resume exactly."""
 import json
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -37,7 +38,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ft_swarm(tiny_path):
     with LocalSwarm(tiny_path, use_scripts=True) as swarm:
-        swarm.start_nodes(["0:4", "2:6"])
+        swarm.start_nodes(["0:4", "2:6"], "--shutdown-grace", "1")
         yield swarm
 
 
@@ -99,13 +100,14 @@ def test_save_every_writes_checkpoints(full_run):
 
 
 def test_resume_continues_and_equals_an_uninterrupted_run(full_run, train, tmp_path):
+    """A run stopped after step 4 (only its checkpoints 2 and 4 exist), resumed to 6 steps, ends exactly
+    where the uninterrupted 6-step run ended: same batches, adapter and AdamW state restored."""
     full, full_output = full_run
-    first = train(tmp_path / "adapter", "--steps", "4", "--save-every", "2")
-    assert first.returncode == 0, first.stderr
-    assert sorted(losses(first)) == [1, 2, 3, 4]
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(full_output / name, tmp_path / "adapter" / name)
     resumed = train(tmp_path / "adapter", "--steps", "6", "--save-every", "2", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "at step 4" in resumed.stdout
+    assert "checkpoint-4 at step 4" in resumed.stdout
     assert sorted(losses(resumed)) == [5, 6]
     assert losses(resumed) == pytest.approx({k: v for k, v in losses(full).items() if k > 4}, abs=1e-4)
     ours = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -157,3 +159,13 @@ def test_an_existing_run_is_never_overwritten_without_resume(full_run, tiny_path
     assert main(argv) == 1
     assert "pass --resume" in capsys.readouterr().err
     assert (output / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_txt_files_hold_one_example_per_line(tmp_path):
+    from client.finetune import FinetuneError, read_texts
+
+    (tmp_path / "train.txt").write_text("first example\n\n  \nsecond {\"not\": json}\r\n")
+    assert read_texts(tmp_path / "train.txt") == ["first example", 'second {"not": json}']
+    (tmp_path / "train.csv").write_text("text\nx\n")
+    with pytest.raises(FinetuneError, match="must end in .jsonl or .txt"):
+        read_texts(tmp_path / "train.csv")

@@ -23,16 +23,17 @@ def test_announce_fetch_and_expiry(bootstrap):
         peer = await SwarmDHT.create(bootstrap)
         reader = await SwarmDHT.create(bootstrap, client_mode=True)
         try:
-            assert await peer.announce(MODEL, info("n1", 0, 3), ttl=2.0)
-            assert await peer.announce(MODEL, info("n2", 2, 4), ttl=60.0)
+            n1, n2 = peer.owned("n1"), peer.owned("n2")  # subkeys carrying the peer's owner key
+            assert await peer.announce(MODEL, info(n1, 0, 3), ttl=2.0)
+            assert await peer.announce(MODEL, info(n2, 2, 4), ttl=60.0)
             found = {s.node_id: s for s in await reader.fetch_servers(MODEL, num_blocks=4)}
-            assert found == {"n1": info("n1", 0, 3), "n2": info("n2", 2, 4)}
+            assert found == {n1: info(n1, 0, 3), n2: info(n2, 2, 4)}
             assert await reader.fetch_servers("tiny/ffffffffffffffff", num_blocks=4) == []  # other fingerprint
             for _ in range(50):  # n1's record expires after its TTL
-                if await ids(reader, MODEL, 4) == ["n2"]:
+                if await ids(reader, MODEL, 4) == [n2]:
                     break
                 await asyncio.sleep(0.2)
-            assert await ids(reader, MODEL, 4) == ["n2"]
+            assert await ids(reader, MODEL, 4) == [n2]
         finally:
             await reader.shutdown()
             await peer.shutdown()
@@ -46,11 +47,11 @@ def test_malformed_records_do_not_break_reading(bootstrap):
         model = MODEL + "x"
         try:
             exp = get_dht_time() + 30
-            await peer.store_raw(block_key(model, 0), {"address": 5}, exp, subkey="evil")
-            await peer.store_raw(block_key(model, 1), "not a dict", exp, subkey="evil2")
+            await peer.store_raw(block_key(model, 0), {"address": 5}, exp, subkey=peer.owned("evil"))
+            await peer.store_raw(block_key(model, 1), "not a dict", exp, subkey=peer.owned("evil2"))
             await peer.store_raw(block_key(model, 1), 7, exp)  # a plain value, not a dictionary of subkeys
-            await peer.announce(model, info("good", 0, 2), ttl=30)
-            assert await ids(peer, model, 2) == ["good"]
+            await peer.announce(model, info(peer.owned("good"), 0, 2), ttl=30)
+            assert await ids(peer, model, 2) == [peer.owned("good")]
         finally:
             await peer.shutdown()
 
@@ -62,7 +63,7 @@ def test_heartbeat_keeps_records_alive_and_stop_announces_offline(bootstrap):
         peer = await SwarmDHT.create(bootstrap)
         model = MODEL + "hb"
         try:
-            announcer = Announcer(peer, model, info(peer.peer_id, 0, 2, NodeState.JOINING), ttl=1.5)
+            announcer = Announcer(peer, model, info(peer.node_id, 0, 2, NodeState.JOINING), ttl=1.5)
             await announcer.start()
             await announcer.set_state(NodeState.ONLINE, throughput=99.0)
             await asyncio.sleep(3.5)  # more than two TTLs: only the heartbeat keeps the record

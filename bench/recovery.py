@@ -1,0 +1,165 @@
+"""Sections for the issue "A swarm that survives": time to recover from a node SIGKILLed
+mid-generation, and aggregate tokens/s with 1 vs 2 replicas per span under concurrent clients."""
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from contextlib import ExitStack
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from bench.clients import GREEDY, NEW_TOKENS, PROMPT_LEN, ClientPool, connect, prompt
+from bench.common import TINY, Context, checkpoint, log
+from bench.generation import spans
+from bench.procs import MAX_OTHER_LOAD, OtherLoad, quiet_attempts, wait_for_quiet
+
+NODE_ARGS = ("--ttl", "3", "--shutdown-grace", "3")  # as in tests/test_faults.py
+KILL_AT = 10
+
+
+class KillAt(BaseStreamer):
+    """Runs ``action()`` once, when the ``at``-th new token arrives; records when each token came
+    (the pattern of OnToken in tests/test_faults.py)."""
+
+    def __init__(self, at: int, action):
+        self.at, self.action, self.calls, self.times = at, action, 0, []
+        self.fault_time = float("nan")
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 1:  # the prompt
+            return
+        self.times.append(time.monotonic())
+        if len(self.times) == self.at:
+            self.fault_time = time.monotonic()
+            self.action()
+
+    def end(self) -> None:
+        pass
+
+    def recovery_seconds(self) -> float:
+        """From the kill to the next token."""
+        return self.times[self.at] - self.fault_time
+
+    def normal_gap(self) -> float:
+        """Median decode-step gap away from the failure."""
+        gaps = [b - a for i, (a, b) in enumerate(zip(self.times, self.times[1:])) if abs(i + 1 - self.at) > 1]
+        return statistics.median(gaps)
+
+
+def section_recovery(ctx: Context) -> str:
+    """SIGKILL the node serving the first hop at token KILL_AT; time until the next token."""
+    from client import ClientConfig
+    from swarm.launch import LocalSwarm, wait_for
+    from swarm.spans import NodeState, Span
+
+    spec, repeats = TINY, 3 if ctx.quick else 6
+    path, ids = checkpoint(spec), prompt(spec.vocab_size)
+    first, second = spans(spec.num_layers, 2)
+    samples = []
+    with LocalSwarm(path, env=ctx.node_env) as swarm:
+        swarm.start_nodes([first, first, second], *NODE_ARGS)
+        model = connect(path, swarm.peers, client_config=ClientConfig(initial_peers=tuple(swarm.peers), ban_seconds=60))
+
+        def live_first_replicas() -> int:
+            live = {a for a, p in zip(swarm.addresses, swarm.nodes) if p.popen.poll() is None}
+            return sum(s.state is NodeState.ONLINE and s.address in live and s.span.covers(Span.parse(first))
+                       for s in model.chain.servers(refresh=True))
+
+        try:
+            reference = model.generate(ids, **GREEDY)  # a run without failure (and the warm-up)
+            for rnd in range(repeats):
+                if rnd:
+                    swarm.start_nodes([first], *NODE_ARGS)  # restore the second replica
+                if not wait_for(lambda: live_first_replicas() >= 2, timeout=60, interval=0.5):
+                    raise RuntimeError("the restarted replica never showed up in the client's view")
+                wait_for_quiet(max_wait=10)
+                load = OtherLoad()
+                with model.inference_session(max_length=PROMPT_LEN + NEW_TOKENS) as sess:
+                    victim = {}
+
+                    def kill() -> None:
+                        victim["address"] = sess._streams[0].hop.server.address
+                        swarm.nodes[swarm.addresses.index(victim["address"])].stop(signal.SIGKILL)
+
+                    streamer = KillAt(KILL_AT, kill)
+                    out = model.generate(ids, session=sess, streamer=streamer, **GREEDY)
+                    replacement = sess._streams[0].hop.server.address
+                same = torch.equal(out, reference)
+                samples.append((streamer.recovery_seconds(), streamer.normal_gap(), same, load.share()))
+                log(f"  repeat {rnd}: killed {victim['address']}, next token after "
+                    f"{1000 * samples[-1][0]:.0f} ms (normal gap {1000 * samples[-1][1]:.1f} ms), now on "
+                    f"{replacement}, same tokens: {same}, other load {samples[-1][3]:.0%}")
+        finally:
+            model.close()
+    rec = [1000 * s[0] for s in samples]
+    return "\n".join([
+        f"## Recovery from a node killed mid-generation, {spec.name}\n",
+        f"Nodes {first} twice and {second} once (`{' '.join(NODE_ARGS)}`), client `ban_seconds=60`. "
+        f"A {NEW_TOKENS}-token greedy generation (batch 1, {PROMPT_LEN}-token prompt) runs inside "
+        "`model.inference_session()`; when the streamer receives token "
+        f"{KILL_AT} it SIGKILLs the node serving the session's first hop (its process, found from the "
+        "hop's gRPC address). *recovery* = time from the kill to the next token: noticing the broken "
+        "stream, banning the node, re-reading the DHT, opening a stream to the other replica and "
+        f"replaying the {PROMPT_LEN + KILL_AT - 1} positions it had not seen, then the step itself. "
+        "Between repeats a new replica is started and the client waits until it sees it. *same tokens*: "
+        "every output equals the run without a failure.\n",
+        "| repeats | recovery median ms | recovery max ms | normal ms/token | same tokens "
+        "| other load (mean / max) |",
+        "|---|---|---|---|---|---|",
+        f"| {len(rec)} | {statistics.median(rec):.0f} | {max(rec):.0f} "
+        f"| {1000 * statistics.median(s[1] for s in samples):.1f} | {sum(s[2] for s in samples)}/{len(samples)} "
+        f"| {statistics.mean(s[3] for s in samples):.0%} / {max(s[3] for s in samples):.0%} |",
+    ])
+
+
+def section_replicas(ctx: Context) -> str:
+    """4 concurrent client processes on 1 vs 2 replicas per span (two swarms, windows alternate)."""
+    from swarm.launch import LocalSwarm
+
+    spec, clients, seconds = TINY, 4, ctx.seconds(8)
+    rounds = 1 if ctx.quick else 2
+    path, halves = checkpoint(spec), spans(spec.num_layers, 2)
+    layouts = {1: halves, 2: [s for s in halves for _ in range(2)]}
+    results: dict[int, list] = {k: [] for k in layouts}
+    with ExitStack() as stack:
+        swarms = {k: stack.enter_context(LocalSwarm(path, env=ctx.node_env)) for k in layouts}
+        for k, layout in layouts.items():
+            swarms[k].start_nodes(layout)
+        log(f"starting {clients} client processes per swarm")
+        pools = {k: stack.enter_context(ClientPool(path, swarms[k].peers, clients, ctx.node_env, spec.vocab_size))
+                 for k in layouts}
+        wait_for_quiet()
+        for rnd in range(rounds):
+            for k, pool in pools.items():
+                window, load, redone = quiet_attempts(lambda: pool.window(clients, seconds), 2, f"{k} replica(s)")
+                log(f"  round {rnd}, {k} replica(s): {window.tokens_per_s:.1f} tok/s, first hops {dict(window.first_hops)}")
+                results[k].append((window, load, redone))
+    rows, base = [], None
+    for k, layout in layouts.items():
+        tps = statistics.median(w.tokens_per_s for w, _, _ in results[k])
+        base = base or tps
+        ms = statistics.median(w.token_ms for w, _, _ in results[k])
+        hops: dict[str, int] = {}
+        for w, _, _ in results[k]:
+            for address, count in w.first_hops.items():
+                hops[address] = hops.get(address, 0) + count
+        split = " / ".join(str(c) for c in sorted(hops.values(), reverse=True))
+        load = statistics.mean(l for _, l, _ in results[k])
+        rows.append(f"| {k} | {' + '.join(layout)} | {tps:.1f} | {ms:.1f} | {tps / base:.2f} | {split} "
+                    f"| {load:.0%} ({sum(r for _, _, r in results[k])}) |")
+    return "\n".join([
+        f"## Replicas: aggregate tokens/s of {clients} concurrent clients, 1 vs 2 nodes per span, {spec.name}\n",
+        f"Two swarms side by side, {clients} client processes on each (as in the concurrent-clients table), "
+        f"windows of {seconds:.0f} s alternating between them, {rounds} per row, median; redone once "
+        f"above {MAX_OTHER_LOAD:.0%} other load. *first hop sessions*: how many sessions started on each "
+        f"node serving {halves[0]} (inference sessions take the lowest-latency route, not a random "
+        "replica). All nodes share the same 2 CPUs here, so a second replica adds no compute: this "
+        "measures whether spreading sessions costs or gains anything, not a real swarm's scaling.\n",
+        "| replicas per span | nodes | aggregate tok/s | ms/token | vs 1 replica | first hop sessions "
+        "| other load (redone) |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ])

@@ -1,0 +1,202 @@
+"""Authenticated RPCs in a private swarm, on a real node: calls without a valid proof of the swarm key
+are refused with UNAUTHENTICATED before the node parses or computes anything; replayed, stale and
+misdirected proofs are refused; members (the client with the key) work exactly as in an open swarm."""
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+
+from client.transport import Connections, RemoteCallError, call_forward, forward_request
+from node.auth import AuthError, NonceCache
+from node.config import NodeConfig
+from node.server import NodeThread
+from proto import swarmlm_pb2 as pb
+from proto import swarmlm_pb2_grpc as pb_grpc
+from proto.tensors import serialize
+from swarm.dht import SwarmDHT
+from swarm.keys import AUTH_HEADER, STREAM_BODY, body_digest, generate_key_text, load_key, parse_key, rpc_proof
+from swarm.spans import Span
+from tests.conftest import NUM_LAYERS
+
+HIDDEN = 64
+CACHE = 512
+SERVICE = pb.DESCRIPTOR.services_by_name["Node"].full_name  # the package is part of every method name
+INFO, FORWARD, INFERENCE = (f"/{SERVICE}/{name}" for name in ("Info", "Forward", "Inference"))
+
+
+@pytest.fixture(scope="module")
+def key_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("keys") / "lab.key"
+    path.write_text(generate_key_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def private_bootstrap(dht_loop, key_path):
+    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=load_key(key_path)))
+    try:
+        yield dht_loop.run(dht.visible_maddrs())
+    finally:
+        dht_loop.run(dht.shutdown())
+
+
+@pytest.fixture(scope="module")
+def private_node(tiny_path, private_bootstrap, key_path):
+    node = NodeThread(NodeConfig(model=str(tiny_path), blocks=Span(0, NUM_LAYERS), cache_tokens=CACHE,
+                                 initial_peers=tuple(private_bootstrap), swarm_key=str(key_path)))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop(0.5)
+
+
+@pytest.fixture
+def node(private_node, key_path):
+    """(node thread, stub without proofs, the swarm key, the node's model key)."""
+    key = load_key(key_path)
+    channel = grpc.insecure_channel(private_node.address)
+    stub = pb_grpc.NodeStub(channel)
+    model = stub.Info(pb.InfoRequest(), metadata=proof(key, private_node.address, INFO, pb.InfoRequest())).model
+    try:
+        yield private_node, stub, key, model
+    finally:
+        channel.close()
+
+
+def proof(key, address, method, request=None, **kw):
+    digest = STREAM_BODY if request is None else body_digest(request.SerializeToString())
+    return [(AUTH_HEADER, rpc_proof(key, method, address, digest, **kw))]
+
+
+def forward_req(model, **changes):
+    req = pb.ForwardRequest(model=model, start=0, end=2, hidden_states=serialize(torch.randn(1, 3, HIDDEN)))
+    for name, value in changes.items():
+        setattr(req, name, value)
+    return req
+
+
+def open_request(model):
+    return pb.InferenceRequest(open=pb.SessionOptions(model=model, start=0, end=NUM_LAYERS, batch_size=1,
+                                                      max_length=CACHE))
+
+
+def refused(call) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (err.value.code(), err.value.details())
+    return err.value.details()
+
+
+def cache_free(stub, key, address) -> int:
+    return stub.Info(pb.InfoRequest(), metadata=proof(key, address, INFO, pb.InfoRequest())).cache_tokens_free
+
+
+def test_calls_without_a_proof_are_refused_before_any_work(node):
+    handle, stub, key, model = node
+    auth, servicer = handle.node.auth, handle.node.servicer
+    accepted, refused_before = auth.accepted, auth.refused
+    assert "private swarm" in refused(lambda: stub.Info(pb.InfoRequest(), timeout=10))
+    # a request the node would answer NOT_FOUND if it parsed it: it never gets that far
+    assert "swarm key" in refused(lambda: stub.Forward(forward_req("other/model"), timeout=10))
+    # bytes that are not even a protobuf message are not parsed either
+    raw = grpc.insecure_channel(handle.address).unary_unary(FORWARD)
+    refused(lambda: raw(b"\xff\x00garbage", timeout=10))
+    # an inference session without a proof reserves no cache
+    refused(lambda: list(stub.Inference(iter([open_request(model)]), timeout=10)))
+    assert (auth.accepted, auth.refused) == (accepted, refused_before + 4)
+    assert servicer.open_sessions == 0 and servicer.in_flight == 0
+    assert cache_free(stub, key, handle.address) == CACHE
+
+
+def test_a_wrong_key_is_refused(node):
+    handle, stub, _, model = node
+    wrong = parse_key(generate_key_text())
+    req = forward_req(model)
+    message = refused(lambda: stub.Forward(req, metadata=proof(wrong, handle.address, FORWARD, req), timeout=10))
+    assert "does not match" in message
+    refused(lambda: list(stub.Inference(iter([open_request(model)]), timeout=10,
+                                        metadata=proof(wrong, handle.address, INFERENCE))))
+
+
+def test_replayed_stale_and_misdirected_proofs_are_refused(node):
+    handle, stub, key, model = node
+    req, address = forward_req(model), handle.address
+    metadata = proof(key, address, FORWARD, req)
+    assert list(stub.Forward(req, metadata=metadata, timeout=30).hidden_states.shape) == [1, 3, HIDDEN]
+    assert "replayed" in refused(lambda: stub.Forward(req, metadata=metadata, timeout=10))
+    for skew in (-120, 120):
+        stale = proof(key, address, FORWARD, req, now=time.time() + skew)
+        assert "stale" in refused(lambda: stub.Forward(req, metadata=stale, timeout=10))
+    other_body = forward_req(model, end=3)  # a proof covers exactly the bytes it was made for
+    for_req = proof(key, address, FORWARD, req)
+    assert "does not match" in refused(lambda: stub.Forward(other_body, metadata=for_req, timeout=10))
+    elsewhere = proof(key, "127.0.0.1:1", FORWARD, req)  # made for another node
+    assert "does not match" in refused(lambda: stub.Forward(req, metadata=elsewhere, timeout=10))
+    info_proof = proof(key, address, INFO, req)  # made for another method
+    refused(lambda: stub.Forward(req, metadata=info_proof, timeout=10))
+    unary_style = proof(key, address, INFERENCE, open_request(model))  # a stream proof covers no body
+    refused(lambda: list(stub.Inference(iter([open_request(model)]), metadata=unary_style, timeout=10)))
+    garbled = [(AUTH_HEADER, "v1.123.abc")]
+    assert "malformed" in refused(lambda: stub.Forward(req, metadata=garbled, timeout=10))
+    # a fresh, proper proof still works afterwards, for streams too
+    assert stub.Forward(req, metadata=proof(key, address, FORWARD, req), timeout=30).hidden_states.shape
+    (ack,) = stub.Inference(iter([open_request(model)]), metadata=proof(key, address, INFERENCE), timeout=30)
+    assert ack.cache_length == 0
+
+
+def test_members_get_the_same_results_as_local(private_node, private_bootstrap, key_path, open_client, tiny_path,
+                                               local_model):
+    accepted = private_node.node.auth.accepted
+    model = open_client(tiny_path, initial_peers=private_bootstrap, swarm_key=str(key_path))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, local_model(input_ids=ids).logits, atol=1e-4)
+    expected = local_model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False, pad_token_id=0), expected)
+    assert private_node.node.auth.accepted > accepted
+
+
+def test_a_client_without_the_key_sees_no_nodes(private_bootstrap, open_client, tiny_path):
+    from client import ClientConfig
+    from swarm.routing import NoRouteError
+
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(private_bootstrap), max_wait=0.5))
+    assert model.chain.servers(refresh=True) == []
+    with pytest.raises(NoRouteError):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+
+
+def test_an_authentication_failure_is_a_clear_client_error_not_a_dead_node(node):
+    handle, _, _, model = node
+
+    async def call(conns):
+        try:
+            req = forward_request(model, Span(0, 2), torch.randn(1, 3, HIDDEN), None, None)
+            return await call_forward(conns, handle.address, req, torch.zeros(1, 3, HIDDEN), timeout=10)
+        finally:
+            await conns.close()
+
+    with pytest.raises(RemoteCallError) as err:
+        asyncio.run(call(Connections(parse_key(generate_key_text()))))
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED and err.value.client_fault  # never banned or retried
+    assert "swarm key" in str(err.value)
+    with pytest.raises(RemoteCallError, match="no swarm key proof"):
+        asyncio.run(call(Connections()))
+
+
+def test_nonce_cache_forgets_old_nonces_and_stays_bounded():
+    cache = NonceCache(keep_seconds=10, max_entries=3)
+    for i in range(3):
+        cache.add(f"n{i}", now=100.0 + i)
+    with pytest.raises(AuthError, match="replayed"):
+        cache.add("n1", now=103.0)
+    with pytest.raises(AuthError, match="too many"):
+        cache.add("n3", now=105.0)
+    cache.add("n3", now=110.5)  # n0 (and only n0) has left the window
+    assert len(cache) == 3
+    with pytest.raises(AuthError, match="replayed"):
+        cache.add("n2", now=110.6)
