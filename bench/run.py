@@ -23,10 +23,11 @@ from bench.forward import section_forward_backward, section_node_memory
 from bench.generation import section_concurrent_clients, section_generation
 from bench.procs import OtherLoad
 from bench.recovery import section_recovery, section_replicas
+from bench.training import section_training
 
 SECTIONS: list[Callable[[Context], str]] = [
     section_forward_backward, section_node_memory, section_generation, section_concurrent_clients,
-    section_recovery, section_replicas,
+    section_recovery, section_replicas, section_training,
 ]
 
 
