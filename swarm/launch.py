@@ -15,16 +15,27 @@ from pathlib import Path
 from typing import Sequence
 
 
+def _load_prctl():
+    """libc's prctl, resolved here in the parent: the forked child must not import anything (another
+    thread may have held the import lock at fork time)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: get SIGTERM if the launching process dies (Linux), so a killed test
     run or demo never leaves nodes behind. Elsewhere a no-op. (Linux ties this to the launching
     thread: start nodes from long-lived threads, e.g. the main one.)"""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LaunchError(RuntimeError):
