@@ -62,8 +62,10 @@ class OtherLoad:
         table = proc_table()
         return sum(table[pid][1] for pid in process_tree(os.getpid(), table) if pid in table)
 
-    def share(self) -> float:
-        other = (busy_seconds() - self.busy0) - (self._mine() - self.mine0)
+    def share(self, gone: float = 0.0) -> float:
+        """``gone``: CPU seconds of processes that left this benchmark's tree meanwhile without being
+        reaped by it (e.g. a SIGKILLed node's p2pd daemon, orphaned): counted as ours, not as other load."""
+        other = (busy_seconds() - self.busy0) - (self._mine() - self.mine0) - gone
         return max(other, 0.0) / ((time.monotonic() - self.t0) * (os.cpu_count() or 1))
 
 

@@ -1,19 +1,18 @@
-"""Sections for the issue "A swarm that survives": time to recover from a node SIGKILLed
-mid-generation, and aggregate tokens/s with 1 vs 2 replicas per span under concurrent clients."""
+"""Section for the issue "A swarm that survives": time to recover from a node SIGKILLed mid-generation
+(aggregate tokens/s with 1 vs 2 replicas per span is in bench/concurrency.py)."""
 from __future__ import annotations
 
 import signal
 import statistics
 import time
-from contextlib import ExitStack
 
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from bench.clients import GREEDY, NEW_TOKENS, PROMPT_LEN, ClientPool, connect, prompt
+from bench.clients import GREEDY, NEW_TOKENS, PROMPT_LEN, connect, prompt
 from bench.common import TINY, Context, checkpoint, log
 from bench.generation import spans
-from bench.procs import MAX_OTHER_LOAD, OtherLoad, quiet_attempts, wait_for_quiet
+from bench.procs import OtherLoad, proc_table, process_tree, wait_for_quiet
 
 NODE_ARGS = ("--ttl", "3", "--shutdown-grace", "3")  # as in tests/test_faults.py
 KILL_AT = 10
@@ -82,13 +81,16 @@ def section_recovery(ctx: Context) -> str:
 
                     def kill() -> None:
                         victim["address"] = sess._streams[0].hop.server.address
-                        swarm.nodes[swarm.addresses.index(victim["address"])].stop(signal.SIGKILL)
+                        proc = swarm.nodes[swarm.addresses.index(victim["address"])]
+                        table = proc_table()  # its children outlive it for a moment, outside our tree
+                        victim["orphans"] = sum(table[p][1] for p in process_tree(proc.pid, table)[1:] if p in table)
+                        proc.stop(signal.SIGKILL)
 
                     streamer = KillAt(KILL_AT, kill)
                     out = model.generate(ids, session=sess, streamer=streamer, **GREEDY)
                     replacement = sess._streams[0].hop.server.address
                 same = torch.equal(out, reference)
-                samples.append((streamer.recovery_seconds(), streamer.normal_gap(), same, load.share()))
+                samples.append((streamer.recovery_seconds(), streamer.normal_gap(), same, load.share(victim["orphans"])))
                 log(f"  repeat {rnd}: killed {victim['address']}, next token after "
                     f"{1000 * samples[-1][0]:.0f} ms (normal gap {1000 * samples[-1][1]:.1f} ms), now on "
                     f"{replacement}, same tokens: {same}, other load {samples[-1][3]:.0%}")
@@ -112,54 +114,4 @@ def section_recovery(ctx: Context) -> str:
         f"| {len(rec)} | {statistics.median(rec):.0f} | {max(rec):.0f} "
         f"| {1000 * statistics.median(s[1] for s in samples):.1f} | {sum(s[2] for s in samples)}/{len(samples)} "
         f"| {statistics.mean(s[3] for s in samples):.0%} / {max(s[3] for s in samples):.0%} |",
-    ])
-
-
-def section_replicas(ctx: Context) -> str:
-    """4 concurrent client processes on 1 vs 2 replicas per span (two swarms, windows alternate)."""
-    from swarm.launch import LocalSwarm
-
-    spec, clients, seconds = TINY, 4, ctx.seconds(8)
-    rounds = 1 if ctx.quick else 2
-    path, halves = checkpoint(spec), spans(spec.num_layers, 2)
-    layouts = {1: halves, 2: [s for s in halves for _ in range(2)]}
-    results: dict[int, list] = {k: [] for k in layouts}
-    with ExitStack() as stack:
-        swarms = {k: stack.enter_context(LocalSwarm(path, env=ctx.node_env)) for k in layouts}
-        for k, layout in layouts.items():
-            swarms[k].start_nodes(layout)
-        log(f"starting {clients} client processes per swarm")
-        pools = {k: stack.enter_context(ClientPool(path, swarms[k].peers, clients, ctx.node_env, spec.vocab_size))
-                 for k in layouts}
-        wait_for_quiet()
-        for rnd in range(rounds):
-            for k, pool in pools.items():
-                window, load, redone = quiet_attempts(lambda: pool.window(clients, seconds), 2, f"{k} replica(s)")
-                log(f"  round {rnd}, {k} replica(s): {window.tokens_per_s:.1f} tok/s, first hops {dict(window.first_hops)}")
-                results[k].append((window, load, redone))
-    rows, base = [], None
-    for k, layout in layouts.items():
-        tps = statistics.median(w.tokens_per_s for w, _, _ in results[k])
-        base = base or tps
-        ms = statistics.median(w.token_ms for w, _, _ in results[k])
-        hops: dict[str, int] = {}
-        for w, _, _ in results[k]:
-            for address, count in w.first_hops.items():
-                hops[address] = hops.get(address, 0) + count
-        split = " / ".join(str(c) for c in sorted(hops.values(), reverse=True))
-        load = statistics.mean(l for _, l, _ in results[k])
-        rows.append(f"| {k} | {' + '.join(layout)} | {tps:.1f} | {ms:.1f} | {tps / base:.2f} | {split} "
-                    f"| {load:.0%} ({sum(r for _, _, r in results[k])}) |")
-    return "\n".join([
-        f"## Replicas: aggregate tokens/s of {clients} concurrent clients, 1 vs 2 nodes per span, {spec.name}\n",
-        f"Two swarms side by side, {clients} client processes on each (as in the concurrent-clients table), "
-        f"windows of {seconds:.0f} s alternating between them, {rounds} per row, median; redone once "
-        f"above {MAX_OTHER_LOAD:.0%} other load. *first hop sessions*: how many sessions started on each "
-        f"node serving {halves[0]} (inference sessions take the lowest-latency route, not a random "
-        "replica). All nodes share the same 2 CPUs here, so a second replica adds no compute: this "
-        "measures whether spreading sessions costs or gains anything, not a real swarm's scaling.\n",
-        "| replicas per span | nodes | aggregate tok/s | ms/token | vs 1 replica | first hop sessions "
-        "| other load (redone) |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
     ])
