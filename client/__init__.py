@@ -3,7 +3,8 @@ from client.classification import AutoDistributedModelForSequenceClassification,
 from client.config import ClientConfig
 from client.model import AutoDistributedModelForCausalLM, DistributedModelForCausalLM
 from client.peft import DistributedPeftModel, get_peft_model
+from client.verify import Suspicion, VerificationError
 
 __all__ = ["AutoDistributedModelForCausalLM", "AutoDistributedModelForSequenceClassification", "ClientConfig",
            "DistributedModelForSequenceClassification", "DistributedModelForCausalLM", "DistributedPeftModel",
-           "get_peft_model"]
+           "Suspicion", "VerificationError", "get_peft_model"]

@@ -18,9 +18,12 @@ from client.adapters import RemoteLora
 from client.config import ClientConfig
 from client.routing import Router
 from client.transport import Connections, RemoteCallError, call_backward, call_forward, forward_request
+from client.verify import Verifier
 from swarm.aio import LoopThread
-from swarm.dht import SwarmDHT
+from swarm import lan
+from swarm.dht import DHTStartError, SwarmDHT
 from swarm.keys import load_optional
+from swarm.tls import read_pem
 from swarm.routing import Hop
 from swarm.spans import ServerInfo, Span
 
@@ -55,15 +58,22 @@ class RemoteChain:
     def __init__(self, config: ClientConfig, model: str, num_blocks: int):
         self.config, self.model, self.num_blocks = config, model, num_blocks
         swarm_key = load_optional(config.swarm_key)  # a private swarm: DHT records and calls need it
+        if config.tls_ca is not None:
+            read_pem(config.tls_ca, "CA certificate")  # a missing or malformed CA file fails here, before joining
+        try:  # with config.lan and no initial peers: listen for the swarm's LAN announcements first
+            peers = lan.initial_peers(config.initial_peers, config.lan, swarm_key, model, config.lan_timeout)
+        except lan.LanError as e:
+            raise DHTStartError(str(e)) from None
         self._loop = LoopThread("swarmlm-client")
         try:
             self.dht = self._loop.run(SwarmDHT.create(
-                config.initial_peers, client_mode=True, nat_port_map=config.nat_port_map, swarm_key=swarm_key))
+                peers, client_mode=True, nat_port_map=config.nat_port_map, swarm_key=swarm_key))
         except BaseException:
             self._loop.close()
             raise
-        self.connections = Connections(swarm_key)  # used on the loop thread only
-        self.router = Router(self.dht, model, num_blocks, config)
+        self.connections = Connections(swarm_key, config.tls_ca, max_message_mb=config.max_message_mb)  # loop thread only
+        self.router = Router(self.dht, model, num_blocks, config, self.connections)
+        self.verifier = Verifier(self.router, config)  # re-runs a fraction of hops elsewhere (verify_fraction)
         self.last_route: list[Hop] = []  # hops of the latest forward pass, for inspection
         self._lora_sent: dict[tuple[str, str], int] = {}  # (address, adapter id) -> version it holds
 
@@ -137,16 +147,8 @@ class RemoteChain:
         route = await self.router.route(span, spread=True)
         while route:
             hop = route.pop(0)
-
-            async def send(message, hop=hop, hidden=hidden):
-                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
-                                      prefix)
-                req.keep_for_backward = for_backward
-                return await call_forward(self.connections, hop.server.address, req, hidden,
-                                          self.config.request_timeout)
-
             try:
-                out, token = await self._call(hop, lora, send)
+                out, token = await self._forward_hop(hop, hidden, mask, positions, lora, prefix, for_backward)
             except RemoteCallError as e:
                 if not self.router.should_retry(e, attempt):
                     raise
@@ -155,11 +157,27 @@ class RemoteChain:
                 attempt += 1
                 route = await self.router.route(Span(position, span.end), refresh=True, spread=True)
                 continue
+            if self.verifier.wanted():  # re-run on another node; use what a majority agrees on
+                async def rerun(server: ServerInfo) -> torch.Tensor:
+                    return (await self._forward_hop(Hop(server, hop.span), hidden, mask, positions, lora, prefix))[0]
+
+                out, outvoted = await self.verifier.check(hop, out, rerun, mask)
+                token = "" if outvoted else token  # nothing kept by a banned node is used
             trace.append((hop.span, hidden, token))
             used.append(hop)
             hidden, position = out, hop.span.end
         self.last_route = used
         return hidden, trace
+
+    async def _forward_hop(self, hop: Hop, hidden: torch.Tensor, mask, positions, lora: LoraUse | None,
+                           prefix: torch.Tensor | None, for_backward: bool = False) -> tuple[torch.Tensor, str]:
+        """One Forward call: the hop's outputs and the token of the activations it kept (or "")."""
+        async def send(message):
+            req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter, prefix)
+            req.keep_for_backward = for_backward
+            return await call_forward(self.connections, hop.server.address, req, hidden, self.config.request_timeout)
+
+        return await self._call(hop, lora, send)
 
     async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor, extra: Extras) -> torch.Tensor:
         for span, hidden, token in reversed(trace):

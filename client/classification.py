@@ -12,6 +12,7 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 from client.chain import RemoteChain
 from client.config import ClientConfig
 from client.model import DistributedBaseModel, load_distributed
+from client.verify import Suspicion
 
 
 class DistributedModelForSequenceClassification(PreTrainedModel):
@@ -29,6 +30,12 @@ class DistributedModelForSequenceClassification(PreTrainedModel):
     @property
     def chain(self) -> RemoteChain:
         return self.model.layers.chain
+
+    @property
+    def suspicious_nodes(self) -> list[Suspicion]:
+        """Nodes caught computing differently from others (with ``ClientConfig.verify_fraction``), oldest
+        first; ``self.chain.verifier`` also counts the checks made."""
+        return list(self.chain.verifier.suspicious)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -68,13 +75,21 @@ class AutoDistributedModelForSequenceClassification:
         dtype: torch.dtype = torch.float32,
         client_config: ClientConfig | None = None,
         swarm_key: str | None = None,
+        lan: bool = False,
+        tls_ca: str | None = None,
     ) -> DistributedModelForSequenceClassification:
         """Client-side embeddings, norm and a ``num_labels`` score head (from the checkpoint if it has
         one, else freshly initialised as transformers does); blocks run in the swarm.
-        ``swarm_key``: path of the key file of a private swarm."""
-        config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name)
+        ``swarm_key``: path of the key file of a private swarm; ``lan``: with no ``initial_peers``,
+        find the swarm by listening for LAN announcements (opt-in); ``tls_ca``: the CA certificate of
+        the swarm's TLS nodes."""
+        config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name, lan=lan)
         if swarm_key is not None:
             config = replace(config, swarm_key=swarm_key)
+        if lan:
+            config = replace(config, lan=True)
+        if tls_ca is not None:
+            config = replace(config, tls_ca=tls_ca)
         return load_distributed(
             DistributedModelForSequenceClassification, model, config, dtype,
             config_changes={"num_labels": num_labels},

@@ -9,7 +9,8 @@ import torch
 
 def generate_text(model_path: str, initial_peers: Sequence[str], prompt: str, *, max_new_tokens: int,
                   do_sample: bool, temperature: float, top_p: float, top_k: int, seed: int | None,
-                  model_name: str | None = None, swarm_key: str | None = None) -> str:
+                  model_name: str | None = None, swarm_key: str | None = None, lan: bool = False,
+                  tls_ca: str | None = None) -> str:
     """Generate from ``prompt`` through the swarm, printing text to stdout as tokens arrive."""
     from transformers import AutoTokenizer, TextStreamer
 
@@ -22,7 +23,8 @@ def generate_text(model_path: str, initial_peers: Sequence[str], prompt: str, *,
     except Exception as e:
         raise CheckpointError(f"{model_path} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers,
-                                                            model_name=model_name, swarm_key=swarm_key)
+                                                            model_name=model_name, swarm_key=swarm_key, lan=lan,
+                                                            tls_ca=tls_ca)
     try:
         if seed is not None:
             torch.manual_seed(seed)

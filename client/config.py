@@ -17,14 +17,30 @@ class ClientConfig:
     adapter: str | None = None  # name of a node-hosted LoRA adapter to use; routes only use nodes hosting it
     max_step_tokens: int = 2048  # batch x positions per inference message; longer prompts go in pieces
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
+    max_message_mb: int = 1024  # largest gRPC message sent to or accepted from a node, MiB
+    lan: bool = False  # with no initial_peers: find them by listening for LAN multicast announcements (opt-in)
+    lan_timeout: float = 5.0  # seconds to listen for LAN announcements before giving up
     swarm_key: str | None = None  # path of the swarm key file of a private swarm (`swarm keygen`); None: open
+    tls_ca: str | None = None  # CA certificate (PEM, `swarm tls-cert`) of the swarm's nodes: only TLS nodes it signed are used
+    verify_fraction: float = 0.0  # fraction of span computations re-run on another node serving them and compared
+    verify_tolerance: float | None = None  # largest relative difference still agreeing; None: 1e-3, 0.05 with bfloat16
 
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):
             raise TypeError("initial_peers must be a sequence of multiaddr strings")
-        if not self.initial_peers:
-            raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer")
+        if not self.initial_peers and not self.lan:
+            raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer (or lan=True)")
+        if self.lan_timeout <= 0:
+            raise ValueError(f"lan_timeout must be positive, got {self.lan_timeout}")
         if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0 or self.max_step_tokens < 1 or self.max_wait < 0:
             raise ValueError("request_timeout and max_step_tokens must be > 0; max_retries, ban_seconds, max_wait >= 0")
         if self.swarm_key is not None and not isinstance(self.swarm_key, (str, os.PathLike)):
             raise TypeError(f"swarm_key must be the path of a key file, got {type(self.swarm_key).__name__}")
+        if self.tls_ca is not None and not isinstance(self.tls_ca, (str, os.PathLike)):
+            raise TypeError(f"tls_ca must be the path of a CA certificate file, got {type(self.tls_ca).__name__}")
+        if not 1 <= self.max_message_mb < 2048:
+            raise ValueError(f"max_message_mb must be in 1..2047 (gRPC's limit is 2 GiB), got {self.max_message_mb}")
+        if not 0.0 <= self.verify_fraction <= 1.0:
+            raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
+        if self.verify_tolerance is not None and not self.verify_tolerance >= 0:
+            raise ValueError(f"verify_tolerance must be >= 0, got {self.verify_tolerance}")

@@ -57,6 +57,8 @@ class FinetuneOptions:
     resume: bool = False
     seed: int = 0
     swarm_key: str | None = None
+    tls_ca: str | None = None  # CA certificate of the swarm's TLS nodes
+    lan: bool = False  # with no initial_peers: find them on the LAN (multicast, opt-in)
 
     @classmethod
     def from_namespace(cls, args, initial_peers: Sequence[str]) -> "FinetuneOptions":
@@ -219,8 +221,10 @@ def build_model(opts: FinetuneOptions, resume_from: Path | None):
     from client import AutoDistributedModelForCausalLM, DistributedPeftModel, get_peft_model
 
     private = {"swarm_key": opts.swarm_key} if opts.swarm_key else {}
+    if opts.tls_ca:
+        private["tls_ca"] = opts.tls_ca
     base = AutoDistributedModelForCausalLM.from_pretrained(opts.model, initial_peers=opts.initial_peers,
-                                                           model_name=opts.model_name, **private)
+                                                           model_name=opts.model_name, lan=opts.lan, **private)
     try:
         if resume_from is not None:
             return DistributedPeftModel.from_pretrained(base, resume_from, is_trainable=True)

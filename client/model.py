@@ -13,6 +13,7 @@ from client.chain import RemoteChain
 from client.config import ClientConfig
 from client.generation import RemoteCache, RemoteGenerationMixin
 from client.remote import RemoteBlocks
+from client.verify import Suspicion
 from node.families import LAYER_PREFIX, get_family
 from node.loading import CheckpointError, load_config, read_tensors, resolve_checkpoint
 from swarm.records import default_model_name, model_key
@@ -60,6 +61,12 @@ class DistributedModelForCausalLM(RemoteGenerationMixin, PreTrainedModel, Genera
     @property
     def chain(self) -> RemoteChain:
         return self.model.layers.chain
+
+    @property
+    def suspicious_nodes(self) -> list[Suspicion]:
+        """Nodes caught computing differently from others (with ``ClientConfig.verify_fraction``), oldest
+        first; ``self.chain.verifier`` also counts the checks made."""
+        return list(self.chain.verifier.suspicious)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
@@ -150,13 +157,21 @@ class AutoDistributedModelForCausalLM:
         dtype: torch.dtype = torch.float32,
         client_config: ClientConfig | None = None,
         swarm_key: str | None = None,
+        lan: bool = False,
+        tls_ca: str | None = None,
     ) -> DistributedModelForCausalLM:
         """Load embeddings, final norm and LM head of ``model`` (never block weights) and join the swarm.
 
         ``client_config`` overrides ``initial_peers`` / ``model_name`` with every client setting.
         ``swarm_key``: path of the key file of a private swarm (also accepted with ``client_config``).
+        ``lan``: with no ``initial_peers``, find the swarm by listening for LAN announcements (opt-in).
+        ``tls_ca``: path of the CA certificate of the swarm's TLS nodes (``swarm tls-cert``).
         """
-        config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name)
+        config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name, lan=lan)
         if swarm_key is not None:
             config = replace(config, swarm_key=swarm_key)
+        if lan:
+            config = replace(config, lan=True)
+        if tls_ca is not None:
+            config = replace(config, tls_ca=tls_ca)
         return load_distributed(DistributedModelForCausalLM, model, config, dtype)

@@ -16,11 +16,11 @@ import torch
 
 from client.adapters import RemoteLora
 from client.chain import RemoteChain
-from client.transport import RemoteCallError, decode_tensor
+from client.transport import RemoteCallError, call_forward, decode_tensor, forward_request
 from proto import swarmlm_pb2 as pb
 from proto.tensors import serialize
-from swarm.routing import Hop
-from swarm.spans import Span
+from swarm.routing import Hop, NoRouteError
+from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class _Stream:
     hop: Hop
     call: grpc.aio.StreamStreamCall
     sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    lora: pb.LoraAdapter | None = None  # the client-held adapter the session opened with, if any
 
     async def exchange(self, request: pb.InferenceRequest, timeout: float) -> pb.InferenceResponse:
         address = self.hop.server.address
@@ -116,14 +117,39 @@ class InferenceSession:
                     raise
                 self._streams[index:index + 1] = await self._replace(stream, e)
                 continue  # retry this position of the chain with the replacement(s)
-            hidden, index = out, index + 1
+            done = 1
+            if hidden.shape[1] and self.chain.verifier.wanted():
+                out, outvoted = await self._verify(stream, out, hidden.shape[1])
+                if outvoted:  # its cache is suspect too: move its blocks elsewhere, replaying the history
+                    outvoted_error = RemoteCallError(stream.hop.server.address, None, "outvoted by other nodes")
+                    replacements = await self._replace(stream, outvoted_error)
+                    self._streams[index:index + 1] = replacements
+                    done = len(replacements)  # they already hold this step (it was replayed)
+            hidden, index = out, index + done
         return hidden
 
-    async def _open(self, span: Span, attempt: int = 0) -> list[_Stream]:
-        """Open streams along a fresh route over ``span``."""
+    async def _verify(self, stream: _Stream, out: torch.Tensor, new: int) -> tuple[torch.Tensor, bool]:
+        """Check a step: another node serving the hop's blocks runs the hop's whole input history as one
+        stateless Forward; its last ``new`` positions must match. Returns the trusted outputs and
+        whether the hop's node was outvoted (see client.verify)."""
+        chain = self.chain
+        hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*stream.sent))
+
+        async def rerun(server: ServerInfo) -> torch.Tensor:
+            req = forward_request(chain.model, stream.hop.span, hidden, mask, positions, stream.lora,
+                                  chain.config.adapter)
+            full, _ = await call_forward(chain.connections, server.address, req, hidden, chain.config.request_timeout)
+            return full[:, -new:]
+
+        return await chain.verifier.check(stream.hop, out, rerun, mask)
+
+    async def _open(self, span: Span, attempt: int = 0, full: frozenset[str] = frozenset()) -> list[_Stream]:
+        """Open streams along a fresh route over ``span``, avoiding the nodes in ``full`` (node ids
+        that refused a session for lack of room: alive and honest, so not banned, just busy)."""
         streams: list[_Stream] = []
         router = self.chain.router
-        for hop in await router.route(span, refresh=attempt > 0):
+        route = router.route(span, refresh=attempt > 0, exclude=full, wait=not full)
+        for hop in await route:
             call = self.chain.connections.stub(hop.server.address).Inference()
             stream = _Stream(hop, call)
             opts = pb.SessionOptions(model=self.chain.model, start=hop.span.start, end=hop.span.end,
@@ -132,14 +158,22 @@ class InferenceSession:
             if self.lora is not None:  # the session applies the adapter as it is when the session opens
                 opts.lora.CopyFrom(self.lora.message(hop.span, with_weights=True))
                 opts.lora.dropout = 0.0
+                stream.lora = opts.lora
             try:
                 await stream.exchange(pb.InferenceRequest(open=opts), self.chain.config.request_timeout)
-            except RemoteCallError as e:
+            except RemoteCallError as failure:
+                e = self.chain.connections.classify(failure)  # a failed TLS handshake is not a dead node
                 stream.close()
                 for s in streams:
                     s.close()
+                if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and attempt < self.chain.config.max_retries:
+                    # cache full or our per-client session limit there: try a node with room, if any
+                    try:
+                        return await self._open(span, attempt + 1, full | {hop.server.node_id})
+                    except NoRouteError:
+                        raise e from None
                 if not router.should_retry(e, attempt):
-                    raise
+                    raise e from None
                 router.ban(hop, e)
                 await asyncio.sleep(router.backoff(attempt))
                 return await self._open(span, attempt + 1)

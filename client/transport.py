@@ -1,5 +1,13 @@
-"""Async gRPC calls to nodes. Lives entirely on the client's event loop thread."""
+"""Async gRPC calls to nodes. Lives entirely on the client's event loop thread.
+
+Nodes whose DHT record announces TLS are dialed over TLS, verified against the swarm's CA
+certificate (``ClientConfig.tls_ca``) or, without one, the system's root certificates. A failed TLS
+handshake reaches gRPC clients as UNAVAILABLE, exactly like a dead node; ``Connections.error`` tells
+the two apart and turns the former into a TLSHandshakeError naming the node and the reason.
+"""
 from __future__ import annotations
+
+from typing import Iterable
 
 import grpc
 import torch
@@ -9,7 +17,8 @@ from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import FLOAT_DTYPES, TensorError, deserialize, serialize
 from swarm.keys import SwarmKey
-from swarm.spans import Span
+from swarm.spans import NodeState, ServerInfo, Span
+from swarm.tls import read_pem
 
 # Ping idle connections so a blackholed node is noticed in seconds, not at a long deadline.
 CHANNEL_OPTIONS = [
@@ -20,6 +29,9 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.ping_timeout_ms", 2000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+MESSAGE_LIMITS = ("grpc.max_send_message_length", "grpc.max_receive_message_length")
+MESSAGE_LIMIT_HINT = ("(a gRPC message size limit: the node's is node serve --max-message-mb, the client's "
+                      "ClientConfig.max_message_mb)")
 # Statuses that mean the request was wrong (or too large for the node's limits), not that the node
 # failed: never ban a node for these, and do not retry the same request elsewhere.
 CLIENT_FAULTS = frozenset({
@@ -33,30 +45,122 @@ class RemoteCallError(RuntimeError):
     """A node answered with an error status (or not at all)."""
 
     def __init__(self, address: str, code: grpc.StatusCode | None, message: str):
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in message:
+            message += f" {MESSAGE_LIMIT_HINT}"
         super().__init__(f"node {address}: {code.name if code else 'ERROR'}: {message}")
         self.address, self.code, self.message = address, code, message
 
     @property
     def client_fault(self) -> bool:
-        return self.code in CLIENT_FAULTS
+        # an answer over our receive limit is the node's doing: route around it
+        return self.code in CLIENT_FAULTS and "CLIENT: Received message larger" not in self.message
+
+
+class TLSHandshakeError(RemoteCallError):
+    """A node could not be authenticated over TLS: its certificate is not trusted, has expired or does
+    not name its address, or it speaks no TLS where TLS is expected. Not a dead node and not a bad
+    request: the Router stops using that node and raises this error when no trusted node is left for
+    its blocks, instead of waiting for one."""
+
+    def __init__(self, address: str, reason: str):
+        super().__init__(address, grpc.StatusCode.UNAUTHENTICATED, reason)
+        self.reason = reason
+        self.args = (f"TLS handshake with {address} failed: {reason}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+    @property
+    def client_fault(self) -> bool:
+        return False  # the request was fine; this node is unusable to us, so route around it
+
+
+def plaintext_refused(address: str, tls_ca: str) -> TLSHandshakeError:
+    """The error for a plaintext node when the client requires TLS (it has a CA): it is never dialed."""
+    return TLSHandshakeError(address, "it serves plaintext gRPC only (its DHT record announces no TLS) and this "
+                                      f"client requires TLS (--tls-ca {tls_ca})")
+
+
+def tls_failure(details: str, tls_ca: str | None) -> str | None:
+    """Why a TLS handshake failed, from the details grpcio (1.85) gives with UNAVAILABLE; None when they
+    describe no handshake failure (a refused or dropped connection: the node may be down)."""
+    if "Hostname Verification Check failed" in details:
+        return "its certificate does not name this address (make one with swarm tls-cert --host <its announced host>)"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        if "expired" in details:
+            return "its certificate has expired (make a new one with swarm tls-cert)"
+        if "not yet valid" in details:
+            return "its certificate is not valid yet (are the machines' clocks in sync?)"
+        if tls_ca is not None:
+            return f"its certificate is not trusted by --tls-ca {tls_ca} (signed by another CA?)"
+        return "its certificate is not trusted by the system's root certificates (pass the swarm's CA with --tls-ca)"
+    if "WRONG_VERSION_NUMBER" in details:
+        return "it does not speak TLS on that port (plaintext gRPC?), though its DHT record says it does"
+    if "SSL_ERROR_SSL" in details:  # other TLS protocol errors (alerts, ciphers): the last clause says which
+        return details.rsplit("SSL_ERROR_SSL:", 1)[-1].strip().removesuffix(": OK")
+    return None
 
 
 class Connections:
-    """One channel per node address, created lazily on the running loop."""
+    """One channel per node address (plaintext or TLS, as the node announces), created lazily on the
+    running loop. With ``tls_ca`` (the path of a CA certificate) every node must speak TLS with a
+    certificate that CA signed: nothing is sent in plaintext."""
 
-    def __init__(self, swarm_key: SwarmKey | None = None) -> None:
+    def __init__(self, swarm_key: SwarmKey | None = None, tls_ca: str | None = None,
+                 max_message_mb: int | None = None) -> None:
+        # largest message sent or received (None: unlimited); gRPC refuses bigger ones with RESOURCE_EXHAUSTED
+        limit = -1 if max_message_mb is None else max_message_mb << 20
+        self.options = [(k, limit if k in MESSAGE_LIMITS else v) for k, v in CHANNEL_OPTIONS]
         self.swarm_key = swarm_key  # with a key, every call carries a proof of it (a private swarm)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, pb_grpc.NodeStub] = {}
+        self.tls_ca = str(tls_ca) if tls_ca is not None else None  # named in error messages
+        self._roots = read_pem(tls_ca, "CA certificate") if tls_ca is not None else None
+        self._tls: dict[str, bool] = {}  # address -> whether its node announces TLS (see learn)
+        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, bool], pb_grpc.NodeStub] = {}
         self.bytes_sent = 0  # serialized request bytes of successful calls (benchmarks read these)
         self.bytes_received = 0
 
-    def stub(self, address: str) -> pb_grpc.NodeStub:
-        if address not in self._stubs:
-            self._channels[address] = grpc.aio.insecure_channel(
-                address, options=CHANNEL_OPTIONS, interceptors=auth_interceptors(self.swarm_key, address))
-            self._stubs[address] = pb_grpc.NodeStub(self._channels[address])
-        return self._stubs[address]
+    def learn(self, servers: Iterable[ServerInfo]) -> None:
+        """Remember which addresses speak TLS, from the nodes' DHT records (the Router calls this)."""
+        for server in sorted(servers, key=lambda s: s.state is NodeState.ONLINE):  # ONLINE records win
+            self._tls[server.address] = server.tls
+
+    def uses_tls(self, address: str) -> bool:
+        """Whether ``address`` is dialed over TLS: as its record says; unknown ones only with a tls_ca."""
+        return self._tls.get(address, self.tls_ca is not None)
+
+    def stub(self, address: str, tls: bool | None = None) -> pb_grpc.NodeStub:
+        """The stub of the node at ``address``, over TLS when ``tls`` (None: ``uses_tls``).
+        TLSHandshakeError for a plaintext node when this client requires TLS."""
+        tls = self.uses_tls(address) if tls is None else tls
+        if not tls and self.tls_ca is not None:
+            raise plaintext_refused(address, self.tls_ca)
+        key = (address, tls)
+        if key not in self._stubs:
+            interceptors = auth_interceptors(self.swarm_key, address)
+            if tls:
+                credentials = grpc.ssl_channel_credentials(root_certificates=self._roots)
+                channel = grpc.aio.secure_channel(address, credentials, options=self.options,
+                                                  interceptors=interceptors)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=self.options, interceptors=interceptors)
+            self._channels[key] = channel
+            self._stubs[key] = pb_grpc.NodeStub(channel)
+        return self._stubs[key]
+
+    def error(self, address: str, code: grpc.StatusCode | None, details: str, tls: bool | None = None
+              ) -> RemoteCallError:
+        """The error of a failed call: a TLSHandshakeError when a TLS handshake failed, else RemoteCallError."""
+        tls = self.uses_tls(address) if tls is None else tls
+        if tls and code == grpc.StatusCode.UNAVAILABLE:
+            reason = tls_failure(details, self.tls_ca)
+            if reason is not None:
+                return TLSHandshakeError(address, reason)
+        return RemoteCallError(address, code, details)
+
+    def classify(self, error: RemoteCallError) -> RemoteCallError:
+        """``error`` made a TLSHandshakeError if it is a failed TLS handshake (for errors raised elsewhere)."""
+        return error if type(error) is not RemoteCallError else self.error(error.address, error.code, error.message)
 
     async def close(self) -> None:
         for channel in self._channels.values():
@@ -92,12 +196,13 @@ def decode_tensor(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Ten
 
 
 async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest, like: torch.Tensor,
-                       timeout: float) -> tuple[torch.Tensor, str]:
-    """The outputs, and the token of activations the node kept when asked to (else "")."""
+                       timeout: float, tls: bool | None = None) -> tuple[torch.Tensor, str]:
+    """The outputs, and the token of activations the node kept when asked to (else "").
+    ``tls``: dial over TLS or not (None: as the node's DHT record says, see Connections.uses_tls)."""
     try:
-        resp = await conns.stub(address).Forward(req, timeout=timeout)
+        resp = await conns.stub(address, tls).Forward(req, timeout=timeout)
     except grpc.aio.AioRpcError as e:
-        raise RemoteCallError(address, e.code(), e.details() or "") from None
+        raise conns.error(address, e.code(), e.details() or "", tls) from None
     conns.bytes_sent += req.ByteSize()
     conns.bytes_received += resp.ByteSize()
     return decode_tensor(address, resp.hidden_states, like), resp.backward_token
@@ -105,14 +210,14 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
                         timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
-                        prefix_like: torch.Tensor | None = None, token: str = ""):
+                        prefix_like: torch.Tensor | None = None, token: str = "", tls: bool | None = None):
     """d loss / d input, d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``) and
     d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
     try:
         request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad), backward_token=token)
-        resp = await conns.stub(address).Backward(request, timeout=timeout)
+        resp = await conns.stub(address, tls).Backward(request, timeout=timeout)
     except grpc.aio.AioRpcError as e:
-        raise RemoteCallError(address, e.code(), e.details() or "") from None
+        raise conns.error(address, e.code(), e.details() or "", tls) from None
     conns.bytes_sent += request.ByteSize()
     conns.bytes_received += resp.ByteSize()
     lora_grads = {}

@@ -5,9 +5,10 @@ node may vanish between forward and backward without losing anything.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -57,6 +58,24 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> Span
     install_hooks(layers, span.start)
     rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
     return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the enclosed torch ops on ``n`` intra-op threads (0: leave as is), then restore.
+
+    A decode step is a few tiny matrix products separated by network waits: by then the extra OpenMP
+    threads have gone to sleep, and waking them (or their spinning beside the next node's work on a
+    shared machine) costs more than they save. The setting is per calling thread."""
+    before = torch.get_num_threads()
+    if n <= 0 or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_position_ids(seq_len: int, offset: int = 0) -> torch.Tensor:

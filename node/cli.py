@@ -36,15 +36,29 @@ def build_parser() -> OneLineParser:
                        help="inference cache slots, batch x max_length (default: half of free memory)")
     serve.add_argument("--alloc-timeout", type=float, default=10.0, help="seconds a session waits for cache room")
     serve.add_argument("--step-timeout", type=float, default=60.0, help="seconds a session may idle before it is freed")
+    serve.add_argument("--max-sessions-per-client", type=int, default=32,
+                       help="inference sessions open at once per client IP address (IPv6: per /64)")
+    serve.add_argument("--max-message-mb", type=int, default=None,
+                       help="largest gRPC message received or sent, MiB (default: what --max-batch-tokens needs)")
+    serve.add_argument("--lora-cache-mb", type=int, default=1024,
+                       help="MiB of client LoRA weights kept between requests (least recently used evicted)")
     serve.add_argument("--rebalance-period", type=float, default=None,
                        help="with --num-blocks: seconds between checks whether moving clearly helps the swarm")
     serve.add_argument("--activation-cache-mb", type=int, default=1024,
                        help="MiB of forward activations kept for the following backward (0: always recompute)")
+    serve.add_argument("--small-step-threads", type=int, default=1,
+                       help="torch threads for decode-sized inference steps (0: all; extra threads cost more "
+                            "to wake than they save on a few tokens)")
     serve.add_argument("--adapters", default=None,
                        help="folder of PEFT LoRA adapter folders to serve; clients pick one by folder name")
     serve.add_argument("--throughput", type=float, default=None, help="tokens/s to announce (default: measured)")
     serve.add_argument("--nat-port-map", action="store_true", help="opt in to UPnP/NAT-PMP port mapping")
+    serve.add_argument("--lan", action="store_true",
+                       help="LAN discovery by multicast (opt-in): announce this node; with no --initial-peers, "
+                            "find the swarm on the LAN first")
     serve.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): join a private swarm")
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate of this node (swarm tls-cert): serve over TLS")
+    serve.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     return parser
 
 
@@ -54,9 +68,10 @@ def config_from_args(args) -> NodeConfig:
         initial_peers=peers_list(args.initial_peers),
         host=args.host, port=args.port, announce_host=args.announce_host, dht_port=args.dht_port,
         dtype=args.dtype, model_name=args.model_name, max_batch_tokens=args.max_batch_tokens,
-        ttl=args.ttl, shutdown_grace=args.shutdown_grace, nat_port_map=args.nat_port_map,
-        rebalance_period=args.rebalance_period, activation_cache_mb=args.activation_cache_mb, throughput=args.throughput, adapters=args.adapters, cache_tokens=args.cache_tokens, alloc_timeout=args.alloc_timeout, step_timeout=args.step_timeout,
-        swarm_key=args.swarm_key,
+        ttl=args.ttl, shutdown_grace=args.shutdown_grace, nat_port_map=args.nat_port_map, lan=args.lan,
+        rebalance_period=args.rebalance_period, activation_cache_mb=args.activation_cache_mb, small_step_threads=args.small_step_threads, throughput=args.throughput, adapters=args.adapters, cache_tokens=args.cache_tokens, alloc_timeout=args.alloc_timeout, step_timeout=args.step_timeout,
+        swarm_key=args.swarm_key, tls_cert=args.tls_cert, tls_key=args.tls_key, max_sessions_per_client=args.max_sessions_per_client,
+        max_message_mb=args.max_message_mb, lora_cache_mb=args.lora_cache_mb,
     )
 
 

@@ -29,13 +29,21 @@ class NodeConfig:
     cache_tokens: int | None = None  # inference cache slots (batch x max_length); None: half of free memory
     alloc_timeout: float = 10.0  # seconds a new session waits for cache room before RESOURCE_EXHAUSTED
     step_timeout: float = 60.0  # seconds an inference session may idle between steps before it is freed
+    max_sessions_per_client: int = 32  # inference sessions open at once per client IP address (IPv6: per /64)
+    max_message_mb: int | None = None  # largest gRPC message received or sent, MiB; None: what max_batch_tokens needs
+    lora_cache_mb: int = 1024  # MiB of client LoRA weights kept between requests (least recently used evicted)
     max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt
     activation_cache_mb: int = 1024  # forward activations kept for the following backward (0: always recompute)
+    small_step_threads: int = 1  # torch threads for decode-sized inference steps (<= 16 batch x positions); 0: all
     adapters: str | None = None  # folder of PEFT LoRA adapter folders to serve by name (their span's weights only)
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving clearly helps
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
+    lan: bool = False  # LAN discovery (multicast, opt-in): announce our DHT peer; with no initial_peers, listen first
+    lan_timeout: float = 5.0  # seconds to listen for LAN announcements before starting a new swarm
     swarm_key: str | None = None  # path of the swarm key file (`swarm keygen`): a private swarm; None: open
+    tls_cert: str | None = None  # PEM certificate (chain) of this node (`swarm tls-cert`): serve gRPC over TLS
+    tls_key: str | None = None  # PEM private key of tls_cert
 
     def __post_init__(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -49,6 +57,11 @@ class NodeConfig:
         for name in ("port", "dht_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
+        if self.lan_timeout <= 0:
+            raise ValueError(f"lan_timeout must be positive, got {self.lan_timeout}")
+        if self.lan and (self.host.startswith("127.") or self.host in ("localhost", "::1")):
+            raise ValueError("lan needs a host the LAN can reach (--host 0.0.0.0 or this machine's LAN address), "
+                             f"not {self.host}")
         if self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {self.max_batch_tokens}")
         if self.ttl <= 0 or self.shutdown_grace < 0 or self.compute_threads < 1:
@@ -57,11 +70,21 @@ class NodeConfig:
             raise ValueError(f"ttl must be at most {MAX_RECORD_LIFETIME:g}s (the DHT's maximum record lifetime)")
         if self.swarm_key is not None and not isinstance(self.swarm_key, (str, os.PathLike)):
             raise TypeError(f"swarm_key must be a path string, got {type(self.swarm_key).__name__}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (--tls-cert FILE --tls-key FILE), or neither")
         if self.cache_tokens is not None and self.cache_tokens < 1:
             raise ValueError(f"cache_tokens must be positive, got {self.cache_tokens}")
         if self.rebalance_period is not None and (self.num_blocks is None or self.rebalance_period <= 0):
             raise ValueError("rebalance_period needs num_blocks (automatic placement) and must be positive")
         if self.throughput is not None and not self.throughput > 0:
             raise ValueError(f"throughput must be positive, got {self.throughput}")
+        if self.small_step_threads < 0:
+            raise ValueError(f"small_step_threads must be >= 0, got {self.small_step_threads}")
+        if self.lora_cache_mb < 0:
+            raise ValueError(f"lora_cache_mb must be >= 0, got {self.lora_cache_mb}")
+        if self.max_sessions_per_client < 1:
+            raise ValueError(f"max_sessions_per_client must be positive, got {self.max_sessions_per_client}")
+        if self.max_message_mb is not None and not 1 <= self.max_message_mb < 2048:
+            raise ValueError(f"max_message_mb must be in 1..2047 (gRPC's limit is 2 GiB), got {self.max_message_mb}")
         if self.alloc_timeout < 0 or self.step_timeout <= 0 or self.max_chunk_tokens < 1:
             raise ValueError("alloc_timeout must be >= 0, step_timeout > 0 and max_chunk_tokens >= 1")

@@ -2,20 +2,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
 import torch
+from google.protobuf.message import DecodeError
 
 from node.activations import ActivationCache
 from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_backward, forward_span,
-                         inference_step, new_cache, prefixed_cache)
+                         inference_step, new_cache, prefixed_cache, torch_threads)
 from node.lora import LoraCache, active, linear_shapes
 from node.requests import Adapters, Limits, RequestError, parse_backward, parse_forward, parse_open, parse_step
-from node.sessions import CacheBudget, Session
+from node.sessions import CacheBudget, ClientSessions, Session, client_of
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
@@ -23,6 +26,29 @@ from swarm import __version__
 from swarm.spans import NodeState
 
 log = logging.getLogger(__name__)
+
+# TEST-ONLY fault switch, for the tests of the client's result verification (client/verify.py): when the
+# environment variable SWARMLM_TEST_FAULT="perturb=0.01" is set as a node starts, that node adds seeded
+# Gaussian noise of that standard deviation to every span output it returns (Forward and inference
+# steps), i.e. it becomes a deliberately faulty node. Off when unset; read once per node start; on
+# purpose neither a NodeConfig field nor a CLI flag.
+TEST_FAULT_ENV = "SWARMLM_TEST_FAULT"
+
+
+def _test_fault() -> float:
+    """The perturbation of SWARMLM_TEST_FAULT (0.0: none)."""
+    text = os.environ.get(TEST_FAULT_ENV, "")
+    if not text:
+        return 0.0
+    name, _, value = text.partition("=")
+    try:
+        perturb = float(value) if name == "perturb" else -1.0
+    except ValueError:
+        perturb = -1.0
+    if not perturb > 0:
+        raise ValueError(f'{TEST_FAULT_ENV} must look like "perturb=0.01", got {text!r}')
+    log.warning("TEST FAULT: this node perturbs its outputs by noise of std %g", perturb)
+    return perturb
 
 
 @dataclass(frozen=True)
@@ -33,19 +59,27 @@ class SessionPolicy:
     max_chunk_tokens: int  # batch x positions computed at once in a long prefill
     activation_bytes: int = 1 << 30  # forward activations kept for a following Backward (0: always recompute)
     activation_ttl: float = 60.0  # seconds kept activations wait for their Backward
+    max_sessions_per_client: int = 32  # inference streams open at once from one client (node.sessions.client_of)
+    lora_cache_bytes: int = 1 << 30  # client LoRA weights kept between requests, so they need not be re-sent
+    small_step_tokens: int = 16  # inference steps of at most this many batch x positions run on small_step_threads
+    small_step_threads: int = 1  # torch threads for those (0: as many as for everything else)
 
 
 class NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, blocks: SpanBlocks, limits: Limits, pool: ThreadPoolExecutor, budget: CacheBudget,
                  policy: SessionPolicy, throughput: float = 0.0, hosted: dict | None = None):
         self.blocks, self.limits, self.pool = blocks, limits, pool
-        self.adapters = Adapters(linear_shapes(blocks.layers[0]), LoraCache(), hosted or {})
+        self.adapters = Adapters(linear_shapes(blocks.layers[0]), LoraCache(max_bytes=policy.lora_cache_bytes),
+                                 hosted or {})
         self.activations = ActivationCache(policy.activation_bytes, policy.activation_ttl)
         self.budget, self.policy = budget, policy
+        self.clients = ClientSessions(policy.max_sessions_per_client)
         self.throughput = throughput
         self.open_sessions = 0
         self.in_flight = 0  # unary calls being computed
         self.state = NodeState.JOINING  # Info reports it; OFFLINE once the node starts shutting down
+        self._fault = _test_fault()  # test-only: see TEST_FAULT_ENV
+        self._fault_rng = torch.Generator().manual_seed(0)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -65,10 +99,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             saved = await self._compute(context, forward_for_backward, self.blocks, x.span, x.hidden,
                                         x.attention_mask, x.position_ids, x.lora, x.prefix)
             token = self.activations.put(saved)
-            return pb.ForwardResponse(hidden_states=serialize(saved.out.detach().to(x.hidden.dtype)),
+            return pb.ForwardResponse(hidden_states=serialize(self._faulty(saved.out.detach().to(x.hidden.dtype))),
                                       backward_token=token or "")
         out = await self._compute(context, self._forward, x)
-        return pb.ForwardResponse(hidden_states=serialize(out))
+        return pb.ForwardResponse(hidden_states=serialize(self._faulty(out)))
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
         try:
@@ -89,7 +123,21 @@ class NodeServicer(pb_grpc.NodeServicer):
         return response
 
     async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
-        """A session: reserve cache room, then answer each step with the new positions' outputs.
+        """A session, counted against its client's limit from the stream's first moment."""
+        client = client_of(context.peer())
+        try:
+            self.clients.acquire(client)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        try:
+            async with contextlib.aclosing(self._session(requests, context)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            self.clients.release(client)
+
+    async def _session(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
+        """Reserve cache room, then answer each step with the new positions' outputs.
         The cache is freed when the client closes the stream, disappears, or idles too long."""
         first = await self._next(requests, context)
         if first is None:
@@ -117,7 +165,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     except RequestError as e:
                         await context.abort(e.code, str(e))
                     out = await self._compute(context, self._step, session, hidden, mask, positions)
-                    yield pb.InferenceResponse(hidden_states=serialize(out), cache_length=session.length)
+                    yield pb.InferenceResponse(hidden_states=serialize(self._faulty(out)), cache_length=session.length)
                 request = await self._next(requests, context)
         finally:
             self.open_sessions -= 1
@@ -132,10 +180,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         except asyncio.TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"session idle for more than {self.policy.step_timeout:g}s; closed")
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed stream message: {e}")
 
     def _step(self, session: Session, hidden, mask, positions) -> torch.Tensor:
         full_mask = torch.cat([session.mask, mask], dim=1)
-        with active(session.lora):
+        small = hidden.shape[0] * hidden.shape[1] <= self.policy.small_step_tokens
+        with active(session.lora), torch_threads(self.policy.small_step_threads if small else 0):
             out = inference_step(self.blocks, session.span, session.cache, hidden, full_mask, positions,
                                  self.policy.max_chunk_tokens)
         session.mask = full_mask
@@ -151,6 +202,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         out, lora_grads, grad_prefix = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask,
                                                      x.position_ids, x.lora, x.prefix)
         return out.to(x.hidden.dtype), lora_grads, grad_prefix
+
+    def _faulty(self, out: torch.Tensor) -> torch.Tensor:
+        """``out``, perturbed when the test-only fault switch is on (see TEST_FAULT_ENV)."""
+        if not self._fault:
+            return out
+        noise = torch.randn(out.shape, generator=self._fault_rng) * self._fault
+        return out + noise.to(out.dtype)
 
     @property
     def busy(self) -> bool:

@@ -58,6 +58,11 @@ def weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (single file or sharded with an index)."""
     if (folder / INDEX_FILE).is_file():
         weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+        root = folder.resolve()
+        for file in set(weight_map.values()):  # an index must not point outside its checkpoint
+            if not str(file).endswith(".safetensors") or not (folder / file).resolve().is_relative_to(root):
+                raise CheckpointError(f"{folder / INDEX_FILE} names {file!r}: only .safetensors files inside the "
+                                      "checkpoint directory are read")
         return {name: folder / file for name, file in weight_map.items()}
     if (folder / SINGLE_FILE).is_file():
         with safe_open(folder / SINGLE_FILE, framework="pt") as f:

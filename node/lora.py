@@ -44,6 +44,10 @@ class Lora:
                    for k, (a, b) in self.weights.items() if start <= k[0] < end}
         return Lora(self.id, self.version, self.scaling, self.dropout, self.seed, weights, self.blocks)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
 
 def linear_shapes(layer: nn.Module) -> dict[str, tuple[int, int]]:
     """Projection name inside a block -> (in_features, out_features) for every Linear in it."""
@@ -86,10 +90,11 @@ def active(lora: Lora | None) -> Iterator[None]:
 
 
 class LoraCache:
-    """The latest weights of recently used adapters, so an unchanged adapter is not re-sent."""
+    """The latest weights of recently used adapters, so an unchanged adapter is not re-sent. Bounded in
+    count and bytes (least recently used first out), so clients cannot pile up weights in a node's memory."""
 
-    def __init__(self, max_adapters: int = 32):
-        self.max_adapters = max_adapters
+    def __init__(self, max_adapters: int = 32, max_bytes: int = 1 << 30):
+        self.max_adapters, self.max_bytes = max_adapters, max_bytes
         self._items: OrderedDict[str, Lora] = OrderedDict()
 
     def get(self, adapter_id: str, version: int) -> Lora | None:
@@ -105,11 +110,18 @@ class LoraCache:
         if old is not None and old.version == lora.version:
             lora.weights = {**old.weights, **lora.weights}
             lora.blocks = old.blocks | lora.blocks
+        if lora.nbytes > self.max_bytes:  # too big to keep: used by this request only, others stay
+            self._items.pop(lora.id, None)
+            return lora
         self._items[lora.id] = lora
         self._items.move_to_end(lora.id)
-        while len(self._items) > self.max_adapters:
+        while len(self._items) > self.max_adapters or self.nbytes > self.max_bytes:
             self._items.popitem(last=False)
         return lora
+
+    @property
+    def nbytes(self) -> int:
+        return sum(lora.nbytes for lora in self._items.values())
 
 
 def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, tuple[int, int]]) -> Lora:

@@ -202,12 +202,20 @@ def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int
     if opts.max_length > max_session_length:
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
                            f"max_length {opts.max_length} is over this node's limit of {max_session_length}")
+    if opts.batch_size > limits.max_batch_tokens:  # every step carries batch x (at least 1) positions
+        raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"batch_size {opts.batch_size} is over this node's limit of {limits.max_batch_tokens} "
+                           "tokens per request")
     return span, opts.batch_size, opts.max_length, _lora(opts, "lora", span, adapters)
 
 
 def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A step of an open session -> (hidden of new positions, their mask, their positions)."""
+    """A step of an open session -> (hidden of new positions, their mask, their positions).
+
+    A stream cannot run forever: every accepted step adds at least one position, positions are capped
+    by the session's max_length (itself capped by the node), and any other message ends the stream
+    with an error status; every message is also capped by the gRPC message size limit."""
     if req.HasField("open"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this session is already open")
     hidden = _parse_activations(req.hidden_states, limits)

@@ -6,6 +6,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -21,13 +22,14 @@ from node.lora import linear_shapes, load_adapter_dir
 from node.requests import Limits, max_message_bytes
 from node.sessions import CacheBudget, cache_bytes_per_token, default_cache_tokens
 from proto import swarmlm_pb2_grpc as pb_grpc
-from swarm import __version__
+from swarm import __version__, lan
 from swarm.aio import LoopThread
-from swarm.dht import Announcer, SwarmDHT
+from swarm.dht import Announcer, DHTStartError, SwarmDHT
 from swarm.keys import load_optional
 from swarm.placement import choose_blocks, should_move
 from swarm.records import default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
+from swarm.tls import cert_problems, host_of, load_cert, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,13 @@ class Node:
         self.span: Span | None = config.blocks
         self._rebalancer: asyncio.Task | None = None
         self.auth: AuthInterceptor | None = None  # checks swarm key proofs in a private swarm
+        self._lan: lan.LanAnnouncer | None = None  # multicasts our DHT peer on the LAN (config.lan)
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
         cfg, loop = self.config, asyncio.get_running_loop()
         swarm_key = load_optional(cfg.swarm_key)
+        tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
         span = cfg.blocks
         wanted = tuple(f"{LAYER_PREFIX}{i}." for i in range(span.start, span.end)) if span else (LAYER_PREFIX,)
         folder = resolve_checkpoint(cfg.model, need_weights=lambda name: name.startswith(wanted))
@@ -94,8 +98,20 @@ class Node:
         if cfg.num_blocks is not None and cfg.num_blocks > total:
             raise CheckpointError(f"--num-blocks {cfg.num_blocks} is more than the model's {total} blocks")
         self.model_key = model_key(cfg.model_name or default_model_name(cfg.model), model_config)
-        self.dht = await SwarmDHT.create(cfg.initial_peers, host=cfg.host, port=cfg.dht_port,
+        peers = cfg.initial_peers
+        if cfg.lan and not peers:
+            try:
+                peers = tuple(await loop.run_in_executor(None, partial(
+                    lan.listen, swarm_key, self.model_key, timeout=cfg.lan_timeout)))
+            except lan.LanError as e:
+                raise DHTStartError(str(e)) from None
+            if not peers:
+                log.warning("%s; starting a new swarm", lan.nothing_found(swarm_key, cfg.lan_timeout))
+        self.dht = await SwarmDHT.create(peers, host=cfg.host, port=cfg.dht_port,
                                          nat_port_map=cfg.nat_port_map, swarm_key=swarm_key)
+        if cfg.lan:
+            self._lan = lan.LanAnnouncer(await self.dht.visible_maddrs(), swarm_key,
+                                         self.model_key, "node").start()
         if span is None:
             span = choose_blocks(await self.dht.fetch_servers(self.model_key, total), total, cfg.num_blocks)
             log.info("automatic placement: serving blocks %s, where the swarm is weakest", span)
@@ -110,7 +126,7 @@ class Node:
             kv_heads=getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads,
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
         )
-        msg_limit = max_message_bytes(limits)
+        msg_limit = cfg.max_message_mb << 20 if cfg.max_message_mb else max_message_bytes(limits)
         self.auth = AuthInterceptor(swarm_key) if swarm_key is not None else None
         self._server = grpc.aio.server(interceptors=[self.auth] if self.auth else None, options=[
             ("grpc.max_receive_message_length", msg_limit),
@@ -121,22 +137,28 @@ class Node:
         budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
                                step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens,
-                               activation_bytes=cfg.activation_cache_mb << 20)
+                               activation_bytes=cfg.activation_cache_mb << 20, small_step_threads=cfg.small_step_threads,
+                               max_sessions_per_client=cfg.max_sessions_per_client,
+                               lora_cache_bytes=cfg.lora_cache_mb << 20)
         hosted = load_adapter_dir(Path(cfg.adapters), span.start, span.end, linear_shapes(blocks.layers[0])) \
             if cfg.adapters else {}
         servicer = NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)
         self.servicer = servicer
         pb_grpc.add_NodeServicer_to_server(servicer, self._server)
-        port = self._server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        listen = f"{cfg.host}:{cfg.port}"
+        port = self._server.add_secure_port(listen, tls) if tls else self._server.add_insecure_port(listen)
         if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = announced_address(cfg.announce_host, cfg.host, port)
+        if tls is not None:  # a certificate clients will refuse is the operator's mistake: say so now
+            for problem in cert_problems(load_cert(cfg.tls_cert), host_of(self.address)):
+                log.warning("clients will refuse the TLS certificate %s: %s", cfg.tls_cert, problem)
         if self.auth is not None:
             self.auth.audience = self.address  # proofs name the address clients dial
 
         info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
-                          adapters=tuple(sorted(hosted)))
+                          adapters=tuple(sorted(hosted)), tls=tls is not None)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await loop.run_in_executor(self._pool, measure_throughput, blocks)
@@ -184,12 +206,17 @@ class Node:
             self._rebalancer.cancel()
         if self.servicer is not None:
             self.servicer.state = NodeState.OFFLINE
-        if self._announcer is not None:
-            await self._announcer.stop()
+        if self._announcer is not None:  # bounded: a dead p2p daemon must not keep the node from exiting
+            try:
+                await asyncio.wait_for(self._announcer.stop(), max(1.0, min(5.0, grace)))
+            except asyncio.TimeoutError:
+                log.warning("could not announce OFFLINE in time; clients will see the records expire")
         while self.servicer is not None and self.servicer.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - time.monotonic()))
+        if self._lan is not None:
+            self._lan.stop()
         if self.dht is not None:
             await self.dht.shutdown()
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,62 @@ class CacheBudget:
         async with self._changed:
             self.used -= tokens
             self._changed.notify_all()
+
+
+def client_of(peer: str) -> str:
+    """Who a call comes from, for per-client limits: the host of grpc's ``context.peer()``.
+
+    "ipv4:10.0.0.5:51234" -> "10.0.0.5"; an IPv6 host counts as its /64 network ("ipv6:[2001:db8::7]:5"
+    -> "2001:db8::/64"), since one machine can pick any address in its /64. Not the swarm key: every
+    member of a private swarm holds the same key, so it cannot tell clients apart. Clients behind one
+    NAT share a limit. Anything unparsable (e.g. "unix:...") is its own client, verbatim.
+    """
+    kind, _, rest = peer.partition(":")
+    host = rest.rpartition(":")[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return peer
+    if address.version == 6 and not address.is_loopback:
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
+
+
+class ClientSessions:
+    """Inference streams open at once per client (see ``client_of``), counted from the moment a stream
+    starts, before its open message: waiting for cache room or for the open message counts too. So
+    one client cannot squat the cache or the node's stream slots with many sessions; its sessions are
+    also reclaimed when idle (the step timeout)."""
+
+    def __init__(self, max_per_client: int):
+        if max_per_client < 1:
+            raise ValueError(f"max_per_client must be positive, got {max_per_client}")
+        self.max_per_client = max_per_client
+        self._open: dict[str, int] = {}
+
+    def acquire(self, client: str) -> None:
+        """Count one more stream of ``client``, or RESOURCE_EXHAUSTED if it has its maximum open."""
+        if self._open.get(client, 0) >= self.max_per_client:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"client {client} already has {self.max_per_client} inference sessions open on "
+                               f"this node (its limit per client); close one first")
+        self._open[client] = self._open.get(client, 0) + 1
+
+    def release(self, client: str) -> None:
+        left = self._open.get(client, 0) - 1
+        if left > 0:
+            self._open[client] = left
+        else:
+            self._open.pop(client, None)
+
+    def count(self, client: str) -> int:
+        return self._open.get(client, 0)
+
+    def __len__(self) -> int:
+        """Clients with a stream open."""
+        return len(self._open)
 
 
 @dataclass

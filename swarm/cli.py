@@ -4,34 +4,53 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from pathlib import Path
 
 from swarm.cliargs import OneLineParser, fail, peers_list
 from swarm.dht import DHTStartError, SwarmDHT
+from swarm import lan
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
+from swarm.lan import LanAnnouncer
 from swarm.records import default_model_name, model_key
 from swarm.routing import format_blocks, uncovered_blocks
 from swarm.spans import NodeState, ServerInfo, Span
+from swarm.tls import CA_CERT, CA_KEY, TLSConfigError, write_node_cert
+
+
+LAN_LISTEN_HELP = "with no --initial-peers: find the swarm's peers on the LAN (listens for multicast; opt-in)"
 
 
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="swarm", description="swarmlm swarm tools")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("keygen", help="print a new random swarm key (swarm keygen > lab.key)")
+    tls = sub.add_parser("tls-cert", help="make a node's TLS certificate, signed by the swarm's CA (made on first use)")
+    tls.add_argument("--out", required=True, help="folder of the CA (ca.crt, ca.key) and the certificates made")
+    tls.add_argument("--host", action="append", required=True,
+                     help="address clients dial the node at (IP or DNS name, as announced); repeat for more")
+    tls.add_argument("--name", default=None, help="file name of the certificate and key (default: the first host)")
+    tls.add_argument("--days", type=float, default=365, help="days the certificate is valid (default 365)")
     boot = sub.add_parser("bootstrap", help="run a DHT-only peer others join through")
     boot.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     boot.add_argument("--port", type=int, default=0, help="DHT port (default: a free one)")
     boot.add_argument("--initial-peers", nargs="*", default=[], help="join an existing swarm too")
     boot.add_argument("--nat-port-map", action="store_true", help="opt in to UPnP/NAT-PMP port mapping")
     boot.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
+    boot.add_argument("--lan", action="store_true",
+                      help="announce this peer on the LAN by multicast, so --lan nodes and clients find it (opt-in)")
+    boot.add_argument("--model", default=None, help="with --lan in an open swarm: the model announced (its checkpoint)")
+    boot.add_argument("--model-name", default=None, help="with --lan in an open swarm: name in the DHT, if not the dir name")
     status = sub.add_parser("status", help="table of blocks and the nodes serving them")
-    status.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
+    status.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers")
+    status.add_argument("--lan", action="store_true", help=LAN_LISTEN_HELP)
     status.add_argument("--model", required=True, help="checkpoint directory or hub id (for its config)")
     status.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
     status.add_argument("--all", action="store_true", help="also list OFFLINE nodes")
     status.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     gen = sub.add_parser("generate", help="generate text through the swarm, printed as tokens arrive")
     gen.add_argument("prompt", help="text prompt")
-    gen.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
+    gen.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers")
+    gen.add_argument("--lan", action="store_true", help=LAN_LISTEN_HELP)
     gen.add_argument("--model", required=True, help="checkpoint directory or hub id (with its tokenizer)")
     gen.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
@@ -41,8 +60,10 @@ def build_parser() -> OneLineParser:
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
+    gen.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
     ft = sub.add_parser("finetune", help="train a LoRA adapter through the swarm on a .jsonl or .txt file")
-    ft.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of DHT peers")
+    ft.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers")
+    ft.add_argument("--lan", action="store_true", help=LAN_LISTEN_HELP)
     ft.add_argument("--model", required=True, help="checkpoint directory or hub id (with its tokenizer)")
     ft.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
     ft.add_argument("--data", required=True, help='.jsonl (a "text" field per line) or .txt (one example a line)')
@@ -63,34 +84,63 @@ def build_parser() -> OneLineParser:
                     help="continue from the latest checkpoint in --output (its LoRA settings win)")
     ft.add_argument("--seed", type=int, default=0, help="adapter init and data order (default 0)")
     ft.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
+    ft.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
     return parser
 
 
+def lan_model_key(args, swarm_key) -> str | None:
+    """What a bootstrap peer's LAN announcements are scoped by: the swarm key, or in an open swarm the
+    model key of ``--model`` (so listeners for other models ignore them)."""
+    from node.loading import load_config, resolve_checkpoint
+
+    if swarm_key is not None or not args.lan:
+        return None
+    if args.model is None:
+        raise ValueError("--lan in an open swarm needs --model (announcements name the model, so other swarms "
+                         "ignore them), or use --swarm-key")
+    config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
+    return model_key(args.model_name or default_model_name(args.model), config)
+
+
 async def bootstrap(args) -> int:
+    from node.loading import CheckpointError
+
     try:
         swarm_key = load_optional(args.swarm_key)
+        lan_model = lan_model_key(args, swarm_key)
         dht = await SwarmDHT.create(peers_list(args.initial_peers), host=args.host, port=args.port,
                                     nat_port_map=args.nat_port_map, swarm_key=swarm_key)
-    except (DHTStartError, SwarmKeyError) as e:
+    except (CheckpointError, DHTStartError, SwarmKeyError, ValueError) as e:
         return fail("swarm", str(e))
     if swarm_key is not None:
         print(f"private swarm, key fingerprint {swarm_key.fingerprint}", file=sys.stderr, flush=True)
-    for maddr in await dht.visible_maddrs():
+    maddrs = await dht.visible_maddrs()
+    announcer = None
+    if args.lan:
+        try:
+            announcer = LanAnnouncer(maddrs, swarm_key, lan_model, "bootstrap").start()
+        except (ValueError, OSError) as e:
+            await dht.shutdown()
+            return fail("swarm", f"--lan: {e}")
+    for maddr in maddrs:
         print(maddr, flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     await stop.wait()
+    if announcer is not None:
+        announcer.stop()
     await dht.shutdown()
     return 0
 
 
 def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool = False) -> str:
-    """One row per block: the nodes serving it with address, state and throughput."""
+    """One row per block: the nodes serving it with address (and TLS if they speak it), state and throughput."""
     rows = [("block", "nodes (address state tokens/s)")]
     for block in range(num_blocks):
         here = [s for s in servers if block in s.span and (show_offline or s.state is not NodeState.OFFLINE)]
-        cell = ", ".join(f"{s.address} {s.state.value} {s.throughput:.0f}" for s in here) or "-- UNCOVERED --"
+        cell = ", ".join(f"{s.address}{' TLS' if s.tls else ''} {s.state.value} {s.throughput:.0f}"
+                         for s in here) or "-- UNCOVERED --"
         rows.append((str(block), cell))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a.rjust(width)}  {b}" for a, b in rows)
@@ -101,12 +151,14 @@ async def status(args) -> int:
 
     try:
         config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
-        dht = await SwarmDHT.create(peers_list(args.initial_peers), client_mode=True,
-                                    swarm_key=load_optional(args.swarm_key))
-    except (CheckpointError, DHTStartError, SwarmKeyError) as e:
+        key = model_key(args.model_name or default_model_name(args.model), config)
+        swarm_key = load_optional(args.swarm_key)
+        peers = await asyncio.get_running_loop().run_in_executor(
+            None, lan.initial_peers, peers_list(args.initial_peers), args.lan, swarm_key, key)
+        dht = await SwarmDHT.create(peers, client_mode=True, swarm_key=swarm_key)
+    except (CheckpointError, DHTStartError, SwarmKeyError, lan.LanError) as e:
         return fail("swarm", str(e))
     try:
-        key = model_key(args.model_name or default_model_name(args.model), config)
         servers = await dht.fetch_servers(key, config.num_hidden_layers)
     finally:
         await dht.shutdown()
@@ -116,6 +168,20 @@ async def status(args) -> int:
     if missing:
         print(f"uncovered blocks: {format_blocks(missing)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def tls_cert(args) -> int:
+    """Write OUT/NAME.crt + OUT/NAME.key for a node, signed by OUT/ca.crt (a new CA if there is none)."""
+    folder = Path(args.out)
+    try:
+        cert, key, new_ca = write_node_cert(folder, args.host, args.name, args.days)
+    except (TLSConfigError, OSError) as e:
+        return fail("swarm", str(e))
+    if new_ca:
+        print(f"new CA: give {folder / CA_CERT} to every client and node machine (--tls-ca); keep {folder / CA_KEY} "
+              "secret, here, to sign more certificates", file=sys.stderr)
+    print(f"node serve --tls-cert {cert} --tls-key {key}", flush=True)
     return 0
 
 
@@ -130,8 +196,9 @@ def generate(args) -> int:
     try:
         generate_text(args.model, peers_list(args.initial_peers), args.prompt, max_new_tokens=args.max_new_tokens,
                       do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      seed=args.seed, model_name=args.model_name, swarm_key=args.swarm_key)
-    except (CheckpointError, DHTStartError, NoRouteError, SwarmKeyError, RemoteCallError) as e:
+                      seed=args.seed, model_name=args.model_name, swarm_key=args.swarm_key, lan=args.lan,
+                      tls_ca=args.tls_ca)
+    except (CheckpointError, DHTStartError, NoRouteError, SwarmKeyError, RemoteCallError, TLSConfigError) as e:
         return fail("swarm", str(e))
     return 0
 
@@ -144,7 +211,8 @@ def finetune(args) -> int:
 
     try:
         return run(FinetuneOptions.from_namespace(args, peers_list(args.initial_peers)))
-    except (FinetuneError, CheckpointError, DHTStartError, NoRouteError, RemoteCallError, SwarmKeyError) as e:
+    except (FinetuneError, CheckpointError, DHTStartError, NoRouteError, RemoteCallError, SwarmKeyError,
+            TLSConfigError) as e:
         return fail("swarm", str(e))
     except KeyboardInterrupt:
         return fail("swarm", "interrupted (use --resume to continue from the latest checkpoint)", 130)
@@ -152,9 +220,13 @@ def finetune(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("status", "generate", "finetune") and not (peers_list(args.initial_peers) or args.lan):
+        return fail("swarm", "give --initial-peers (multiaddrs of swarm peers) or --lan (find them on the LAN)", 2)
     if args.command == "keygen":
         print(generate_key_text(), end="", flush=True)
         return 0
+    if args.command == "tls-cert":
+        return tls_cert(args)
     if args.command == "generate":
         return generate(args)
     if args.command == "finetune":

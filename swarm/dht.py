@@ -7,6 +7,7 @@ p2p daemon is still a separate, exec'd binary).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import replace
@@ -139,8 +140,17 @@ class SwarmDHT:
         announce's in a private swarm."""
         return await self.node.store(self.dht_key(key), value, expiration, subkey=subkey)
 
-    async def shutdown(self) -> None:
-        await self.node.shutdown()
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the DHT peer and its p2p daemon. A daemon that died or stopped answering must not hang
+        the caller's exit: after ``timeout`` seconds the daemon is killed and we move on."""
+        try:
+            await asyncio.wait_for(self.node.shutdown(), timeout)
+        except Exception as e:  # TimeoutError, or hivemind failing to talk to a dead daemon
+            log.warning("DHT shutdown did not finish cleanly (%s); killing the p2p daemon", type(e).__name__)
+            child = getattr(self.node.p2p, "_child", None)  # hivemind keeps the daemon process here
+            if child is not None and child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
 
 
 class Announcer:

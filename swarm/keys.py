@@ -2,7 +2,7 @@
 
 A key file is a comment line and one line of base64 (32 random bytes), made by ``swarm keygen``.
 Nothing uses the secret directly: separate subkeys are derived from it (HKDF-SHA256, RFC 5869) for
-RPC authentication, DHT record encryption and DHT key names, so one use never weakens another.
+RPC authentication, DHT record encryption, DHT key names and LAN discovery, so one use never weakens another.
 
 RPC proofs (``rpc_proof`` / ``check_proof``) travel in gRPC metadata: an HMAC over the method, the
 node address dialed, a timestamp, a random nonce and the SHA-256 of the request body (streams: a
@@ -47,6 +47,7 @@ class SwarmKey:
     rpc: bytes = field(init=False, repr=False)  # HMAC key of RPC proofs
     records: bytes = field(init=False, repr=False)  # AES-256-GCM key of DHT record values
     names: bytes = field(init=False, repr=False)  # HMAC key hiding DHT key names
+    lan: bytes = field(init=False, repr=False)  # AES-256-GCM key of LAN discovery announcements (swarm.lan)
     fingerprint: str = field(init=False)  # public short id of the key, safe to log
 
     def __post_init__(self) -> None:
@@ -55,6 +56,7 @@ class SwarmKey:
         object.__setattr__(self, "rpc", _hkdf(self.secret, b"rpc-auth"))
         object.__setattr__(self, "records", _hkdf(self.secret, b"dht-records"))
         object.__setattr__(self, "names", _hkdf(self.secret, b"dht-names"))
+        object.__setattr__(self, "lan", _hkdf(self.secret, b"lan-discovery"))
         object.__setattr__(self, "fingerprint", _hkdf(self.secret, b"fingerprint")[:6].hex())
 
     def hide_name(self, name: str) -> str:

@@ -2,6 +2,11 @@
 
 One DHT key per block under the model key, subkey = node id, value = a small dict. Records are
 validated when read: anything that does not match the schema exactly is ignored, never trusted.
+
+Optional fields appear only when they say something: ``"tls": True`` marks a node that serves gRPC
+over TLS. A plaintext node's record is what it always was, so every reader understands it; readers
+that predate a field find a record with it malformed and skip that node, which is right for TLS
+(they could not dial it).
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ RECORD_FIELDS = {
     "version": str,
     "dtype": str,
     "adapters": list,
+}
+OPTIONAL_FIELDS = {
+    "tls": True,  # present (and exactly True) only for a node serving gRPC over TLS
 }
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
@@ -70,6 +78,7 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         "version": info.version,
         "dtype": info.dtype,
         "adapters": list(info.adapters),
+        **({"tls": True} if info.tls else {}),
     }
 
 
@@ -82,7 +91,9 @@ def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> Se
     """Validate one record read under ``block``; return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
-    if not isinstance(value, dict) or set(value) != set(RECORD_FIELDS):
+    if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= set(RECORD_FIELDS) | set(OPTIONAL_FIELDS):
+        return None
+    if any(value[name] is not only for name, only in OPTIONAL_FIELDS.items() if name in value):
         return None
     for field, kind in RECORD_FIELDS.items():
         item = value[field]
@@ -114,4 +125,5 @@ def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> Se
         version=value["version"],
         dtype=value["dtype"],
         adapters=tuple(adapters),
+        tls="tls" in value,
     )

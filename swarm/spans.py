@@ -59,3 +59,4 @@ class ServerInfo:
     version: str  # swarmlm version of the node
     dtype: str  # compute dtype of the node's blocks
     adapters: tuple[str, ...] = ()  # names of LoRA adapters the node hosts (node serve --adapters)
+    tls: bool = False  # the node serves gRPC over TLS (node serve --tls-cert): dial it with a secure channel

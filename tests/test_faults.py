@@ -178,3 +178,28 @@ def test_blackholed_node_is_detected_and_routed_around(swarm, tiny_path, local_m
         assert streamer.times[6] - timing["at"] < 5.0  # noticed by keepalive in ~3 s, not a long deadline
     finally:
         proxy.close()
+
+
+def test_node_whose_p2p_daemon_died_still_serves_and_exits_on_sigterm(swarm, tiny_path, local_model):
+    """Its DHT is gone (records will expire), but gRPC keeps working and SIGTERM is not hung by
+    hivemind waiting on a dead daemon (it used to hang for minutes)."""
+    import os
+    import subprocess
+
+    (address,) = swarm.start_nodes(["0:6"], *NODE_ARGS)
+    proc = proc_at(swarm, address)
+    model = client(swarm, tiny_path)
+    try:
+        ids = prompt()
+        daemons = subprocess.run(["pgrep", "-P", str(proc.pid), "p2pd"], capture_output=True, text=True).stdout.split()
+        assert daemons, "the node should run its own p2pd child"
+        for pid in daemons:
+            os.kill(int(pid), signal.SIGKILL)
+        with torch.no_grad():  # the client still knows the node's address: the node keeps computing
+            assert torch.allclose(model(ids).logits, local_model(ids).logits, atol=1e-5)
+    finally:
+        model.close()
+    started = time.monotonic()
+    proc.popen.send_signal(signal.SIGTERM)
+    proc.popen.wait(60)
+    assert time.monotonic() - started < 3 + 5 + 12  # grace 3 s, OFFLINE announce bounded at 5 s, slack for load

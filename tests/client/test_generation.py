@@ -99,3 +99,33 @@ def test_long_prompt_is_prefilled_in_pieces_and_chunks(start_nodes, open_client,
     ids = torch.randint(3, 256, (1, 2000))
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD, eos_token_id=None)
     assert torch.equal(model.generate(ids, **kwargs), local_model.generate(ids, **kwargs))
+
+
+def test_a_full_node_sends_the_session_to_a_replica_with_room(start_nodes, open_client, tiny_path, local_model,
+                                                             bootstrap):
+    """A node out of cache room answers RESOURCE_EXHAUSTED: the client opens on another replica at
+    once (no ban: the node is fine, just busy); only when every replica is full does that clear error
+    reach the user, without waiting max_wait for some other node."""
+    import time
+
+    from client import ClientConfig
+
+    start_nodes("0:6", "0:6", cache_tokens=40, alloc_timeout=0.2)
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=30.0))
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    ref = local_model.generate(ids, **kwargs)
+    with model.inference_session(max_length=30) as first, model.inference_session(max_length=30) as second:
+        assert torch.equal(model.generate(ids, session=first, **kwargs), ref)
+        router, busy = model.chain.router, first._streams[0].hop.server.node_id
+        for server in router._servers:  # make the full node look fastest, so the route tries it first
+            router.rtt[server.node_id] = 0.0 if server.node_id == busy else 1.0
+        assert torch.equal(model.generate(ids, session=second, **kwargs), ref)  # 30 + 30 > 40: the other node
+        nodes = {first._streams[0].hop.server.node_id, second._streams[0].hop.server.node_id}
+        assert len(nodes) == 2
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED.*no room for 30 cache tokens"):
+            with model.inference_session(max_length=30) as third:
+                model.generate(ids, session=third, **kwargs)
+        assert time.monotonic() - started < 10  # not max_wait
+    assert not model.chain.router.banned()

@@ -100,3 +100,35 @@ def test_info_describes_the_node(node):
     info = stub.Info(pb.InfoRequest())
     assert (info.start, info.end, info.hidden_size, info.dtype, info.max_batch_tokens) == (1, 4, HIDDEN, "float32", 64)
     assert info.model.startswith("tiny-llama/") and info.throughput > 0
+
+
+def test_lora_weights_a_node_keeps_are_bounded(start_nodes):
+    """Clients cannot pile adapter weights up in a node's memory: past --lora-cache-mb the least
+    recently used are dropped, and a request naming a dropped adapter is asked for its weights again."""
+    (handle,) = start_nodes("1:4", lora_cache_mb=1)
+    shapes = handle.node.servicer.adapters.shapes
+    with grpc.insecure_channel(handle.address) as channel:
+        stub = pb_grpc.NodeStub(channel)
+        model = stub.Info(pb.InfoRequest()).model
+
+        def adapter(name, rank, modules):
+            return pb.LoraAdapter(id=name, version=1, scaling=1.0, modules=[
+                pb.LoraModule(block=block, module=m, a=serialize(torch.zeros(rank, shapes[m][0])),
+                              b=serialize(torch.zeros(shapes[m][1], rank)))
+                for block in (1, 2) for m in modules])
+
+        def with_lora(lora):
+            req = good_request(model)
+            req.lora.CopyFrom(lora)
+            return req
+
+        small = adapter("small", 4, ["self_attn.q_proj"])
+        huge = adapter("huge", 256, sorted(shapes))  # over 1 MiB on its own
+        assert huge.ByteSize() > 1 << 20
+        for lora in (small, huge):  # both work when their weights come along
+            assert stub.Forward(with_lora(lora), timeout=30).hidden_states.shape[1] == 5
+        assert handle.node.servicer.adapters.cache.nbytes <= 1 << 20
+        assert stub.Forward(with_lora(pb.LoraAdapter(id="small", version=1, scaling=1.0)), timeout=30)
+        with pytest.raises(grpc.RpcError) as err:  # the huge one was not kept
+            stub.Forward(with_lora(pb.LoraAdapter(id="huge", version=1, scaling=1.0)), timeout=30)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "send its weights" in err.value.details()

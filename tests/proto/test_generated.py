@@ -13,8 +13,4 @@ def test_generated_code_is_up_to_date(tmp_path: Path):
 def test_no_pickle_in_the_wire_contract():
     text = (ROOT / "proto" / "swarmlm.proto").read_text()
     assert "bytes data = 3" in text  # tensors travel as raw typed bytes
-    for path in ROOT.glob("*/**/*.py"):
-        if ".venv" in path.parts or "tests" in path.parts:
-            continue
-        source = path.read_text()
-        assert "import pickle" not in source and "torch.load(" not in source, path
+    # the source scan for pickle and torch.load is tests/test_no_unsafe_deserialization.py

@@ -3,7 +3,7 @@ import math
 import pytest
 from transformers import LlamaConfig
 
-from swarm.records import config_fingerprint, make_record, model_key, parse_record
+from swarm.records import RECORD_FIELDS, config_fingerprint, make_record, model_key, parse_record
 from swarm.spans import NodeState, ServerInfo, Span
 
 INFO = ServerInfo("peerA", "127.0.0.1:5000", Span(2, 6), NodeState.ONLINE, 123.0, "0.1.0", "float32")
@@ -50,3 +50,16 @@ def test_fingerprint_separates_models_and_ignores_paths():
     c = LlamaConfig(hidden_size=64, num_hidden_layers=5, num_attention_heads=4)
     assert config_fingerprint(a) == config_fingerprint(b) != config_fingerprint(c)
     assert model_key("tiny", a) != model_key("tiny", c)
+
+
+def test_tls_is_an_optional_field_old_readers_skip():
+    tls_info = ServerInfo("peerA", "127.0.0.1:5000", Span(2, 6), NodeState.ONLINE, 123.0, "0.1.0", "float32", tls=True)
+    assert make_record(tls_info)["tls"] is True
+    assert parse_record("peerA", make_record(tls_info), block=3, num_blocks=8) == tls_info
+    assert "tls" not in make_record(INFO)  # a plaintext node's record is unchanged: every reader understands it
+    assert set(make_record(tls_info)) - set(RECORD_FIELDS) == {"tls"}  # readers with the exact old schema skip it
+
+
+@pytest.mark.parametrize("value", [False, 1, "yes", None, [True]])
+def test_tls_field_must_be_exactly_true(value):
+    assert parse_record("peerA", {**make_record(INFO), "tls": value}, block=3, num_blocks=8) is None

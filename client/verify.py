@@ -1,0 +1,147 @@
+"""Untrusted-node checks: re-run a random fraction of span computations on other nodes and compare.
+
+With ``ClientConfig.verify_fraction > 0``, a checked hop's output is recomputed by another node that
+serves the same blocks. Two opinions that agree (within tolerance) are trusted. Two that disagree
+cannot say who is wrong, so more replicas are asked until two agree: that pair is the majority, its
+result is the one used, and every node that disagreed with it is banned for good and reported. When
+no two opinions agree, the result is not used: ``VerificationError`` names the nodes involved.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import torch
+
+from client.config import ClientConfig
+from client.routing import Router
+from client.transport import RemoteCallError
+from swarm.routing import Hop
+from swarm.spans import NodeState, ServerInfo, Span
+
+log = logging.getLogger(__name__)
+
+FLOAT32_TOLERANCE = 1e-3  # default between two float32 nodes (honest ones differ by about 1e-6)
+BFLOAT16_TOLERANCE = 0.05  # default when either node computes in bfloat16 (honest ones differ by about 2e-2)
+
+
+@dataclass(frozen=True)
+class Suspicion:
+    """A node whose outputs disagreed with other nodes' outputs for the same blocks and inputs."""
+
+    node_id: str
+    address: str
+    span: Span  # the blocks that were checked
+    difference: float  # largest relative difference from the result it was compared with
+    banned: bool  # True: outvoted by two agreeing nodes, banned; False: no majority (VerificationError)
+    time: float  # time.time() of the check
+
+
+class VerificationError(RuntimeError):
+    """Nodes disagree about the outputs of ``span`` and no two agree: no result can be trusted."""
+
+    def __init__(self, span: Span, addresses: list[str], difference: float):
+        super().__init__(f"nodes {', '.join(addresses)} disagree on blocks {span} (relative difference "
+                         f"{difference:.3g}) and no majority says which is right; the result is not used")
+        self.span, self.addresses, self.difference = span, addresses, difference
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """The largest per-position relative L2 difference of two [batch, seq, hidden] outputs, over the
+    positions ``mask`` (its last ``seq`` columns) keeps: padding positions influence nothing. NaN or
+    inf anywhere gives inf."""
+    a, b = a.float(), b.float()
+    if mask is not None:
+        keep = mask[:, -a.shape[1]:].bool()
+        a, b = a[keep], b[keep]
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    ratio = (a - b).norm(dim=-1) / torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-6)
+    return float(ratio.max())
+
+
+class Verifier:
+    """Decides which hops to check, asks replicas, keeps the report (``suspicious``) and bans liars."""
+
+    def __init__(self, router: Router, config: ClientConfig):
+        self.router = router
+        self.fraction, self.tolerance = config.verify_fraction, config.verify_tolerance
+        self.checks = 0  # hops checked against at least one other node
+        self.unverified = 0  # hops drawn for a check that no other live node could re-run
+        self.suspicious: list[Suspicion] = []  # every disagreement, oldest first
+        self._rng = random.Random()
+        self._warned: set[Span] = set()
+
+    def wanted(self) -> bool:
+        """Draw whether to check the next hop."""
+        return self.fraction > 0 and self._rng.random() < self.fraction
+
+    def agree(self, a: tuple[ServerInfo, torch.Tensor], b: tuple[ServerInfo, torch.Tensor],
+              mask: torch.Tensor | None) -> tuple[bool, float]:
+        """Whether two (node, output) opinions agree, and their relative difference."""
+        tolerance = self.tolerance
+        if tolerance is None:
+            tolerance = FLOAT32_TOLERANCE if a[0].dtype == b[0].dtype == "float32" else BFLOAT16_TOLERANCE
+        diff = relative_difference(a[1], b[1], mask)
+        return diff <= tolerance, diff
+
+    async def check(self, hop: Hop, out: torch.Tensor, rerun: Callable[[ServerInfo], Awaitable[torch.Tensor]],
+                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
+        """The trusted output of ``hop`` (which returned ``out``) and whether its node was outvoted.
+
+        ``rerun(server)`` computes the same thing on another node; ``mask`` selects compared positions."""
+        opinions = [(hop.server, out)]
+        for server in await self._replicas(hop):
+            try:
+                opinion = (server, await rerun(server))
+            except RemoteCallError as e:  # a checker that fails is just not a witness
+                if not e.client_fault:
+                    self.router.ban(Hop(server, hop.span), e)
+                continue
+            for earlier in opinions:
+                if self.agree(earlier, opinion, mask)[0]:
+                    self.checks += 1
+                    self._outvote(hop.span, opinions + [opinion], earlier, mask)
+                    return earlier[1], earlier is not opinions[0]
+            opinions.append(opinion)
+        if len(opinions) == 1:
+            self._unverifiable(hop.span)
+            return out, False
+        self.checks += 1
+        diff = self.agree(opinions[0], opinions[1], mask)[1]
+        for server, _ in opinions:
+            self._report(server, hop.span, diff, banned=False)
+        raise VerificationError(hop.span, [s.address for s, _ in opinions], diff)
+
+    async def _replicas(self, hop: Hop) -> list[ServerInfo]:
+        """Other live, unbanned nodes hosting all of the hop's blocks, in random order."""
+        banned = self.router.banned()
+        servers = [s for s in await self.router.servers() if s.state is NodeState.ONLINE and s.span.covers(hop.span)
+                   and s.node_id != hop.server.node_id and s.node_id not in banned]
+        self._rng.shuffle(servers)
+        return servers
+
+    def _outvote(self, span: Span, opinions: list, trusted: tuple[ServerInfo, torch.Tensor], mask) -> None:
+        """Ban and report every node whose opinion disagrees with the trusted one."""
+        for opinion in opinions:
+            agrees, diff = self.agree(trusted, opinion, mask)
+            if not agrees:
+                self._report(opinion[0], span, diff, banned=True)
+                self.router.ban(Hop(opinion[0], span), RuntimeError(
+                    f"its outputs for blocks {span} differ from two agreeing nodes' by {diff:.3g}"), forever=True)
+
+    def _report(self, server: ServerInfo, span: Span, diff: float, banned: bool) -> None:
+        self.suspicious.append(Suspicion(server.node_id, server.address, span, diff, banned, time.time()))
+        log.warning("node %s computed blocks %s differently from other nodes (relative difference %.3g)%s",
+                    server.address, span, diff, "; banned" if banned else "")
+
+    def _unverifiable(self, span: Span) -> None:
+        self.unverified += 1
+        if span not in self._warned:
+            self._warned.add(span)
+            log.warning("cannot verify blocks %s: no other live node serving all of them re-ran them", span)

@@ -1,0 +1,140 @@
+"""Untrusted-node checks (ClientConfig.verify_fraction) against a deliberately faulty node.
+
+The faulty node is a real node started with the node's test-only fault switch (SWARMLM_TEST_FAULT); it
+announces a high throughput, so routes for both batch forward and inference go through it.
+"""
+import pytest
+import torch
+
+from client import ClientConfig, VerificationError
+from client.verify import relative_difference
+from node.handler import TEST_FAULT_ENV, _test_fault
+
+PAD = 0
+ATOL = 1e-4
+GREEDY = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+
+
+def batch():
+    """3 left-padded prompts of different lengths."""
+    torch.manual_seed(5)
+    lengths = [9, 4, 13]
+    ids = torch.full((3, max(lengths)), PAD)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, 256, (n,))
+        mask[row, -n:] = 1
+    return ids, mask
+
+
+def start_faulty(start_nodes, monkeypatch, span: str = "0:3"):
+    """A node perturbing its outputs; it announces a high throughput to attract routes."""
+    monkeypatch.setenv(TEST_FAULT_ENV, "perturb=0.1")
+    faulty = start_nodes(span, throughput=1e6)[0]
+    monkeypatch.delenv(TEST_FAULT_ENV)
+    return faulty
+
+
+def client(open_client, tiny_path, bootstrap, **fields):
+    return open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), **fields))
+
+
+def run(model, local_model):
+    """Forward logits and greedy tokens, remote and local."""
+    ids, mask = batch()
+    with torch.no_grad():
+        logits, ref_logits = model(ids, attention_mask=mask).logits, local_model(ids, attention_mask=mask).logits
+    return logits, ref_logits, model.generate(ids, attention_mask=mask, **GREEDY), \
+        local_model.generate(ids, attention_mask=mask, **GREEDY)
+
+
+def test_without_verification_the_faulty_node_corrupts_results(start_nodes, monkeypatch, open_client, tiny_path,
+                                                               bootstrap, local_model):
+    faulty = start_faulty(start_nodes, monkeypatch)
+    start_nodes("0:6", "0:6", throughput=10.0)
+    model = client(open_client, tiny_path, bootstrap)
+    logits, ref_logits, tokens, ref_tokens = run(model, local_model)
+    assert model.chain.last_route[0].server.address == faulty.address
+    assert (logits - ref_logits).abs().max() > 1e-2
+    assert not torch.equal(tokens, ref_tokens)
+    assert model.suspicious_nodes == [] and model.chain.verifier.checks == 0
+
+
+def test_verification_bans_and_reports_the_faulty_node(start_nodes, monkeypatch, open_client, tiny_path, bootstrap,
+                                                       local_model):
+    faulty = start_faulty(start_nodes, monkeypatch)
+    start_nodes("0:6", "0:6", throughput=10.0)
+    ids, mask = batch()
+
+    # batch forward: the faulty hop is re-run on two honest replicas, which agree and outvote it
+    model = client(open_client, tiny_path, bootstrap, verify_fraction=1.0)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert torch.allclose(logits, local_model(ids, attention_mask=mask).logits, atol=ATOL)
+    [suspect] = model.suspicious_nodes
+    assert (suspect.address, suspect.span.start, suspect.span.end, suspect.banned) == (faulty.address, 0, 3, True)
+    assert suspect.difference > 1e-3
+    assert faulty.node.dht.node_id in model.chain.router.banned()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert faulty.address not in {hop.server.address for hop in model.chain.last_route}
+    assert len(model.suspicious_nodes) == 1  # banned for good: never asked again
+
+    # inference: a fresh client's session goes through the faulty node first and moves off it
+    model = client(open_client, tiny_path, bootstrap, verify_fraction=1.0)
+    tokens = model.generate(ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(tokens, local_model.generate(ids, attention_mask=mask, **GREEDY))
+    assert [(s.address, s.banned) for s in model.suspicious_nodes] == [(faulty.address, True)]
+    assert model.chain.verifier.checks > GREEDY["max_new_tokens"]  # every step of every hop was checked
+
+
+def test_two_disagreeing_nodes_and_no_third_refuse_the_result(start_nodes, monkeypatch, open_client, tiny_path,
+                                                              bootstrap):
+    faulty = start_faulty(start_nodes, monkeypatch)
+    honest = start_nodes("0:6", throughput=10.0)[0]
+    model = client(open_client, tiny_path, bootstrap, verify_fraction=1.0)
+    ids, mask = batch()
+    with pytest.raises(VerificationError) as raised, torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert set(raised.value.addresses) == {faulty.address, honest.address}
+    assert {(s.address, s.banned) for s in model.suspicious_nodes} == {(faulty.address, False), (honest.address, False)}
+    assert not model.chain.router.banned()  # who is wrong is unknown: nobody is banned
+    with pytest.raises(VerificationError):
+        model.generate(ids, attention_mask=mask, **GREEDY)
+
+
+def test_no_false_positives_among_honest_replicas(start_nodes, open_client, tiny_path, bootstrap, local_model):
+    start_nodes("0:6", "0:6", "0:3")
+    model = client(open_client, tiny_path, bootstrap, verify_fraction=1.0)
+    logits, ref_logits, tokens, ref_tokens = run(model, local_model)
+    assert torch.allclose(logits, ref_logits, atol=ATOL)
+    assert torch.equal(tokens, ref_tokens)
+    assert model.suspicious_nodes == [] and not model.chain.router.banned()
+    assert model.chain.verifier.checks > GREEDY["max_new_tokens"]
+
+
+def test_bfloat16_and_float32_replicas_agree_within_the_default_tolerance(start_nodes, open_client, tiny_path,
+                                                                          bootstrap, local_model):
+    start_nodes("0:6")
+    start_nodes("0:6", dtype="bfloat16")
+    model = client(open_client, tiny_path, bootstrap, verify_fraction=1.0)
+    run(model, local_model)
+    assert model.suspicious_nodes == [] and model.chain.verifier.checks > 0
+
+
+def test_relative_difference_and_settings(monkeypatch):
+    a = torch.ones(2, 3, 4)
+    b = a.clone()
+    b[0, 0] += 1.0  # a padding position
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert relative_difference(a, b, mask) == 0.0 and relative_difference(a, b) == pytest.approx(0.5)
+    b[1, 2, 0] = float("nan")
+    assert relative_difference(a, b, mask) == float("inf")
+    for bad in (dict(verify_fraction=1.5), dict(verify_fraction=-0.1), dict(verify_tolerance=-1.0)):
+        with pytest.raises(ValueError):
+            ClientConfig(initial_peers=("/ip4/127.0.0.1/tcp/1",), **bad)
+    monkeypatch.delenv(TEST_FAULT_ENV, raising=False)
+    assert _test_fault() == 0.0
+    monkeypatch.setenv(TEST_FAULT_ENV, "perturb=oops")
+    with pytest.raises(ValueError):
+        _test_fault()
