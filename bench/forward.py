@@ -137,9 +137,9 @@ def section_node_memory(ctx: Context) -> str:
         f"{sum(f.stat().st_size for f in path.iterdir()) / 2**20:.0f} MiB on disk)\n",
         "VmRSS of the `node serve` process from /proc/<pid>/status: once it printed its address (ready), "
         f"after one Forward request and after one Backward request of {BATCH} x {SEQ} tokens; *file-backed* "
-        "= its RssFile after both: shared libraries plus the block weights, which are zero-copy views of the "
-        "mmapped safetensors file paged in when first used (so RSS at ready hardly depends on the span); "
-        "peak = VmHWM. "
+        "= its RssFile after both: shared libraries (the loader copies only its span's tensors out of the "
+        "safetensors file into anonymous memory, so the file is not kept mapped and RSS at ready grows with "
+        "the span); peak = VmHWM. "
         "*weights* = float32 size of the hosted blocks; *start* = seconds from launch to ready (bootstrap "
         "already up). *tree PSS* = proportional set size summed over the node and its child processes "
         "(p2pd), i.e. its memory cost without double-counting pages shared with other processes.\n",

@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         "noise: compare ratios from one run, not seconds across runs.\n\n"
         f"Machine: nproc {os.cpu_count()} ({cpu}), torch {torch.__version__}, transformers "
         f"{transformers.__version__}, Python {platform.python_version()}; {args.threads} torch threads in "
-        f"the local baseline, every node and every client process (OMP_NUM_THREADS). Run {time.strftime('%Y-%m-%d %H:%M')} in "
+        f"the local baseline, every node and every client process (OMP_NUM_THREADS; nodes run decode-sized "
+        f"inference steps on one, their default `--small-step-threads 1`). Run {time.strftime('%Y-%m-%d %H:%M')} in "
         f"{wall / 60:.1f} min{' (--quick)' if args.quick else ''}; other processes used {other.share():.0%} "
         "of the CPUs meanwhile.\n"
     )
