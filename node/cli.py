@@ -11,6 +11,7 @@ from node.loading import CheckpointError
 from node.server import Node
 from swarm.cliargs import OneLineParser, fail, peers_list
 from swarm.dht import DHTStartError
+from swarm.launch import die_with_parent
 from swarm.spans import Span
 
 
@@ -94,6 +95,7 @@ async def serve(config: NodeConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)

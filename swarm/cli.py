@@ -8,6 +8,7 @@ from pathlib import Path
 
 from swarm.cliargs import OneLineParser, fail, peers_list
 from swarm.dht import DHTStartError, SwarmDHT
+from swarm.launch import die_with_parent
 from swarm import lan
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
 from swarm.lan import LanAnnouncer
@@ -219,6 +220,7 @@ def finetune(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = build_parser().parse_args(argv)
     if args.command in ("status", "generate", "finetune") and not (peers_list(args.initial_peers) or args.lan):
         return fail("swarm", "give --initial-peers (multiaddrs of swarm peers) or --lan (find them on the LAN)", 2)

@@ -15,27 +15,29 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _load_prctl():
-    """libc's prctl, resolved here in the parent: the forked child must not import anything (another
-    thread may have held the import lock at fork time)."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _load_prctl()
+PARENT_ENV = "SWARMLM_DIE_WITH_PARENT"  # set by Proc for its children: the launching process's pid
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launching process dies (Linux), so a killed test
-    run or demo never leaves nodes behind. Elsewhere a no-op. (Linux ties this to the launching
-    thread: start nodes from long-lived threads, e.g. the main one.)"""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent() -> None:
+    """Called first by the `node` and `swarm` commands. When started by ``Proc`` (PARENT_ENV set), ask
+    Linux for SIGTERM once the launching thread exits, so a killed test run or demo never leaves nodes
+    behind; if the launcher is already gone, stop now. A no-op otherwise and off Linux.
+
+    Done in the child itself rather than in a ``preexec_fn``: that would make subprocess fork() instead
+    of spawning, running gRPC's fork handlers in a parent whose gRPC threads are busy (gRPC logs
+    "skipping fork() handlers", and a child once aborted with an epoll error)."""
+    expected = os.environ.pop(PARENT_ENV, "")
+    if not expected.isdigit():
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(expected):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class LaunchError(RuntimeError):
@@ -47,9 +49,9 @@ class Proc:
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None):
         self.argv = list(argv)
+        env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}  # see die_with_parent
         self.popen = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.stderr_lines: list[str] = []

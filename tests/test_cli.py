@@ -102,3 +102,35 @@ def test_cli_mistakes_give_one_line(args, message, tiny_path):
 def test_swarm_status_with_unknown_model(tmp_path):
     result = run("swarm", "status", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--model", str(tmp_path / "x"))
     assert result.returncode != 0 and "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def test_processes_die_with_their_launcher(tiny_path):
+    """A LocalSwarm whose launching process is SIGKILLed (no cleanup runs) leaves no process behind."""
+    import os
+    import time
+
+    script = (f"import sys; from swarm.launch import LocalSwarm; s = LocalSwarm({str(tiny_path)!r}); "
+              "s.start_nodes(['0:6']); print(s.bootstrap.pid, s.nodes[0].pid, flush=True); sys.stdin.read()")
+    launcher = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in launcher.stdout.readline().split()]
+        assert len(pids) == 2, "the launcher did not start its swarm"
+        assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    finally:
+        launcher.kill()
+        launcher.wait(10)
+
+    def alive(pid):  # a zombie (exited, not yet reaped by init) counts as gone
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "processes outlived their launcher"
