@@ -24,7 +24,8 @@ class RemoteCache(Cache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        return self.session.position
+        """Tokens the nodes hold: generate() slices input_ids with it (virtual prompt positions excluded)."""
+        return self.session.position - self.session.virtual
 
     def __len__(self) -> int:
         return 0

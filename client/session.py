@@ -66,6 +66,7 @@ class InferenceSession:
         self.position = 0  # positions already in every node's cache
         self.token_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
         self.attention_mask: torch.Tensor | None = None  # their mask
+        self.virtual = 0  # leading positions that are no tokens (a prompt-tuning adapter's virtual tokens)
         self._streams: list[_Stream] = []
         self.closed = False
 

@@ -182,3 +182,37 @@ def test_prefix_tuning_gradients_and_saved_adapter_equal_local_peft(projection, 
     with torch.no_grad():
         assert torch.allclose(ours.eval()(input_ids=ids, attention_mask=mask).logits,
                               loaded(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning-mlp"])
+def test_prompt_adapters_generate_like_local_peft(method, start_nodes, open_client, tiny_path):
+    """generate() with a prompt-tuning / p-tuning adapter == PEFT's generate() on the local model: a
+    left-padded batch, greedy, then a two-turn session == generating the concatenation locally."""
+    start_nodes("0:3", "3:6")
+    config = PROMPT_CONFIGS[method]
+    torch.manual_seed(11)
+    ours = get_peft_model(open_client(tiny_path), copy.deepcopy(config))
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                 copy.deepcopy(config))
+    same_prompt_weights(ours, local)
+    with torch.no_grad():  # big enough prompts to change what the model says
+        for p in ours.prompt.encoder.parameters():
+            p.mul_(8.0)
+        same_prompt_weights(ours, local)
+    ours.eval(), local.eval()
+    ids, mask, _ = batch()
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = local.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        plain = local.get_base_model().generate(input_ids=ids, attention_mask=mask, **kwargs)
+    assert not torch.equal(ref, plain)  # the prompt matters, so this test can fail
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), ref)
+
+    first, second = ids[1:2, 3:], torch.tensor([[17, 23, 5]])
+    with torch.no_grad():
+        turn1 = local.generate(input_ids=first, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+        both = local.generate(input_ids=torch.cat([turn1, second], 1), **kwargs)
+    with ours.inference_session(max_length=64) as session:
+        assert torch.equal(ours.generate(first, session=session, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                                         eos_token_id=None), turn1)
+        assert torch.equal(ours.generate(second, session=session, **kwargs), both)
