@@ -24,12 +24,12 @@ def test_announce_fetch_and_expiry(bootstrap):
         reader = await SwarmDHT.create(bootstrap, client_mode=True)
         try:
             n1, n2 = peer.owned("n1"), peer.owned("n2")  # subkeys carrying the peer's owner key
-            assert await peer.announce(MODEL, info(n1, 0, 3), ttl=2.0)
+            assert await peer.announce(MODEL, info(n1, 0, 3), ttl=6.0)  # long enough to be read under load
             assert await peer.announce(MODEL, info(n2, 2, 4), ttl=60.0)
             found = {s.node_id: s for s in await reader.fetch_servers(MODEL, num_blocks=4)}
             assert found == {n1: info(n1, 0, 3), n2: info(n2, 2, 4)}
             assert await reader.fetch_servers("tiny/ffffffffffffffff", num_blocks=4) == []  # other fingerprint
-            for _ in range(50):  # n1's record expires after its TTL
+            for _ in range(100):  # n1's record expires after its TTL
                 if await ids(reader, MODEL, 4) == [n2]:
                     break
                 await asyncio.sleep(0.2)
