@@ -35,11 +35,13 @@ class RemoteGenerationMixin:
     """``inference_session()`` and a session-aware ``generate()`` for the distributed models."""
 
     def inference_session(self, max_length: int) -> InferenceSession:
-        """Open a session holding up to ``max_length`` positions on every node of its route.
+        """Open a session holding up to ``max_length`` tokens on every node of its route.
 
         Pass it to ``generate(..., session=sess)`` to continue a conversation: each call sends only
         the tokens the nodes have not seen yet."""
-        return InferenceSession(self.chain, max_length, lora=self.model.layers.lora)
+        prefix = self.model.layers.prefix  # a prefix-tuning adapter's keys/values start every node's cache
+        virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        return InferenceSession(self.chain, max_length + virtual, lora=self.model.layers.lora, prefix=prefix)
 
     def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None,
                  **kwargs):

@@ -63,22 +63,19 @@ class DistributedPeftModel(nn.Module):
                                inputs_embeds=inputs_embeds, labels=labels, **extra)
 
     def generate(self, *args, **kwargs):
-        """generate() with the adapter: LoRA weights go to every node of the session; prompt-tuning and
-        p-tuning prompts are prepended when a session starts, as PEFT's generate() does (the virtual
-        tokens' keys and values then stay in the nodes' caches; positions count them, padding aside)."""
+        """generate() with the adapter, giving the tokens PEFT's generate() gives: LoRA weights go to every
+        node of the session; prompt-tuning and p-tuning prompts are prepended when a session starts (their
+        keys and values then stay in the nodes' caches); prefix-tuning keys/values start every node's cache."""
         if isinstance(self.adapter, RemoteLora):
             return self.base_model.generate(*args, **kwargs)
-        if self.prompt is None:
-            raise NotImplementedError("generation with prefix-tuning adapters is not supported yet; LoRA, prompt "
-                                      "tuning and p-tuning adapters generate")
+        if kwargs.get("use_cache") is False:
+            raise ValueError("prompt and prefix adapters generate with the nodes' caches only (use_cache=True)")
         base = self.base_model
         original = base.prepare_inputs_for_generation
 
         def prepare(*args, **kwargs):  # named **kwargs: generate() inspects this signature
-            return self._with_prompt(original(*args, **kwargs))
+            return self._peft_inputs(original(*args, **kwargs))
 
-        if kwargs.get("use_cache") is False:
-            raise ValueError("prompt adapters generate with the nodes' caches only (use_cache=True)")
         base.prepare_inputs_for_generation = prepare
         try:
             if kwargs.get("session") is not None:
@@ -86,27 +83,31 @@ class DistributedPeftModel(nn.Module):
             ids = args[0] if args else kwargs.get("input_ids")
             if ids is None:
                 raise ValueError("generate() over the swarm needs input_ids")
-            with base.inference_session(base._session_length(ids.shape[1], kwargs) + self.prompt.num_virtual_tokens
-                                        ) as session:  # room for the virtual tokens too
+            with self.inference_session(base._session_length(ids.shape[1], kwargs)) as session:
                 return base.generate(*args, session=session, **kwargs)
         finally:
             del base.prepare_inputs_for_generation  # back to the class's method
 
-    def _with_prompt(self, inputs: dict) -> dict:
-        """One generation step's model inputs, changed as PEFT changes them for prompt methods."""
-        cache = inputs["past_key_values"]
+    def _peft_inputs(self, inputs: dict) -> dict:
+        """One generation step's model inputs, changed as PEFT changes them for prompt and prefix methods."""
         inputs.pop("cache_position", None)
+        if self.prompt is None:  # prefix tuning: positions continue after the prefix, as PEFT shifts them
+            if inputs.get("position_ids") is not None:
+                inputs["position_ids"] = inputs["position_ids"] + self.adapter.num_virtual_tokens
+            return inputs
         inputs["position_ids"] = None  # PEFT drops them: positions run on from the cache, padding or not
-        session, v = cache.session, self.prompt.num_virtual_tokens
+        session = inputs["past_key_values"].session
         if session.position == 0:  # the session starts: its first positions are the virtual tokens
             ids, mask = inputs.pop("input_ids"), inputs.get("attention_mask")
             embeds = self.base_model.get_input_embeddings()(ids)
             inputs["inputs_embeds"], inputs["attention_mask"], _ = self.prompt.extend(embeds, mask, None)
-            inputs["input_ids"], session.virtual = None, v
+            inputs["input_ids"], session.virtual = None, self.prompt.num_virtual_tokens
         return inputs
 
     def inference_session(self, max_length: int):
-        return self.base_model.inference_session(max_length)
+        """A session for ``max_length`` tokens (room for the adapter's virtual positions is added)."""
+        extra = self.prompt.num_virtual_tokens if self.prompt is not None else 0  # the base adds a prefix's own
+        return self.base_model.inference_session(max_length + extra)
 
     def trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -15,6 +15,7 @@ import grpc
 import torch
 
 from client.adapters import RemoteLora
+from client.prompts import RemotePrefix
 from client.chain import RemoteChain
 from client.transport import RemoteCallError, call_forward, decode_tensor, forward_request
 from proto import swarmlm_pb2 as pb
@@ -58,15 +59,20 @@ class _Stream:
 class InferenceSession:
     """Server-side caches along a route, for generation. Use as a context manager."""
 
-    def __init__(self, chain: RemoteChain, max_length: int, lora: RemoteLora | None = None):
+    def __init__(self, chain: RemoteChain, max_length: int, lora: RemoteLora | None = None,
+                 prefix: RemotePrefix | None = None):
+        """``max_length`` counts every position, a prefix-tuning ``prefix``'s virtual ones included."""
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        self.chain, self.max_length, self.lora = chain, max_length, lora
+        self.chain, self.max_length, self.lora, self.prefix = chain, max_length, lora, prefix
         self.batch_size: int | None = None
-        self.position = 0  # positions already in every node's cache
+        # leading positions that are no tokens: prefix-tuning keys/values every node's cache starts with,
+        # or prompt-tuning virtual tokens (set by the PEFT wrapper when it prepends them)
+        self.virtual = prefix.num_virtual_tokens if prefix is not None else 0
+        self.position = self.virtual  # positions already in every node's cache
         self.token_ids: torch.Tensor | None = None  # tokens of the conversation so far (for generate)
         self.attention_mask: torch.Tensor | None = None  # their mask
-        self.virtual = 0  # leading positions that are no tokens (a prompt-tuning adapter's virtual tokens)
+        self._prefix_kv: torch.Tensor | None = None  # [blocks, 2, batch, kv_heads, virtual, head_dim], once known
         self._streams: list[_Stream] = []
         self.closed = False
 
@@ -136,13 +142,24 @@ class InferenceSession:
         chain = self.chain
         hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*stream.sent))
 
+        prefix = self._prefix_keys_values() if self.prefix is not None else None
+        if prefix is not None:  # a stateless Forward's mask covers the prefix positions too
+            mask = torch.cat([mask.new_ones(mask.shape[0], self.virtual), mask], dim=1)
+
         async def rerun(server: ServerInfo) -> torch.Tensor:
             req = forward_request(chain.model, stream.hop.span, hidden, mask, positions, stream.lora,
-                                  chain.config.adapter)
+                                  chain.config.adapter, prefix)
             full, _ = await call_forward(chain.connections, server.address, req, hidden, chain.config.request_timeout)
             return full[:, -new:]
 
         return await chain.verifier.check(stream.hop, out, rerun, mask)
+
+    def _prefix_keys_values(self) -> torch.Tensor:
+        """The prefix keys/values of every block for this session's batch, as they were when it opened."""
+        if self._prefix_kv is None:
+            with torch.no_grad():
+                self._prefix_kv = self.prefix.key_values(self.batch_size).detach().contiguous()
+        return self._prefix_kv
 
     async def _open(self, span: Span, attempt: int = 0, full: frozenset[str] = frozenset()) -> list[_Stream]:
         """Open streams along a fresh route over ``span``, avoiding the nodes in ``full`` (node ids
@@ -156,6 +173,8 @@ class InferenceSession:
             opts = pb.SessionOptions(model=self.chain.model, start=hop.span.start, end=hop.span.end,
                                      batch_size=self.batch_size, max_length=self.max_length,
                                      adapter_name=self.chain.config.adapter or "")
+            if self.prefix is not None:  # the node's cache starts with this hop's prefix keys/values
+                opts.prefix.CopyFrom(serialize(self._prefix_keys_values()[hop.span.start:hop.span.end]))
             if self.lora is not None:  # the session applies the adapter as it is when the session opens
                 opts.lora.CopyFrom(self.lora.message(hop.span, with_weights=True))
                 opts.lora.dropout = 0.0

@@ -145,18 +145,20 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             if self.state is NodeState.OFFLINE:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "this node is shutting down; use another")
-            span, batch, max_length, lora = parse_open(first, self.limits, self.policy.max_length, self.adapters)
+            span, batch, max_length, lora, prefix = parse_open(first, self.limits, self.policy.max_length,
+                                                               self.adapters)
             await self.budget.reserve(batch * max_length, self.policy.alloc_timeout)
         except RequestError as e:
             await context.abort(e.code, str(e))
         self.open_sessions += 1
         try:
-            session = Session(span, batch, max_length, new_cache(self.blocks),
-                              torch.ones(batch, 0, dtype=torch.int64), lora)
+            virtual = prefix.shape[4] if prefix is not None else 0  # prefix-tuning positions the cache starts with
+            cache = prefixed_cache(self.blocks, span, prefix) if prefix is not None else new_cache(self.blocks)
+            session = Session(span, batch, max_length, cache, torch.ones(batch, virtual, dtype=torch.int64), lora)
             request = first
             while request is not None:
                 if request is first and not first.HasField("hidden_states"):
-                    yield pb.InferenceResponse(cache_length=0)  # the open acknowledgement
+                    yield pb.InferenceResponse(cache_length=session.length)  # the open acknowledgement
                 else:
                     try:
                         hidden, mask, positions = parse_step(

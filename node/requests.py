@@ -190,9 +190,9 @@ def _lora(req, field: str, span: Span, adapters: Adapters | None) -> Lora | None
     return parse_lora(getattr(req, field), span, adapters.shapes, adapters.cache)
 
 
-def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int,
-               adapters: Adapters | None = None) -> tuple[Span, int, int, Lora | None]:
-    """The first message of an inference stream -> (span, batch_size, max_length)."""
+def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int, adapters: Adapters | None = None
+               ) -> tuple[Span, int, int, Lora | None, torch.Tensor | None]:
+    """The first message of an inference stream -> (span, batch_size, max_length, LoRA, prefix)."""
     if not req.HasField("open"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the first inference message must carry `open`")
     opts = req.open
@@ -206,7 +206,11 @@ def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int
         raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                            f"batch_size {opts.batch_size} is over this node's limit of {limits.max_batch_tokens} "
                            "tokens per request")
-    return span, opts.batch_size, opts.max_length, _lora(opts, "lora", span, adapters)
+    prefix = _parse_prefix(opts.prefix, limits, span, opts.batch_size) if opts.HasField("prefix") else None
+    if prefix is not None and prefix.shape[4] >= opts.max_length:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"a prefix of {prefix.shape[4]} positions leaves no room in max_length {opts.max_length}")
+    return span, opts.batch_size, opts.max_length, _lora(opts, "lora", span, adapters), prefix
 
 
 def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int

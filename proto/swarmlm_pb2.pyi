@@ -127,7 +127,7 @@ class BackwardResponse(_message.Message):
     def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., grad_prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
-    __slots__ = ("model", "start", "end", "batch_size", "max_length", "lora", "adapter_name")
+    __slots__ = ("model", "start", "end", "batch_size", "max_length", "lora", "adapter_name", "prefix")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class SessionOptions(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -142,7 +143,8 @@ class SessionOptions(_message.Message):
     max_length: int
     lora: LoraAdapter
     adapter_name: str
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ...) -> None: ...
+    prefix: Tensor
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("open", "hidden_states", "attention_mask", "position_ids")

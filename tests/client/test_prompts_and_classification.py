@@ -184,21 +184,23 @@ def test_prefix_tuning_gradients_and_saved_adapter_equal_local_peft(projection, 
                               loaded(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning-mlp"])
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning-mlp", "prefix"])
 def test_prompt_adapters_generate_like_local_peft(method, start_nodes, open_client, tiny_path):
-    """generate() with a prompt-tuning / p-tuning adapter == PEFT's generate() on the local model: a
-    left-padded batch, greedy, then a two-turn session == generating the concatenation locally."""
+    """generate() with a prompt-tuning / p-tuning / prefix-tuning adapter == PEFT's generate() on the local
+    model: a left-padded batch, greedy, then a two-turn session == generating the concatenation locally."""
+    from peft import PrefixTuningConfig
+
     start_nodes("0:3", "3:6")
-    config = PROMPT_CONFIGS[method]
+    config = PROMPT_CONFIGS.get(method) or PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     torch.manual_seed(11)
     ours = get_peft_model(open_client(tiny_path), copy.deepcopy(config))
     local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
                                  copy.deepcopy(config))
-    same_prompt_weights(ours, local)
+    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
     with torch.no_grad():  # big enough prompts to change what the model says
-        for p in ours.prompt.encoder.parameters():
+        for p in weights.values():
             p.mul_(8.0)
-        same_prompt_weights(ours, local)
+    ours.adapter.encoder.load_state_dict(weights)
     ours.eval(), local.eval()
     ids, mask, _ = batch()
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)

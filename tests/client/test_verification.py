@@ -138,3 +138,34 @@ def test_relative_difference_and_settings(monkeypatch):
     monkeypatch.setenv(TEST_FAULT_ENV, "perturb=oops")
     with pytest.raises(ValueError):
         _test_fault()
+
+
+def test_checks_of_prefix_tuning_steps_carry_the_prefix(start_nodes, monkeypatch, open_client, tiny_path, bootstrap):
+    """A checked inference step is re-run as a stateless Forward that must carry the session's prefix-tuning
+    keys/values: then the honest replicas outvote only the faulty node, and generation with the adapter
+    equals PEFT's generate() on the local model (without the prefix the check would trust wrong outputs)."""
+    import copy
+
+    from peft import PrefixTuningConfig
+    from peft import get_peft_model as local_get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from client import get_peft_model
+
+    faulty = start_faulty(start_nodes, monkeypatch)
+    start_nodes("0:6", "0:6", throughput=10.0)
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    ours = get_peft_model(client(open_client, tiny_path, bootstrap, verify_fraction=1.0), copy.deepcopy(config))
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                 copy.deepcopy(config))
+    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
+    with torch.no_grad():  # prefixes big enough to change what the model says
+        for p in weights.values():
+            p.mul_(8.0)
+    ours.adapter.encoder.load_state_dict(weights)
+    ids, mask = batch()
+    with torch.no_grad():
+        ref = local.eval().generate(input_ids=ids, attention_mask=mask, **GREEDY)
+        assert not torch.equal(ref, local.get_base_model().generate(input_ids=ids, attention_mask=mask, **GREEDY))
+    assert torch.equal(ours.eval().generate(ids, attention_mask=mask, **GREEDY), ref)
+    assert [(s.address, s.banned) for s in ours.base_model.suspicious_nodes] == [(faulty.address, True)]

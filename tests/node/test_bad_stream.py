@@ -126,7 +126,17 @@ def open_cases(model):
         (opening(model, hidden_states=raw("float32", [2, 1 << 21, HIDDEN], 0)), BIG, "over this node's limit"),
         (opening(model, hidden_states=serialize(torch.full((2, 1, HIDDEN), float("nan")))), BAD, "NaN"),
         (opening("someone/else"), grpc.StatusCode.NOT_FOUND, "serves model"),
+        (prefixed(model, torch.zeros(2, 2, 2, 3, 2, 16)), BAD, "prefix shape [2, 2, 2, 3, 2, 16] does not fit"),
+        (prefixed(model, torch.full((2, 2, 2, 2, 2, 16), float("inf"))), BAD, "prefix contains NaN or infinity"),
+        (prefixed(model, torch.zeros(2, 2, 2, 2, 8, 16)), BAD, "leaves no room in max_length 8"),
     ]
+
+
+def prefixed(model, prefix, max_length=8):
+    """An opening whose prefix-tuning keys/values (blocks 1:3, batch 2, 2 kv heads of 16) start the cache."""
+    first = opening(model, max_length=max_length)
+    first.open.prefix.CopyFrom(serialize(prefix))
+    return first
 
 
 def test_bad_open_gets_a_clear_status(node):
