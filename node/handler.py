@@ -128,6 +128,9 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             self.clients.acquire(client)
         except RequestError as e:
+            # refuse after the first message: a status sent while the client is still writing it reaches
+            # gRPC clients as a local INTERNAL write failure (looks like a broken node), not as this reason
+            await self._next(requests, context)
             await context.abort(e.code, str(e))
         try:
             async with contextlib.aclosing(self._session(requests, context)) as responses:

@@ -129,3 +129,25 @@ def test_a_full_node_sends_the_session_to_a_replica_with_room(start_nodes, open_
                 model.generate(ids, session=third, **kwargs)
         assert time.monotonic() - started < 10  # not max_wait
     assert not model.chain.router.banned()
+
+
+def test_a_session_over_the_per_client_limit_gets_the_nodes_reason(start_nodes, open_client, tiny_path, bootstrap):
+    """The node refuses a stream over its per-client limit as soon as it starts, often before the client
+    has written its opening message; the client must report the node's RESOURCE_EXHAUSTED reason (not the
+    local INTERNAL write failure, which would look like a broken node), at once and without a ban."""
+    import time
+
+    from client import ClientConfig
+
+    start_nodes("0:6", max_sessions_per_client=1)
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=30.0))
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with model.inference_session(max_length=16) as held:
+        model.generate(ids, session=held, **kwargs)
+        for _ in range(5):
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED.*already has 1 inference sessions open"):
+                model.generate(ids, **kwargs)
+            assert time.monotonic() - started < 10
+    assert not model.chain.router.banned()

@@ -80,15 +80,33 @@ def opening(model, max_length):
     return pb.InferenceRequest(open=pb.SessionOptions(model=model, start=0, end=6, batch_size=1, max_length=max_length))
 
 
+class Refusal:
+    """The status a node ended a stream with: ``code()`` and ``details()``, like an RpcError's."""
+
+    def __init__(self, code, details):
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def __repr__(self):
+        return f"Refusal({self._code}, {self._details!r})"
+
+
 async def open_session(stub, model, max_length):
-    """(call, None) once the node acknowledged the session, or (call, the error it answered)."""
+    """(call, None) once the node acknowledged the session, or (call, the status it ended the stream with)."""
     call = stub.Inference()
-    try:  # a refusal may come before our write completes: then write raises it
+    try:
         await call.write(opening(model, max_length))
         await call.read()
         return call, None
-    except grpc.aio.AioRpcError as e:
-        return call, e
+    except grpc.aio.AioRpcError:
+        # a refusal can arrive before our write completes; the write then fails locally (e.g. INTERNAL
+        # "Failed execute_batch"), so read the status the node sent, not the local error
+        return call, Refusal(await call.code(), await call.details())
 
 
 async def squat_then_honest(node_address, honest_address, model, squat_length):
