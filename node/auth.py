@@ -9,6 +9,9 @@ after that, never before.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import logging
 import time
 from collections import OrderedDict
@@ -129,7 +132,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as ``handler`` that answers UNAUTHENTICATED and reads nothing."""
 
-    async def refuse(_request, context: grpc.aio.ServicerContext) -> None:
+    async def refuse(request, context: grpc.aio.ServicerContext) -> None:
+        if handler.request_streaming:  # let the client's first write land (bounded): a status sent while it is
+            with contextlib.suppress(Exception):  # still writing reaches it as a local INTERNAL error instead
+                await asyncio.wait_for(anext(aiter(request)), 5.0)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     kinds: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {

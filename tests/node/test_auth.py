@@ -2,6 +2,7 @@
 are refused with UNAUTHENTICATED before the node parses or computes anything; replayed, stale and
 misdirected proofs are refused; members (the client with the key) work exactly as in an open swarm."""
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -200,3 +201,26 @@ def test_nonce_cache_forgets_old_nonces_and_stays_bounded():
     assert len(cache) == 3
     with pytest.raises(AuthError, match="replayed"):
         cache.add("n2", now=110.6)
+
+
+def test_a_refused_stream_reports_unauthenticated_not_a_local_write_error(node):
+    """The node refuses an unauthenticated Inference stream after its first message: refused earlier,
+    while the client is still writing, the client would only see INTERNAL from its own failed write."""
+    handle, _, _, model = node
+    opening = pb.InferenceRequest(open=pb.SessionOptions(model=model, start=0, end=2, batch_size=1, max_length=8))
+
+    async def attempts(conns):
+        codes = []
+        try:
+            for _ in range(10):
+                call = conns.stub(handle.address).Inference()
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call.write(opening)
+                    await call.read()
+                codes.append((await call.code(), await call.details()))
+        finally:
+            await conns.close()
+        return codes
+
+    codes = asyncio.run(attempts(Connections(parse_key(generate_key_text()))))
+    assert all(code == grpc.StatusCode.UNAUTHENTICATED and "swarm key" in details for code, details in codes), codes
