@@ -195,26 +195,38 @@ class RemoteChain:
                 _, sub_trace = await self._forward(span, hidden, mask, positions, extra.lora, extra.prefix, True)
                 return await self._backward(sub_trace, mask, positions, grad, extra)
             hop = route[0]
-            like = extra.lora.adapter.shapes(span) if extra.lora is not None else None
-            prefix_like = extra.prefix[span.start:span.end] if extra.prefix is not None else None
-
-            async def send(message, hop=hop):
-                req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
-                                      extra.prefix)
-                return await call_backward(self.connections, hop.server.address, req, grad,
-                                           self.config.request_timeout, like, prefix_like, token)
-
             try:
-                grad_in, grads, grad_prefix = await self._call(hop, extra.lora, send)
-                extra.lora_grads.update(grads)
-                if grad_prefix is not None:
-                    if extra.grad_prefix is None:
-                        extra.grad_prefix = torch.zeros_like(extra.prefix)
-                    extra.grad_prefix[span.start:span.end] = grad_prefix
-                return grad_in
+                result = await self._backward_hop(hop, hidden, mask, positions, grad, extra, token)
             except RemoteCallError as e:
                 if not self.router.should_retry(e, attempt):
                     raise
                 self.router.ban(hop, e)
                 await asyncio.sleep(self.router.backoff(attempt))
                 attempt += 1
+                continue
+            if self.verifier.wanted():  # re-run on another node (recomputing there); use what a majority agrees on
+                async def rerun(server: ServerInfo, hop=hop):
+                    return await self._backward_hop(Hop(server, hop.span), hidden, mask, positions, grad, extra)
+
+                result, _ = await self.verifier.check(hop, result, rerun, mask)
+            grad_in, grads, grad_prefix = result
+            extra.lora_grads.update(grads)
+            if grad_prefix is not None:
+                if extra.grad_prefix is None:
+                    extra.grad_prefix = torch.zeros_like(extra.prefix)
+                extra.grad_prefix[span.start:span.end] = grad_prefix
+            return grad_in
+
+    async def _backward_hop(self, hop: Hop, hidden: torch.Tensor, mask, positions, grad: torch.Tensor,
+                            extra: Extras, token: str = "") -> tuple[torch.Tensor, LoraGrads, torch.Tensor | None]:
+        """One Backward call: the gradients w.r.t. the hop's inputs, its LoRA weights and its prefix."""
+        like = extra.lora.adapter.shapes(hop.span) if extra.lora is not None else None
+        prefix_like = extra.prefix[hop.span.start:hop.span.end] if extra.prefix is not None else None
+
+        async def send(message):
+            req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
+                                  extra.prefix)
+            return await call_backward(self.connections, hop.server.address, req, grad,
+                                       self.config.request_timeout, like, prefix_like, token)
+
+        return await self._call(hop, extra.lora, send)

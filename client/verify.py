@@ -1,7 +1,8 @@
 """Untrusted-node checks: re-run a random fraction of span computations on other nodes and compare.
 
-With ``ClientConfig.verify_fraction > 0``, a checked hop's output is recomputed by another node that
-serves the same blocks. Two opinions that agree (within tolerance) are trusted. Two that disagree
+With ``ClientConfig.verify_fraction > 0``, a checked hop's result (a Forward's or inference step's
+output; a Backward's input gradient with its LoRA and prefix gradients) is recomputed by another node
+that serves the same blocks. Two opinions that agree (within tolerance) are trusted. Two that disagree
 cannot say who is wrong, so more replicas are asked until two agree: that pair is the majority, its
 result is the one used, and every node that disagreed with it is banned for good and reported. When
 no two opinions agree, the result is not used: ``VerificationError`` names the nodes involved.
@@ -12,7 +13,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import torch
 
@@ -23,6 +24,7 @@ from swarm.routing import Hop
 from swarm.spans import NodeState, ServerInfo, Span
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FLOAT32_TOLERANCE = 1e-3  # default between two float32 nodes (honest ones differ by about 1e-6)
 BFLOAT16_TOLERANCE = 0.05  # default when either node computes in bfloat16 (honest ones differ by about 2e-2)
@@ -65,6 +67,25 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | N
     return float(ratio.max())
 
 
+Gradients = tuple  # a Backward's (grad_inputs, {(block, module): (grad_a, grad_b)}, grad_prefix or None)
+
+
+def result_difference(a: torch.Tensor | Gradients, b: torch.Tensor | Gradients,
+                      mask: torch.Tensor | None = None) -> float:
+    """``relative_difference`` of two span outputs, or of two Backward results: the largest over
+    their parts, the input gradient per position and each other gradient as one whole tensor."""
+    if isinstance(a, torch.Tensor):
+        return relative_difference(a, b, mask)
+    (grad_a, lora_a, prefix_a), (grad_b, lora_b, prefix_b) = a, b
+    if lora_a.keys() != lora_b.keys() or (prefix_a is None) != (prefix_b is None):
+        return float("inf")
+    pairs = [(x, y) for key in lora_a for x, y in zip(lora_a[key], lora_b[key])]
+    if prefix_a is not None:
+        pairs.append((prefix_a, prefix_b))
+    whole = [relative_difference(x.reshape(1, 1, -1), y.reshape(1, 1, -1)) for x, y in pairs]
+    return max([relative_difference(grad_a, grad_b, mask)] + whole)
+
+
 class Verifier:
     """Decides which hops to check, asks replicas, keeps the report (``suspicious``) and bans liars."""
 
@@ -87,12 +108,13 @@ class Verifier:
         tolerance = self.tolerance
         if tolerance is None:
             tolerance = FLOAT32_TOLERANCE if a[0].dtype == b[0].dtype == "float32" else BFLOAT16_TOLERANCE
-        diff = relative_difference(a[1], b[1], mask)
+        diff = result_difference(a[1], b[1], mask)
         return diff <= tolerance, diff
 
-    async def check(self, hop: Hop, out: torch.Tensor, rerun: Callable[[ServerInfo], Awaitable[torch.Tensor]],
-                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, bool]:
-        """The trusted output of ``hop`` (which returned ``out``) and whether its node was outvoted.
+    async def check(self, hop: Hop, out: T, rerun: Callable[[ServerInfo], Awaitable[T]],
+                    mask: torch.Tensor | None = None) -> tuple[T, bool]:
+        """The trusted result of ``hop`` (which returned ``out``, a tensor or ``Gradients``) and whether
+        its node was outvoted.
 
         ``rerun(server)`` computes the same thing on another node; ``mask`` selects compared positions."""
         opinions = [(hop.server, out)]

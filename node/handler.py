@@ -7,6 +7,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import AsyncIterator
 
 import grpc
@@ -29,26 +30,34 @@ log = logging.getLogger(__name__)
 
 # TEST-ONLY fault switch, for the tests of the client's result verification (client/verify.py): when the
 # environment variable SWARMLM_TEST_FAULT="perturb=0.01" is set as a node starts, that node adds seeded
-# Gaussian noise of that standard deviation to every span output it returns (Forward and inference
-# steps), i.e. it becomes a deliberately faulty node. Off when unset; read once per node start; on
-# purpose neither a NodeConfig field nor a CLI flag.
+# Gaussian noise of that standard deviation to everything it computes (Forward and inference-step outputs,
+# Backward's input, LoRA and prefix gradients), i.e. it becomes a deliberately faulty node;
+# "perturb_backward=0.01" perturbs Backward's results only (a node that lies only in training). Off when
+# unset; read once per node start; on purpose neither a NodeConfig field nor a CLI flag.
 TEST_FAULT_ENV = "SWARMLM_TEST_FAULT"
 
 
-def _test_fault() -> float:
-    """The perturbation of SWARMLM_TEST_FAULT (0.0: none)."""
+@dataclass(frozen=True)
+class FaultSwitch:
+    std: float = 0.0  # noise added to results (0.0: an honest node)
+    backward_only: bool = False  # perturb Backward's results only
+
+
+def _test_fault() -> FaultSwitch:
+    """The fault SWARMLM_TEST_FAULT asks for (an honest node when unset)."""
     text = os.environ.get(TEST_FAULT_ENV, "")
     if not text:
-        return 0.0
+        return FaultSwitch()
     name, _, value = text.partition("=")
     try:
-        perturb = float(value) if name == "perturb" else -1.0
+        std = float(value) if name in ("perturb", "perturb_backward") else -1.0
     except ValueError:
-        perturb = -1.0
-    if not perturb > 0:
-        raise ValueError(f'{TEST_FAULT_ENV} must look like "perturb=0.01", got {text!r}')
-    log.warning("TEST FAULT: this node perturbs its outputs by noise of std %g", perturb)
-    return perturb
+        std = -1.0
+    if not std > 0:
+        raise ValueError(f'{TEST_FAULT_ENV} must look like "perturb=0.01" or "perturb_backward=0.01", got {text!r}')
+    log.warning("TEST FAULT: this node perturbs its %s by noise of std %g",
+                "gradients" if name == "perturb_backward" else "results", std)
+    return FaultSwitch(std, backward_only=name == "perturb_backward")
 
 
 @dataclass(frozen=True)
@@ -115,11 +124,12 @@ class NodeServicer(pb_grpc.NodeServicer):
             out = out.to(x.hidden.dtype)
         else:  # stateless: recompute the forward pass from the inputs the client sent again
             out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
-        response = pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
-            pb.LoraModule(block=block, module=name, a=serialize(ga), b=serialize(gb))
+        bad = partial(self._faulty, backward=True)  # test-only; identity on an honest node
+        response = pb.BackwardResponse(grad_inputs=serialize(bad(out)), lora_grads=[
+            pb.LoraModule(block=block, module=name, a=serialize(bad(ga)), b=serialize(bad(gb)))
             for (block, name), (ga, gb) in lora_grads.items()])
         if grad_prefix is not None:
-            response.grad_prefix.CopyFrom(serialize(grad_prefix.to(x.prefix.dtype)))
+            response.grad_prefix.CopyFrom(serialize(bad(grad_prefix.to(x.prefix.dtype))))
         return response
 
     async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
@@ -208,11 +218,11 @@ class NodeServicer(pb_grpc.NodeServicer):
                                                      x.position_ids, x.lora, x.prefix)
         return out.to(x.hidden.dtype), lora_grads, grad_prefix
 
-    def _faulty(self, out: torch.Tensor) -> torch.Tensor:
+    def _faulty(self, out: torch.Tensor, backward: bool = False) -> torch.Tensor:
         """``out``, perturbed when the test-only fault switch is on (see TEST_FAULT_ENV)."""
-        if not self._fault:
+        if not self._fault.std or (self._fault.backward_only and not backward):
             return out
-        noise = torch.randn(out.shape, generator=self._fault_rng) * self._fault
+        noise = torch.randn(out.shape, generator=self._fault_rng) * self._fault.std
         return out + noise.to(out.dtype)
 
     @property

@@ -3,12 +3,15 @@
 The faulty node is a real node started with the node's test-only fault switch (SWARMLM_TEST_FAULT); it
 announces a high throughput, so routes for both batch forward and inference go through it.
 """
+import copy
+
 import pytest
 import torch
 
-from client import ClientConfig, VerificationError
-from client.verify import relative_difference
-from node.handler import TEST_FAULT_ENV, _test_fault
+from client import ClientConfig, VerificationError, get_peft_model
+from client.verify import relative_difference, result_difference
+from node.handler import TEST_FAULT_ENV, FaultSwitch, _test_fault
+from tests.client.test_lora import CONFIG as LORA, batch as lora_batch, local_peft, lora_grads_local, lora_grads_ours
 
 PAD = 0
 ATOL = 1e-4
@@ -27,9 +30,9 @@ def batch():
     return ids, mask
 
 
-def start_faulty(start_nodes, monkeypatch, span: str = "0:3"):
+def start_faulty(start_nodes, monkeypatch, span: str = "0:3", fault: str = "perturb=0.1"):
     """A node perturbing its outputs; it announces a high throughput to attract routes."""
-    monkeypatch.setenv(TEST_FAULT_ENV, "perturb=0.1")
+    monkeypatch.setenv(TEST_FAULT_ENV, fault)
     faulty = start_nodes(span, throughput=1e6)[0]
     monkeypatch.delenv(TEST_FAULT_ENV)
     return faulty
@@ -112,6 +115,23 @@ def test_no_false_positives_among_honest_replicas(start_nodes, open_client, tiny
     assert model.suspicious_nodes == [] and not model.chain.router.banned()
     assert model.chain.verifier.checks > GREEDY["max_new_tokens"]
 
+    # training: Backward results (input, LoRA and prefix gradients) compared between honest nodes, one of
+    # which may use its kept activations while the other recomputes
+    from peft import PrefixTuningConfig
+
+    checks = model.chain.verifier.checks
+    ours, got, expected = lora_step(model, tiny_path)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    prefix = get_peft_model(client(open_client, tiny_path, bootstrap, verify_fraction=1.0),
+                            PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ids, mask, labels = lora_batch()
+    prefix(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in prefix.parameters() if p.requires_grad)
+    for m in (model, prefix.base_model):
+        assert m.suspicious_nodes == [] and not m.chain.router.banned()
+    assert model.chain.verifier.checks >= checks + 2 and prefix.base_model.chain.verifier.checks >= 2
+
 
 def test_bfloat16_and_float32_replicas_agree_within_the_default_tolerance(start_nodes, open_client, tiny_path,
                                                                           bootstrap, local_model):
@@ -130,14 +150,23 @@ def test_relative_difference_and_settings(monkeypatch):
     assert relative_difference(a, b, mask) == 0.0 and relative_difference(a, b) == pytest.approx(0.5)
     b[1, 2, 0] = float("nan")
     assert relative_difference(a, b, mask) == float("inf")
+    grads = (a, {(0, "q"): (a[0], a[1])}, None)
+    assert result_difference(grads, (a, {(0, "q"): (a[0], a[1])}, None)) == 0.0
+    assert result_difference(grads, (a, {(0, "q"): (a[0], 2 * a[1])}, None)) == pytest.approx(0.5)
+    assert result_difference(grads, (a, {(1, "q"): (a[0], a[1])}, None)) == float("inf")  # other modules
+    assert result_difference(grads, (a, {(0, "q"): (a[0], a[1])}, a)) == float("inf")  # a prefix gradient more
+    assert result_difference((a, {}, a), (a, {}, 3 * a)) == pytest.approx(2 / 3)
     for bad in (dict(verify_fraction=1.5), dict(verify_fraction=-0.1), dict(verify_tolerance=-1.0)):
         with pytest.raises(ValueError):
             ClientConfig(initial_peers=("/ip4/127.0.0.1/tcp/1",), **bad)
     monkeypatch.delenv(TEST_FAULT_ENV, raising=False)
-    assert _test_fault() == 0.0
-    monkeypatch.setenv(TEST_FAULT_ENV, "perturb=oops")
-    with pytest.raises(ValueError):
-        _test_fault()
+    assert _test_fault() == FaultSwitch()
+    monkeypatch.setenv(TEST_FAULT_ENV, "perturb_backward=0.5")
+    assert _test_fault() == FaultSwitch(0.5, backward_only=True)
+    for bad in ("perturb=oops", "perturb=0", "noise=0.1"):
+        monkeypatch.setenv(TEST_FAULT_ENV, bad)
+        with pytest.raises(ValueError):
+            _test_fault()
 
 
 def test_checks_of_prefix_tuning_steps_carry_the_prefix(start_nodes, monkeypatch, open_client, tiny_path, bootstrap):
@@ -169,3 +198,38 @@ def test_checks_of_prefix_tuning_steps_carry_the_prefix(start_nodes, monkeypatch
         assert not torch.equal(ref, local.get_base_model().generate(input_ids=ids, attention_mask=mask, **GREEDY))
     assert torch.equal(ours.eval().generate(ids, attention_mask=mask, **GREEDY), ref)
     assert [(s.address, s.banned) for s in ours.base_model.suspicious_nodes] == [(faulty.address, True)]
+
+
+def lora_step(model, tiny_path):
+    """One LoRA training step through ``model`` and through local PEFT with the same adapter weights:
+    (peft model, our gradients, local gradients) of every LoRA weight."""
+    ours = get_peft_model(model, copy.deepcopy(LORA))
+    with torch.no_grad():
+        for b in ours.adapter.lora_B:  # PEFT starts B at zero; make every gradient nonzero
+            b.normal_(0, 0.1)
+    local = local_peft(tiny_path, ours)
+    ids, mask, labels = lora_batch()
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    local(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    return ours, lora_grads_ours(ours), lora_grads_local(local)
+
+
+def test_backward_checks_outvote_a_node_that_lies_only_in_its_gradients(start_nodes, monkeypatch, open_client,
+                                                                         tiny_path, bootstrap):
+    """A node whose Forward outputs are right but whose Backward results are not passes every forward check;
+    only re-running Backward elsewhere catches it (and a wrong gradient would otherwise train the adapter)."""
+    faulty = start_faulty(start_nodes, monkeypatch, fault="perturb_backward=0.1")
+    start_nodes("0:6", "0:6", throughput=10.0)
+
+    ours, got, expected = lora_step(client(open_client, tiny_path, bootstrap, verify_fraction=0.0), tiny_path)
+    assert ours.base_model.chain.last_route[0].server.address == faulty.address
+    assert max((got[n] - expected[n]).abs().max() for n in expected) > 1e-3  # unchecked: wrong gradients
+
+    ours, got, expected = lora_step(client(open_client, tiny_path, bootstrap, verify_fraction=1.0), tiny_path)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    assert ours.base_model.chain.last_route[0].server.address == faulty.address  # its forward passed the check
+    [suspect] = ours.base_model.suspicious_nodes  # honest replicas agreed with each other: no false positive
+    assert (suspect.address, suspect.span.start, suspect.span.end, suspect.banned) == (faulty.address, 0, 3, True)
+    assert faulty.node.dht.node_id in ours.base_model.chain.router.banned()
