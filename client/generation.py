@@ -30,6 +30,10 @@ class RemoteCache(Cache):
     def __len__(self) -> int:
         return 0
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the nodes' cache rows follow the chosen beams (sent with the next step)."""
+        self.session.reorder(beam_idx)
+
 
 class RemoteGenerationMixin:
     """``inference_session()`` and a session-aware ``generate()`` for the distributed models."""
@@ -57,6 +61,10 @@ class RemoteGenerationMixin:
         mask = kwargs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones_like(ids)
+        config = kwargs.get("generation_config") or self.generation_config
+        if session is not None and max(kwargs.get("num_beams", config.num_beams) or 1, 1) > 1:
+            raise ValueError("beam search inside an inference_session() is not supported: its caches would keep "
+                             "num_beams rows per prompt; call generate(..., num_beams=N) without session=")
         if session is not None and session.token_ids is not None:
             ids = torch.cat([session.token_ids, ids], dim=1)
             mask = torch.cat([session.attention_mask, mask], dim=1)

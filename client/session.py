@@ -34,6 +34,13 @@ class _Stream:
     call: grpc.aio.StreamStreamCall
     sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     lora: pb.LoraAdapter | None = None  # the client-held adapter the session opened with, if any
+    reorder: torch.Tensor | None = None  # beam search rows the node's cache must take before the next step
+
+    def reorder_rows(self, rows: torch.Tensor) -> None:
+        """Row i continues from old row ``rows[i]``: the history now (a replay rebuilds the reordered
+        cache), the node's cache with the next step."""
+        self.sent = [tuple(t.index_select(0, rows) for t in part) for part in self.sent]
+        self.reorder = rows if self.reorder is None else self.reorder.index_select(0, rows)
 
     async def exchange(self, request: pb.InferenceRequest, timeout: float) -> pb.InferenceResponse:
         address = self.hop.server.address
@@ -96,6 +103,20 @@ class InferenceSession:
         out = self.chain.run(self._step(hidden.detach(), mask.to(torch.int64), positions))
         self.position += new
         return out
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: row i of every cache continues from old row ``rows[i]`` (sent with the next step)."""
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        rows = torch.as_tensor(rows, dtype=torch.int64).flatten().cpu()
+        if self.batch_size is None:
+            return  # nothing cached yet
+        if rows.numel() != self.batch_size or not ((0 <= rows) & (rows < self.batch_size)).all():
+            raise ValueError(f"reorder needs {self.batch_size} row numbers in [0, {self.batch_size}), got {rows.tolist()}")
+        if torch.equal(rows, torch.arange(self.batch_size)):
+            return
+        for stream in self._streams:
+            stream.reorder_rows(rows)
 
     def close(self) -> None:
         if not self.closed:
@@ -230,9 +251,12 @@ class InferenceSession:
             part = (hidden[:, lo:lo + size], mask[:, lo:lo + size], positions[:, lo:lo + size])
             request = pb.InferenceRequest(hidden_states=serialize(part[0]), attention_mask=serialize(part[1]),
                                           position_ids=serialize(part[2]))
+            if stream.reorder is not None and lo == 0:
+                request.reorder.extend(stream.reorder.tolist())
             started = time.monotonic()
             response = await stream.exchange(request, self.chain.config.request_timeout)
             self.chain.router.succeeded(stream.hop, time.monotonic() - started)
+            stream.reorder = None  # the node has applied it
             outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
             parts.append(part)
         stream.sent.extend(parts)  # only whole steps: a replay must not repeat half of one

@@ -174,12 +174,12 @@ class NodeServicer(pb_grpc.NodeServicer):
                     yield pb.InferenceResponse(cache_length=session.length)  # the open acknowledgement
                 else:
                     try:
-                        hidden, mask, positions = parse_step(
+                        hidden, mask, positions, reorder = parse_step(
                             request if request is not first else _without_open(first), self.limits,
                             batch, session.length, max_length)
                     except RequestError as e:
                         await context.abort(e.code, str(e))
-                    out = await self._compute(context, self._step, session, hidden, mask, positions)
+                    out = await self._compute(context, self._step, session, hidden, mask, positions, reorder)
                     yield pb.InferenceResponse(hidden_states=serialize(self._faulty(out)), cache_length=session.length)
                 request = await self._next(requests, context)
         finally:
@@ -198,7 +198,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         except DecodeError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed stream message: {e}")
 
-    def _step(self, session: Session, hidden, mask, positions) -> torch.Tensor:
+    def _step(self, session: Session, hidden, mask, positions, reorder: torch.Tensor | None = None) -> torch.Tensor:
+        if reorder is not None:  # beam search: every row continues from the beam it was chosen from
+            session.cache.reorder_cache(reorder)
+            session.mask = session.mask[reorder]
         full_mask = torch.cat([session.mask, mask], dim=1)
         small = hidden.shape[0] * hidden.shape[1] <= self.policy.small_step_tokens
         with active(session.lora), torch_threads(self.policy.small_step_threads if small else 0):

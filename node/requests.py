@@ -214,8 +214,9 @@ def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int
 
 
 def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A step of an open session -> (hidden of new positions, their mask, their positions).
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A step of an open session -> (hidden of new positions, their mask, their positions, the rows of
+    the cache to continue from: a beam search reorder, or None to keep the rows as they are).
 
     A stream cannot run forever: every accepted step adds at least one position, positions are capped
     by the session's max_length (itself capped by the node), and any other message ends the stream
@@ -233,7 +234,14 @@ def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length
             else torch.ones(batch, new, dtype=torch.int64))
     positions = (_parse_positions(req.position_ids, limits, batch, new) if req.HasField("position_ids")
                  else torch.arange(length, length + new).unsqueeze(0))
-    return hidden, mask, positions
+    reorder = None
+    if len(req.reorder):
+        if len(req.reorder) != batch or max(req.reorder) >= batch:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"reorder needs {batch} row numbers below {batch}, got {len(req.reorder)} "
+                               f"entries up to {max(req.reorder)}")
+        reorder = torch.tensor(list(req.reorder), dtype=torch.int64)
+    return hidden, mask, positions, reorder
 
 
 def parse_backward(req: pb.BackwardRequest, limits: Limits, adapters: Adapters | None = None

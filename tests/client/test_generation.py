@@ -42,6 +42,47 @@ def test_seeded_sampling_equals_local(start_nodes, open_client, tiny_path, local
     assert torch.equal(out, ref)
 
 
+def test_beam_search_equals_local(start_nodes, open_client, tiny_path, local_model):
+    """Beam search: at every step the nodes' cache rows follow the beams transformers chose."""
+    start_nodes("0:4", "4:6")
+    model = open_client(tiny_path)
+    ids, mask = prompts()
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, num_beams=4, num_return_sequences=2, do_sample=False,
+                  pad_token_id=PAD, eos_token_id=None)
+    out = model.generate(ids, **kwargs)
+    ref = local_model.generate(ids, **kwargs)
+    assert out.shape == (6, ids.shape[1] + 16)
+    assert torch.equal(out, ref)
+    greedy = local_model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=PAD,
+                                  eos_token_id=None)
+    assert not torch.equal(ref[::2], greedy)  # the beams matter here
+    with pytest.raises(ValueError, match="beam search inside an inference_session"):
+        with model.inference_session(max_length=64) as sess:
+            model.generate(ids, session=sess, **kwargs)
+
+
+def test_reordered_rows_survive_a_lost_node(start_nodes, open_client, tiny_path, local_model):
+    """After a beam reorder, a replacement node is rebuilt from the reordered history: its outputs are
+    those of the token sequences the rows now hold."""
+    nodes = start_nodes("0:6", "0:6")
+    model = open_client(tiny_path)
+    torch.manual_seed(4)
+    past, new = torch.randint(3, 256, (3, 6)), torch.randint(3, 256, (3, 1))
+    rows = torch.tensor([2, 2, 0])
+    with torch.no_grad(), model.inference_session(max_length=16) as sess:
+        sess.step(model.model.embed_tokens(past))
+        sess.reorder(rows)
+        serving = sess._streams[0].hop.server.address
+        next(n for n in nodes if n.address == serving).stop(grace=0)
+        logits = model.lm_head(model.model.norm(sess.step(model.model.embed_tokens(new))))[:, -1]
+        assert sess._streams[0].hop.server.address != serving
+        with pytest.raises(ValueError, match="reorder needs 3 row numbers"):
+            sess.reorder(torch.tensor([0, 3, 1]))
+    with torch.no_grad():
+        ref = local_model(torch.cat([past[rows], new], dim=1)).logits[:, -1]
+    assert torch.allclose(logits, ref, atol=1e-4)
+
+
 def test_eos_stops_like_local(start_nodes, open_client, tiny_path, local_model):
     start_nodes("0:6")
     model = open_client(tiny_path)
