@@ -30,6 +30,12 @@ class RemoteCache(Cache):
     def __len__(self) -> int:
         return 0
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Assisted decoding: forget rejected draft tokens (negative: that many latest tokens; positive:
+        keep that many tokens, transformers' older meaning)."""
+        held = self.get_seq_length()
+        self.session.crop(-tokens_to_remove if tokens_to_remove <= 0 else max(0, held - tokens_to_remove))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: the nodes' cache rows follow the chosen beams (sent with the next step)."""
         self.session.reorder(beam_idx)
@@ -79,8 +85,14 @@ class RemoteGenerationMixin:
         return out
 
     def _session_length(self, prompt_length: int, kwargs: dict) -> int:
+        """Positions a generate() call may need: the prompt, the new tokens and, with assisted decoding
+        (drafts checked in one step, rejected ones dropped), room for a last draft past the end."""
         config = kwargs.get("generation_config") or self.generation_config
         new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        if new is None:
-            return max(kwargs.get("max_length", config.max_length), prompt_length + 1)
-        return prompt_length + new
+        length = max(kwargs.get("max_length", config.max_length), prompt_length + 1) if new is None \
+            else prompt_length + new
+        if kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens):
+            length += kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) + 1
+        elif kwargs.get("assistant_model") is not None:
+            length += int(kwargs.get("num_assistant_tokens", config.num_assistant_tokens) or 0) + 1
+        return length

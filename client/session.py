@@ -35,6 +35,14 @@ class _Stream:
     sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     lora: pb.LoraAdapter | None = None  # the client-held adapter the session opened with, if any
     reorder: torch.Tensor | None = None  # beam search rows the node's cache must take before the next step
+    drop: int = 0  # latest positions the node's cache must forget before the next step (assisted decoding)
+
+    def drop_last(self, count: int) -> None:
+        """Forget the latest ``count`` positions: from the history now, from the node's cache with the next step."""
+        hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*self.sent))
+        keep = hidden.shape[1] - count
+        self.sent = [(hidden[:, :keep], mask[:, :keep], positions[:, :keep])] if keep else []
+        self.drop += count
 
     def reorder_rows(self, rows: torch.Tensor) -> None:
         """Row i continues from old row ``rows[i]``: the history now (a replay rebuilds the reordered
@@ -117,6 +125,20 @@ class InferenceSession:
             return
         for stream in self._streams:
             stream.reorder_rows(rows)
+
+    def crop(self, count: int) -> None:
+        """Forget the latest ``count`` token positions of every cache (draft tokens that assisted decoding
+        rejected); the nodes drop them with the next step."""
+        if self.closed:
+            raise RuntimeError("this inference session is closed")
+        tokens = self.position - self.virtual if self.prefix is not None else self.position
+        if not 0 <= count <= tokens:
+            raise ValueError(f"cannot crop {count} positions: the session holds {tokens}")
+        if count == 0:
+            return
+        for stream in self._streams:
+            stream.drop_last(count)
+        self.position -= count
 
     def close(self) -> None:
         if not self.closed:
@@ -251,12 +273,14 @@ class InferenceSession:
             part = (hidden[:, lo:lo + size], mask[:, lo:lo + size], positions[:, lo:lo + size])
             request = pb.InferenceRequest(hidden_states=serialize(part[0]), attention_mask=serialize(part[1]),
                                           position_ids=serialize(part[2]))
-            if stream.reorder is not None and lo == 0:
-                request.reorder.extend(stream.reorder.tolist())
+            if lo == 0:  # what the node's cache must forget or reorder first
+                request.drop = stream.drop
+                if stream.reorder is not None:
+                    request.reorder.extend(stream.reorder.tolist())
             started = time.monotonic()
             response = await stream.exchange(request, self.chain.config.request_timeout)
             self.chain.router.succeeded(stream.hop, time.monotonic() - started)
-            stream.reorder = None  # the node has applied it
+            stream.reorder, stream.drop = None, 0  # the node has applied them
             outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
             parts.append(part)
         stream.sent.extend(parts)  # only whole steps: a replay must not repeat half of one

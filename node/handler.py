@@ -18,7 +18,8 @@ from node.activations import ActivationCache
 from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_backward, forward_span,
                          inference_step, new_cache, prefixed_cache, torch_threads)
 from node.lora import LoraCache, active, linear_shapes
-from node.requests import Adapters, Limits, RequestError, parse_backward, parse_forward, parse_open, parse_step
+from node.requests import (Adapters, Limits, RequestError, Step, parse_backward, parse_forward, parse_open,
+                           parse_step)
 from node.sessions import CacheBudget, ClientSessions, Session, client_of
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
@@ -174,12 +175,11 @@ class NodeServicer(pb_grpc.NodeServicer):
                     yield pb.InferenceResponse(cache_length=session.length)  # the open acknowledgement
                 else:
                     try:
-                        hidden, mask, positions, reorder = parse_step(
-                            request if request is not first else _without_open(first), self.limits,
-                            batch, session.length, max_length)
+                        step = parse_step(request if request is not first else _without_open(first), self.limits,
+                                          batch, session.length, max_length, fixed=virtual)
                     except RequestError as e:
                         await context.abort(e.code, str(e))
-                    out = await self._compute(context, self._step, session, hidden, mask, positions, reorder)
+                    out = await self._compute(context, self._step, session, step)
                     yield pb.InferenceResponse(hidden_states=serialize(self._faulty(out)), cache_length=session.length)
                 request = await self._next(requests, context)
         finally:
@@ -198,14 +198,18 @@ class NodeServicer(pb_grpc.NodeServicer):
         except DecodeError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed stream message: {e}")
 
-    def _step(self, session: Session, hidden, mask, positions, reorder: torch.Tensor | None = None) -> torch.Tensor:
-        if reorder is not None:  # beam search: every row continues from the beam it was chosen from
-            session.cache.reorder_cache(reorder)
-            session.mask = session.mask[reorder]
-        full_mask = torch.cat([session.mask, mask], dim=1)
+    def _step(self, session: Session, step: Step) -> torch.Tensor:
+        if step.drop:  # assisted decoding: forget the rejected draft positions
+            session.cache.crop(-step.drop)
+            session.mask = session.mask[:, :-step.drop]
+        if step.reorder is not None:  # beam search: every row continues from the beam it was chosen from
+            session.cache.reorder_cache(step.reorder)
+            session.mask = session.mask[step.reorder]
+        hidden = step.hidden
+        full_mask = torch.cat([session.mask, step.mask], dim=1)
         small = hidden.shape[0] * hidden.shape[1] <= self.policy.small_step_tokens
         with active(session.lora), torch_threads(self.policy.small_step_threads if small else 0):
-            out = inference_step(self.blocks, session.span, session.cache, hidden, full_mask, positions,
+            out = inference_step(self.blocks, session.span, session.cache, hidden, full_mask, step.positions,
                                  self.policy.max_chunk_tokens)
         session.mask = full_mask
         return out.to(hidden.dtype)

@@ -213,10 +213,21 @@ def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int
     return span, opts.batch_size, opts.max_length, _lora(opts, "lora", span, adapters), prefix
 
 
-def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """A step of an open session -> (hidden of new positions, their mask, their positions, the rows of
-    the cache to continue from: a beam search reorder, or None to keep the rows as they are).
+@dataclass(frozen=True)
+class Step:
+    """One step of an inference session, as parsed from its stream message."""
+
+    hidden: torch.Tensor  # [batch, new, hidden] states of the new positions
+    mask: torch.Tensor  # [batch, new] their attention mask
+    positions: torch.Tensor  # [batch or 1, new] their position ids
+    drop: int = 0  # assisted decoding: cached positions to forget first (the latest ones)
+    reorder: torch.Tensor | None = None  # beam search: row i continues from old cache row reorder[i]
+
+
+def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int,
+               fixed: int = 0) -> Step:
+    """A step of an open session holding ``length`` positions, the first ``fixed`` of which (a prefix
+    tuning prefix) can never be dropped.
 
     A stream cannot run forever: every accepted step adds at least one position, positions are capped
     by the session's max_length (itself capped by the node), and any other message ends the stream
@@ -227,6 +238,10 @@ def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length
     batch, new = hidden.shape[:2]
     if batch != batch_size:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"step batch {batch} != session batch_size {batch_size}")
+    if req.drop > length - fixed:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"cannot drop {req.drop} positions: the session holds {length - fixed} that may be dropped")
+    length -= req.drop
     if length + new > max_length:
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
                            f"{length} + {new} positions exceed the session's max_length {max_length}")
@@ -241,7 +256,7 @@ def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length
                                f"reorder needs {batch} row numbers below {batch}, got {len(req.reorder)} "
                                f"entries up to {max(req.reorder)}")
         reorder = torch.tensor(list(req.reorder), dtype=torch.int64)
-    return hidden, mask, positions, reorder
+    return Step(hidden, mask, positions, req.drop, reorder)
 
 
 def parse_backward(req: pb.BackwardRequest, limits: Limits, adapters: Adapters | None = None

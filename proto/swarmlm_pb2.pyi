@@ -147,18 +147,20 @@ class SessionOptions(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("open", "hidden_states", "attention_mask", "position_ids", "reorder")
+    __slots__ = ("open", "hidden_states", "attention_mask", "position_ids", "reorder", "drop")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     REORDER_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
     open: SessionOptions
     hidden_states: Tensor
     attention_mask: Tensor
     position_ids: Tensor
     reorder: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., reorder: _Optional[_Iterable[int]] = ...) -> None: ...
+    drop: int
+    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., reorder: _Optional[_Iterable[int]] = ..., drop: _Optional[int] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("hidden_states", "cache_length")

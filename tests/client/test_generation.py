@@ -1,4 +1,6 @@
-"""generate() over the swarm == local generate(): greedy, sampling, sessions, streaming."""
+"""generate() over the swarm == local generate(): greedy, sampling, beams, drafts, sessions, streaming."""
+import copy
+
 import pytest
 import torch
 
@@ -80,6 +82,51 @@ def test_reordered_rows_survive_a_lost_node(start_nodes, open_client, tiny_path,
             sess.reorder(torch.tensor([0, 3, 1]))
     with torch.no_grad():
         ref = local_model(torch.cat([past[rows], new], dim=1)).logits[:, -1]
+    assert torch.allclose(logits, ref, atol=1e-4)
+
+
+def test_prompt_lookup_decoding_equals_local(start_nodes, open_client, tiny_path, local_model, monkeypatch):
+    """Assisted decoding (prompt lookup, then a draft model): several draft tokens go through the nodes in
+    one step, and the rejected ones are dropped from the nodes' caches with the next step."""
+    from client.session import InferenceSession
+
+    drops = []
+    crop = InferenceSession.crop
+    monkeypatch.setattr(InferenceSession, "crop", lambda self, n: (drops.append(n), crop(self, n))[1])
+    start_nodes("0:4", "4:6")
+    model = open_client(tiny_path)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 256, (1, 6)).repeat(1, 3)  # repetitive: the lookup finds drafts
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=None, prompt_lookup_num_tokens=4)
+    assert torch.equal(model.generate(ids, **kwargs), local_model.generate(ids, **kwargs))
+    assert max(drops) > 0  # drafts were rejected and dropped
+    # a local draft model (here one that drafts with perturbed weights, so some drafts are wrong)
+    draft = copy.deepcopy(local_model)
+    with torch.no_grad():
+        for p in draft.model.layers[-1].parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=PAD, eos_token_id=None, assistant_model=draft)
+    drops.clear()
+    assert torch.equal(model.generate(ids, **kwargs), local_model.generate(ids, **kwargs))
+    assert max(drops) > 0
+
+
+def test_dropped_positions_stay_dropped_on_a_replacement_node(start_nodes, open_client, tiny_path, local_model):
+    nodes = start_nodes("0:6", "0:6")
+    model = open_client(tiny_path)
+    torch.manual_seed(4)
+    past, new = torch.randint(3, 256, (1, 9)), torch.randint(3, 256, (1, 1))
+    with torch.no_grad(), model.inference_session(max_length=16) as sess:
+        sess.step(model.model.embed_tokens(past))
+        sess.crop(3)  # e.g. three rejected drafts
+        serving = sess._streams[0].hop.server.address
+        next(n for n in nodes if n.address == serving).stop(grace=0)
+        logits = model.lm_head(model.model.norm(sess.step(model.model.embed_tokens(new))))[:, -1]
+        assert sess._streams[0].hop.server.address != serving
+        with pytest.raises(ValueError, match="cannot crop 8 positions: the session holds 7"):
+            sess.crop(8)
+    with torch.no_grad():
+        ref = local_model(torch.cat([past[:, :6], new], dim=1)).logits[:, -1]
     assert torch.allclose(logits, ref, atol=1e-4)
 
 

@@ -102,6 +102,8 @@ STEP_CASES = [  # sent after the open acknowledgement and one good step
     ("past-max-length", step(new=6), RANGE, "1 + 6 positions exceed the session's max_length 4"),
     ("reorder-row-out-of-range", pb.InferenceRequest(hidden_states=serialize(torch.randn(2, 1, HIDDEN)),
                                                      reorder=[0, 2]), BAD, "reorder needs 2 row numbers below 2"),
+    ("drop-more-than-held", pb.InferenceRequest(hidden_states=serialize(torch.randn(2, 1, HIDDEN)), drop=2), BAD,
+     "cannot drop 2 positions: the session holds 1"),
     ("reorder-too-short", pb.InferenceRequest(hidden_states=serialize(torch.randn(2, 1, HIDDEN)), reorder=[1]),
      BAD, "got 1 entries"),
 ]
