@@ -48,8 +48,10 @@ def build_checkpoint(
     max_shard_size: str | None = None,
     tokenizer: bool = True,
     seed: int = 0,
+    sliding_window: int | None = None,
 ) -> Path:
-    """Write a randomly initialised (seeded) checkpoint to ``dest`` and return its path."""
+    """Write a randomly initialised (seeded) checkpoint to ``dest`` and return its path
+    (``sliding_window``: Mistral's attention window; None keeps the family's default)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dest = Path(dest)
@@ -58,6 +60,7 @@ def build_checkpoint(
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **({"sliding_window": sliding_window} if sliding_window is not None else {}),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

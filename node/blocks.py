@@ -101,8 +101,13 @@ def _masks(blocks: SpanBlocks, span: Span, hidden: torch.Tensor, attention_mask,
 
 
 def new_cache(blocks: SpanBlocks) -> DynamicCache:
-    """An empty key/value cache; only the layers this node runs ever fill it."""
-    return DynamicCache(config=blocks.config)
+    """An empty key/value cache; only the layers this node runs ever fill it.
+
+    Every layer keeps all its positions, sliding-window layers included (their masks still see only
+    the window): a session's budget reserves that room anyway, and only a full cache can drop rejected
+    draft tokens or be rebuilt the same way by a replay (transformers' windowed layers cannot crop once
+    the window is full)."""
+    return DynamicCache()
 
 
 def forward_span(

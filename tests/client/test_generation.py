@@ -3,6 +3,10 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
+from client import ClientConfig
+from client.tiny import build_checkpoint
 
 PAD = 0
 
@@ -128,6 +132,27 @@ def test_dropped_positions_stay_dropped_on_a_replacement_node(start_nodes, open_
     with torch.no_grad():
         ref = local_model(torch.cat([past[:, :6], new], dim=1)).logits[:, -1]
     assert torch.allclose(logits, ref, atol=1e-4)
+
+
+def test_sliding_window_generation_and_drafts_equal_local(start_nodes, open_client, tmp_path, bootstrap):
+    """A Mistral checkpoint with a 6-token attention window: sessions run far past the window (greedy and
+    prompt lookup, whose rejected drafts are dropped after the window is full) and equal local."""
+    path = build_checkpoint(tmp_path / "mistral", family="mistral", num_layers=4, sliding_window=6, seed=1)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert local.config.sliding_window == 6
+    start_nodes("0:2", "2:4", model=path)
+    no_retries = ClientConfig(initial_peers=tuple(bootstrap), max_retries=0)  # a node failing fails the test
+    model = open_client(path, client_config=no_retries)
+    ids, mask = prompts()
+    greedy = dict(max_new_tokens=20, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.allclose(model(ids, attention_mask=mask).logits, local(ids, attention_mask=mask).logits,
+                              atol=1e-4)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **greedy),
+                       local.generate(ids, attention_mask=mask, **greedy))
+    repetitive = ids[2:, -5:].repeat(1, 3)
+    lookup = dict(greedy, prompt_lookup_num_tokens=3)
+    assert torch.equal(model.generate(repetitive, **lookup), local.generate(repetitive, **lookup))
 
 
 def test_eos_stops_like_local(start_nodes, open_client, tiny_path, local_model):
