@@ -176,9 +176,10 @@ class NodeServicer(pb_grpc.NodeServicer):
                 else:
                     try:
                         step = parse_step(request if request is not first else _without_open(first), self.limits,
-                                          batch, session.length, max_length, fixed=virtual)
+                                          batch, session.length, max_length, fixed=virtual, computed=session.computed)
                     except RequestError as e:
                         await context.abort(e.code, str(e))
+                    session.computed += step.hidden.shape[1]
                     out = await self._compute(context, self._step, session, step)
                     yield pb.InferenceResponse(hidden_states=serialize(self._faulty(out)), cache_length=session.length)
                 request = await self._next(requests, context)

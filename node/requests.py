@@ -213,6 +213,9 @@ def parse_open(req: pb.InferenceRequest, limits: Limits, max_session_length: int
     return span, opts.batch_size, opts.max_length, _lora(opts, "lora", span, adapters), prefix
 
 
+DRAFT_FACTOR = 32  # a session computes at most this many times its max_length positions, rejected drafts included
+
+
 @dataclass(frozen=True)
 class Step:
     """One step of an inference session, as parsed from its stream message."""
@@ -225,13 +228,14 @@ class Step:
 
 
 def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length: int, max_length: int,
-               fixed: int = 0) -> Step:
+               fixed: int = 0, computed: int = 0) -> Step:
     """A step of an open session holding ``length`` positions, the first ``fixed`` of which (a prefix
-    tuning prefix) can never be dropped.
+    tuning prefix) can never be dropped, that has computed ``computed`` positions so far.
 
-    A stream cannot run forever: every accepted step adds at least one position, positions are capped
-    by the session's max_length (itself capped by the node), and any other message ends the stream
-    with an error status; every message is also capped by the gRPC message size limit."""
+    A stream cannot run forever: every accepted step computes at least one position, positions held
+    are capped by the session's max_length (itself capped by the node) and positions computed, dropped
+    drafts included, by DRAFT_FACTOR x max_length; any other message ends the stream with an error
+    status; every message is also capped by the gRPC message size limit."""
     if req.HasField("open"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this session is already open")
     hidden = _parse_activations(req.hidden_states, limits)
@@ -245,6 +249,10 @@ def parse_step(req: pb.InferenceRequest, limits: Limits, batch_size: int, length
     if length + new > max_length:
         raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
                            f"{length} + {new} positions exceed the session's max_length {max_length}")
+    if computed + new > DRAFT_FACTOR * max_length:
+        raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                           f"this session has computed {computed} positions; {new} more exceed {DRAFT_FACTOR} x its "
+                           f"max_length {max_length} (dropped drafts count too); open a new session")
     mask = (_parse_mask(req.attention_mask, limits, batch, new) if req.HasField("attention_mask")
             else torch.ones(batch, new, dtype=torch.int64))
     positions = (_parse_positions(req.position_ids, limits, batch, new) if req.HasField("position_ids")

@@ -130,6 +130,7 @@ class Session:
     cache: Any  # transformers Cache with this session's keys/values
     mask: torch.Tensor = field(default_factory=lambda: torch.ones(0, 0, dtype=torch.int64))  # [batch, length]
     lora: Any = None  # the client's LoRA adapter applied at every step, if any
+    computed: int = 0  # positions computed so far, dropped draft positions included
 
     @property
     def length(self) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from client.transport import Connections, RemoteCallError, call_forward, forward_request
+from node.requests import DRAFT_FACTOR
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
@@ -48,7 +49,10 @@ def opening(model, batch=2, max_length=8, **fields):
 def message(**fields) -> pb.InferenceRequest:
     req = pb.InferenceRequest()
     for name, value in fields.items():
-        getattr(req, name).CopyFrom(value)
+        if isinstance(value, int):
+            setattr(req, name, value)
+        else:
+            getattr(req, name).CopyFrom(value)
     return req
 
 
@@ -187,6 +191,20 @@ def test_endless_stream_stops_at_max_length(node):
     sent = next(pulled)  # what gRPC buffered ahead (flow control window), then the call is over:
     time.sleep(0.5)
     assert sent < 2000 and next(pulled) == sent + 1  # nothing more is read from the endless client
+    assert_freed_and_serving(handle, stub, model)
+
+
+def test_endless_stream_of_dropped_drafts_stops(node):
+    """Dropping positions frees room in the cache, but a session's total computation stays bounded."""
+    handle, stub, model = node
+    stream = Stream(stub, opening(model, max_length=4))
+    assert next(stream.responses).cache_length == 0
+    assert stream.send(step(new=3)).cache_length == 3
+    for _ in range(DRAFT_FACTOR * 4 - 3):  # drop one position, compute one: forever, if nothing stopped it
+        assert stream.send(step(drop=1)).cache_length == 3
+    with pytest.raises(grpc.RpcError) as err:
+        stream.send(step(drop=1))
+    assert err.value.code() == RANGE and f"exceed {DRAFT_FACTOR} x its max_length 4" in err.value.details()
     assert_freed_and_serving(handle, stub, model)
 
 
