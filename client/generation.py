@@ -91,8 +91,9 @@ class RemoteGenerationMixin:
         new = kwargs.get("max_new_tokens", config.max_new_tokens)
         length = max(kwargs.get("max_length", config.max_length), prompt_length + 1) if new is None \
             else prompt_length + new
-        if kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens):
-            length += kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) + 1
+        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens)
+        if lookup:
+            length += lookup + 1
         elif kwargs.get("assistant_model") is not None:
             length += int(kwargs.get("num_assistant_tokens", config.num_assistant_tokens) or 0) + 1
         return length

@@ -37,9 +37,14 @@ class _Stream:
     reorder: torch.Tensor | None = None  # beam search rows the node's cache must take before the next step
     drop: int = 0  # latest positions the node's cache must forget before the next step (assisted decoding)
 
+    def history(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Everything sent through this hop so far as one step: (hidden, mask, positions)."""
+        hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*self.sent))
+        return hidden, mask, positions
+
     def drop_last(self, count: int) -> None:
         """Forget the latest ``count`` positions: from the history now, from the node's cache with the next step."""
-        hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*self.sent))
+        hidden, mask, positions = self.history()
         keep = hidden.shape[1] - count
         self.sent = [(hidden[:, :keep], mask[:, :keep], positions[:, :keep])] if keep else []
         self.drop += count
@@ -120,7 +125,8 @@ class InferenceSession:
         if self.batch_size is None:
             return  # nothing cached yet
         if rows.numel() != self.batch_size or not ((0 <= rows) & (rows < self.batch_size)).all():
-            raise ValueError(f"reorder needs {self.batch_size} row numbers in [0, {self.batch_size}), got {rows.tolist()}")
+            raise ValueError(f"reorder needs {self.batch_size} row numbers in [0, {self.batch_size}), "
+                             f"got {rows.tolist()}")
         if torch.equal(rows, torch.arange(self.batch_size)):
             return
         for stream in self._streams:
@@ -183,7 +189,7 @@ class InferenceSession:
         stateless Forward; its last ``new`` positions must match. Returns the trusted outputs and
         whether the hop's node was outvoted (see client.verify)."""
         chain = self.chain
-        hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*stream.sent))
+        hidden, mask, positions = stream.history()
 
         prefix = self._prefix_keys_values() if self.prefix is not None else None
         if prefix is not None:  # a stateless Forward's mask covers the prefix positions too
@@ -252,7 +258,7 @@ class InferenceSession:
             streams = await self._open(failed.hop.span, attempt=1)
             try:
                 if failed.sent:
-                    hidden, mask, positions = (torch.cat(parts, dim=1) for parts in zip(*failed.sent))
+                    hidden, mask, positions = failed.history()
                     for stream in streams:
                         hidden = await self._send(stream, hidden, mask, positions)
                 return streams
