@@ -11,9 +11,9 @@ from client.tiny import build_checkpoint
 PAD = 0
 
 
-def prompts():
+def prompts(seed: int = 3):
     """3 prompts of different lengths, left-padded."""
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     lengths = [9, 4, 13]
     ids = torch.full((3, max(lengths)), PAD)
     mask = torch.zeros_like(ids)

@@ -27,6 +27,19 @@ def batch():
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
+def local_with_scaled_prompts(ours, tiny_path, config, scale: float):
+    """Local transformers + PEFT with ``config``, whose prompt-encoder weights, times ``scale`` (large
+    enough to change what the model says), are loaded into ``ours`` too."""
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                 copy.deepcopy(config))
+    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
+    with torch.no_grad():
+        for p in weights.values():
+            p.mul_(scale)
+    ours.adapter.encoder.load_state_dict(weights)
+    return local
+
+
 def same_prompt_weights(ours, local):
     state = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
     ours.prompt.encoder.load_state_dict(state)
@@ -194,13 +207,7 @@ def test_prompt_adapters_generate_like_local_peft(method, start_nodes, open_clie
     config = PROMPT_CONFIGS.get(method) or PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     torch.manual_seed(11)
     ours = get_peft_model(open_client(tiny_path), copy.deepcopy(config))
-    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
-                                 copy.deepcopy(config))
-    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
-    with torch.no_grad():  # big enough prompts to change what the model says
-        for p in weights.values():
-            p.mul_(8.0)
-    ours.adapter.encoder.load_state_dict(weights)
+    local = local_with_scaled_prompts(ours, tiny_path, config, scale=8.0)
     ours.eval(), local.eval()
     ids, mask, _ = batch()
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)

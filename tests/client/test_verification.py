@@ -7,27 +7,22 @@ import copy
 
 import pytest
 import torch
+from peft import PrefixTuningConfig
 
 from client import ClientConfig, VerificationError, get_peft_model
 from client.verify import relative_difference, result_difference
 from node.handler import TEST_FAULT_ENV, FaultSwitch, _test_fault
+from tests.client.test_generation import PAD, prompts
 from tests.client.test_lora import CONFIG as LORA, batch as lora_batch, local_peft, lora_grads_local, lora_grads_ours
+from tests.client.test_prompts_and_classification import local_with_scaled_prompts
 
-PAD = 0
 ATOL = 1e-4
 GREEDY = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
 
 
 def batch():
     """3 left-padded prompts of different lengths."""
-    torch.manual_seed(5)
-    lengths = [9, 4, 13]
-    ids = torch.full((3, max(lengths)), PAD)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, -n:] = torch.randint(3, 256, (n,))
-        mask[row, -n:] = 1
-    return ids, mask
+    return prompts(seed=5)
 
 
 def start_faulty(start_nodes, monkeypatch, span: str = "0:3", fault: str = "perturb=0.1"):
@@ -117,8 +112,6 @@ def test_no_false_positives_among_honest_replicas(start_nodes, open_client, tiny
 
     # training: Backward results (input, LoRA and prefix gradients) compared between honest nodes, one of
     # which may use its kept activations while the other recomputes
-    from peft import PrefixTuningConfig
-
     checks = model.chain.verifier.checks
     ours, got, expected = lora_step(model, tiny_path)
     for name in expected:
@@ -173,25 +166,11 @@ def test_checks_of_prefix_tuning_steps_carry_the_prefix(start_nodes, monkeypatch
     """A checked inference step is re-run as a stateless Forward that must carry the session's prefix-tuning
     keys/values: then the honest replicas outvote only the faulty node, and generation with the adapter
     equals PEFT's generate() on the local model (without the prefix the check would trust wrong outputs)."""
-    import copy
-
-    from peft import PrefixTuningConfig
-    from peft import get_peft_model as local_get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from client import get_peft_model
-
     faulty = start_faulty(start_nodes, monkeypatch)
     start_nodes("0:6", "0:6", throughput=10.0)
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     ours = get_peft_model(client(open_client, tiny_path, bootstrap, verify_fraction=1.0), copy.deepcopy(config))
-    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
-                                 copy.deepcopy(config))
-    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
-    with torch.no_grad():  # prefixes big enough to change what the model says
-        for p in weights.values():
-            p.mul_(8.0)
-    ours.adapter.encoder.load_state_dict(weights)
+    local = local_with_scaled_prompts(ours, tiny_path, config, scale=8.0)
     ids, mask = batch()
     with torch.no_grad():
         ref = local.eval().generate(input_ids=ids, attention_mask=mask, **GREEDY)

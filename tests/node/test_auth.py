@@ -16,7 +16,6 @@ from node.server import NodeThread
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
-from swarm.dht import SwarmDHT
 from swarm.keys import AUTH_HEADER, STREAM_BODY, body_digest, generate_key_text, load_key, parse_key, rpc_proof
 from swarm.spans import Span
 from tests.conftest import NUM_LAYERS
@@ -28,25 +27,9 @@ INFO, FORWARD, INFERENCE = (f"/{SERVICE}/{name}" for name in ("Info", "Forward",
 
 
 @pytest.fixture(scope="module")
-def key_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("keys") / "lab.key"
-    path.write_text(generate_key_text())
-    return path
-
-
-@pytest.fixture(scope="module")
-def private_bootstrap(dht_loop, key_path):
-    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=load_key(key_path)))
-    try:
-        yield dht_loop.run(dht.visible_maddrs())
-    finally:
-        dht_loop.run(dht.shutdown())
-
-
-@pytest.fixture(scope="module")
-def private_node(tiny_path, private_bootstrap, key_path):
+def private_node(tiny_path, private_peers, key_path):
     node = NodeThread(NodeConfig(model=str(tiny_path), blocks=Span(0, NUM_LAYERS), cache_tokens=CACHE,
-                                 initial_peers=tuple(private_bootstrap), swarm_key=str(key_path)))
+                                 initial_peers=tuple(private_peers), swarm_key=str(key_path)))
     node.start()
     try:
         yield node
@@ -148,10 +131,10 @@ def test_replayed_stale_and_misdirected_proofs_are_refused(node):
     assert ack.cache_length == 0
 
 
-def test_members_get_the_same_results_as_local(private_node, private_bootstrap, key_path, open_client, tiny_path,
+def test_members_get_the_same_results_as_local(private_node, private_peers, key_path, open_client, tiny_path,
                                                local_model):
     accepted = private_node.node.auth.accepted
-    model = open_client(tiny_path, initial_peers=private_bootstrap, swarm_key=str(key_path))
+    model = open_client(tiny_path, initial_peers=private_peers, swarm_key=str(key_path))
     torch.manual_seed(0)
     ids = torch.randint(3, 256, (2, 7))
     with torch.no_grad():
@@ -161,11 +144,11 @@ def test_members_get_the_same_results_as_local(private_node, private_bootstrap, 
     assert private_node.node.auth.accepted > accepted
 
 
-def test_a_client_without_the_key_sees_no_nodes(private_bootstrap, open_client, tiny_path):
+def test_a_client_without_the_key_sees_no_nodes(private_peers, open_client, tiny_path):
     from client import ClientConfig
     from swarm.routing import NoRouteError
 
-    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(private_bootstrap), max_wait=0.5))
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(private_peers), max_wait=0.5))
     assert model.chain.servers(refresh=True) == []
     with pytest.raises(NoRouteError):
         model(input_ids=torch.tensor([[5, 6, 7]]))

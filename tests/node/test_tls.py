@@ -19,8 +19,7 @@ from client.transport import Connections, RemoteCallError, TLSHandshakeError, ca
 from node.config import NodeConfig
 from node.server import NodeThread
 from swarm import cli
-from swarm.dht import SwarmDHT
-from swarm.keys import generate_key_text, load_key
+from swarm.keys import load_key
 from swarm.spans import Span
 from swarm.tls import (CA_CERT, TLSConfigError, cert_problems, issue_cert, load_cert, load_or_make_ca,
                        server_credentials, write_node_cert)
@@ -46,30 +45,14 @@ def other_dir(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def key_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("key") / "lab.key"
-    path.write_text(generate_key_text())
-    return path
-
-
-@pytest.fixture(scope="module")
-def peers(dht_loop, key_path):
-    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=load_key(key_path)))
-    try:
-        yield dht_loop.run(dht.visible_maddrs())
-    finally:
-        dht_loop.run(dht.shutdown())
-
-
 def node_config(tiny_path, peers, key_path, **changes) -> NodeConfig:
     return NodeConfig(**{"model": str(tiny_path), "blocks": Span(0, NUM_LAYERS), "cache_tokens": 512,
                          "initial_peers": tuple(peers), "swarm_key": str(key_path), "throughput": 100.0, **changes})
 
 
 @pytest.fixture(scope="module")
-def tls_node(tiny_path, peers, key_path, tls_dir):
-    node = NodeThread(node_config(tiny_path, peers, key_path, tls_cert=str(tls_dir / "127.0.0.1.crt"),
+def tls_node(tiny_path, private_peers, key_path, tls_dir):
+    node = NodeThread(node_config(tiny_path, private_peers, key_path, tls_cert=str(tls_dir / "127.0.0.1.crt"),
                                   tls_key=str(tls_dir / "127.0.0.1.key")))
     node.start()
     try:
@@ -103,10 +86,10 @@ def direct_forward(address: str, conns: Connections, tls: bool | None = None, mo
     return asyncio.run(call())
 
 
-def test_a_client_with_the_swarm_ca_gets_local_results(tls_node, peers, key_path, tls_dir, open_client, tiny_path,
-                                                       local_model):
+def test_a_client_with_the_swarm_ca_gets_local_results(tls_node, private_peers, key_path, tls_dir, open_client,
+                                                       tiny_path, local_model):
     accepted = tls_node.node.auth.accepted
-    model = open_client(tiny_path, client_config=client_config(peers, key_path, tls_ca=str(tls_dir / CA_CERT)))
+    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=str(tls_dir / CA_CERT)))
     (server,) = model.chain.servers(refresh=True)
     assert server.tls and server.address == tls_node.address  # the DHT record announces TLS
     torch.manual_seed(0)
@@ -122,15 +105,15 @@ def test_a_client_with_the_swarm_ca_gets_local_results(tls_node, peers, key_path
     ("other", "not trusted by --tls-ca"),  # another swarm's CA
     (None, "not trusted by the system's root certificates"),  # a client without --tls-ca
 ])
-def test_an_untrusted_node_is_a_clear_error_at_once_and_keeps_serving(tls_node, peers, key_path, tls_dir, other_dir,
-                                                                      open_client, tiny_path, ca, reason):
+def test_an_untrusted_node_is_a_clear_error_at_once_and_keeps_serving(tls_node, private_peers, key_path, tls_dir,
+                                                                      other_dir, open_client, tiny_path, ca, reason):
     ca_path = str(other_dir / CA_CERT) if ca else None
-    model = open_client(tiny_path, client_config=client_config(peers, key_path, tls_ca=ca_path))
+    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=ca_path))
     ids = torch.tensor([[5, 6, 7]])
     error = refused_quickly(lambda: model(input_ids=ids))
     assert str(error).startswith(f"TLS handshake with {tls_node.address} failed: ") and reason in str(error)
     assert not error.client_fault and error.address == tls_node.address
-    fresh = open_client(tiny_path, client_config=client_config(peers, key_path, tls_ca=ca_path))
+    fresh = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=ca_path))
     error = refused_quickly(lambda: fresh.generate(ids, max_new_tokens=2))  # inference streams too
     assert reason in str(error) and tls_node.address in str(error)
     # the node is fine and keeps serving clients that trust it
@@ -140,27 +123,27 @@ def test_an_untrusted_node_is_a_clear_error_at_once_and_keeps_serving(tls_node, 
 
 
 def test_tls_against_a_plaintext_port_and_plaintext_nodes_for_a_tls_client(
-        tls_node, start_nodes, peers, key_path, tls_dir, open_client, tiny_path):
-    (plain,) = start_nodes(f"0:{NUM_LAYERS}", initial_peers=tuple(peers), swarm_key=str(key_path),
+        tls_node, start_nodes, private_peers, key_path, tls_dir, open_client, tiny_path):
+    (plain,) = start_nodes(f"0:{NUM_LAYERS}", initial_peers=tuple(private_peers), swarm_key=str(key_path),
                            model_name="plain", throughput=100.0)
     ca = str(tls_dir / CA_CERT)
     with pytest.raises(TLSHandshakeError, match="does not speak TLS on that port"):
         direct_forward(plain.address, Connections(load_key(key_path), ca), tls=True)
     # a client requiring TLS never sends anything to a plaintext node: a clear error, not a wait
-    model = open_client(tiny_path, client_config=client_config(peers, key_path, tls_ca=ca, model_name="plain"))
+    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=ca, model_name="plain"))
     error = refused_quickly(lambda: model(input_ids=torch.tensor([[5, 6, 7]])))
     assert "serves plaintext gRPC only" in str(error) and plain.address in str(error)
     # a plaintext client of a plaintext node: as before
-    model = open_client(tiny_path, client_config=client_config(peers, key_path, model_name="plain"))
+    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, model_name="plain"))
     assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 256)
 
 
 def test_a_node_failing_tls_is_routed_around_when_a_trusted_one_serves_its_blocks(
-        tls_node, start_nodes, peers, key_path, tls_dir, other_dir, open_client, tiny_path, local_model):
-    (stranger,) = start_nodes(f"0:{NUM_LAYERS}", initial_peers=tuple(peers), swarm_key=str(key_path),
+        tls_node, start_nodes, private_peers, key_path, tls_dir, other_dir, open_client, tiny_path, local_model):
+    (stranger,) = start_nodes(f"0:{NUM_LAYERS}", initial_peers=tuple(private_peers), swarm_key=str(key_path),
                               tls_cert=str(other_dir / "127.0.0.1.crt"), tls_key=str(other_dir / "127.0.0.1.key"),
                               throughput=1e9)  # drawn first almost always
-    model = open_client(tiny_path, client_config=client_config(peers, key_path, tls_ca=str(tls_dir / CA_CERT)))
+    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=str(tls_dir / CA_CERT)))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         for _ in range(3):
@@ -173,8 +156,8 @@ def test_a_node_failing_tls_is_routed_around_when_a_trusted_one_serves_its_block
     ("expired", "certificate has expired"),
     ("misnamed", "does not name this address"),
 ])
-def test_expired_and_misnamed_certificates(tmp_path, kind, reason, start_nodes, peers, key_path, tls_dir, open_client,
-                                           tiny_path, caplog):
+def test_expired_and_misnamed_certificates(tmp_path, kind, reason, start_nodes, private_peers, key_path, tls_dir,
+                                           open_client, tiny_path, caplog):
     ca, _ = load_or_make_ca(tls_dir)
     if kind == "expired":
         cert, key = issue_cert(ca, ["127.0.0.1"], days=1, now=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=3))
@@ -182,10 +165,10 @@ def test_expired_and_misnamed_certificates(tmp_path, kind, reason, start_nodes, 
         cert, key = issue_cert(ca, ["10.9.8.7"])
     (tmp_path / "n.crt").write_bytes(cert)
     (tmp_path / "n.key").write_bytes(key)
-    (node,) = start_nodes(f"0:{NUM_LAYERS}", initial_peers=tuple(peers), swarm_key=str(key_path), model_name=kind,
-                          tls_cert=str(tmp_path / "n.crt"), tls_key=str(tmp_path / "n.key"))
+    (node,) = start_nodes(f"0:{NUM_LAYERS}", initial_peers=tuple(private_peers), swarm_key=str(key_path),
+                          model_name=kind, tls_cert=str(tmp_path / "n.crt"), tls_key=str(tmp_path / "n.key"))
     assert "clients will refuse the TLS certificate" in caplog.text  # the operator is told at start
-    model = open_client(tiny_path, client_config=client_config(peers, key_path, tls_ca=str(tls_dir / CA_CERT),
+    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=str(tls_dir / CA_CERT),
                                                                model_name=kind))
     error = refused_quickly(lambda: model(input_ids=torch.tensor([[5, 6, 7]])))
     assert reason in str(error) and node.address in str(error)

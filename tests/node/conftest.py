@@ -1,0 +1,23 @@
+"""Fixtures shared by the node tests of private swarms (authentication, TLS)."""
+import pytest
+
+from swarm.dht import SwarmDHT
+from swarm.keys import generate_key_text, load_key
+
+
+@pytest.fixture(scope="module")
+def key_path(tmp_path_factory):
+    """A new swarm key file."""
+    path = tmp_path_factory.mktemp("keys") / "lab.key"
+    path.write_text(generate_key_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def private_peers(dht_loop, key_path):
+    """Multiaddrs of a DHT bootstrap peer of the private swarm that ``key_path`` keys."""
+    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=load_key(key_path)))
+    try:
+        yield dht_loop.run(dht.visible_maddrs())
+    finally:
+        dht_loop.run(dht.shutdown())
