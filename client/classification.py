@@ -9,6 +9,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
+from client import compat
 from client.chain import RemoteChain
 from client.config import ClientConfig
 from client.model import DistributedBaseModel, load_distributed
@@ -56,7 +57,7 @@ class DistributedModelForSequenceClassification(PreTrainedModel):
         pooled = logits[torch.arange(batch), last]
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=self.config)
+            loss = compat.sequence_classification_loss(self, logits, labels, pooled)
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
 
     def close(self) -> None:

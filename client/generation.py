@@ -11,17 +11,50 @@ from contextlib import nullcontext
 import torch
 from transformers.cache_utils import Cache
 
+from client import compat
 from client.session import InferenceSession
 
 
 class RemoteCache(Cache):
-    """The cache of an InferenceSession, as transformers' generation code sees it."""
+    """The cache of an InferenceSession, as transformers' generation code sees it.
 
+    It holds no layers, so every property generate() consults is declared here rather than inherited
+    (the base class would answer from an empty layer list: ``all([])`` is True, so a cache "of linear
+    layers only" would make generate() re-send a whole conversation). ``tests/test_contract.py`` fails
+    when a transformers release consults anything this class does not declare itself."""
+
+    # what the nodes' caches are: full attention key/value caches, one per block, that can be cropped
+    # (rejected drafts) and reordered (beams), never compiled or initialised ahead of time
     is_compileable = False
+    supports_early_init = False
 
     def __init__(self, session: InferenceSession):
-        super().__init__(layers=[])
+        compat.init_layerless_cache(self)
         self.session = session
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]  # attention layers: generate() slices the prompt by get_seq_length()
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]  # the nodes keep every position (masks apply any window)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_croppable(self) -> bool:
+        return True  # crop() drops positions on every node with the next step
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.session.batch_size is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.session.batch_size if self.session.batch_size is not None else -1
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         """Tokens the nodes hold: generate() slices input_ids with it (virtual prompt positions excluded)."""
@@ -35,6 +68,10 @@ class RemoteCache(Cache):
         keep that many tokens, transformers' older meaning)."""
         held = self.get_seq_length()
         self.session.crop(-tokens_to_remove if tokens_to_remove <= 0 else max(0, held - tokens_to_remove))
+
+    def activate_past_recording(self) -> None:
+        """Assisted decoding asks windowed layers to keep what a crop may need: the nodes keep every
+        position anyway (node.blocks.new_cache), so there is nothing to switch on."""
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: the nodes' cache rows follow the chosen beams (sent with the next step)."""
@@ -59,8 +96,8 @@ class RemoteGenerationMixin:
 
         With ``session``, ``inputs`` are the NEW tokens of the next turn; the result is the whole
         conversation so far (what generating from the concatenation locally would return)."""
-        if kwargs.get("use_cache") is False or kwargs.get("past_key_values") is not None:
-            return super().generate(inputs, **kwargs)  # stateless: every step recomputes the prefix
+        if kwargs.get("use_cache") is False or any(kwargs.get(name) is not None for name in compat.CACHE_NAMES):
+            return super().generate(inputs, **kwargs)  # stateless (every step recomputes), or the caller's cache
         ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if ids is None:
             raise ValueError("generate() over the swarm needs input_ids (inputs_embeds prompts are not supported yet)")
@@ -77,7 +114,7 @@ class RemoteGenerationMixin:
         owner = nullcontext(session) if session is not None else self.inference_session(
             self._session_length(ids.shape[1], kwargs))
         with owner as sess:
-            out = super().generate(ids, attention_mask=mask, past_key_values=RemoteCache(sess), **kwargs)
+            out = super().generate(ids, attention_mask=mask, **compat.cache_kwargs(RemoteCache(sess)), **kwargs)
             sequences = out if isinstance(out, torch.Tensor) else out.sequences
             sess.token_ids = sequences
             sess.attention_mask = torch.cat(

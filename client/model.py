@@ -9,6 +9,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from client import compat
 from client.chain import RemoteChain
 from client.config import ClientConfig
 from client.generation import RemoteCache, RemoteGenerationMixin
@@ -51,7 +52,7 @@ class DistributedModelForCausalLM(RemoteGenerationMixin, PreTrainedModel, Genera
 
     config_class = PretrainedConfig
     base_model_prefix = "model"
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys = compat.TIED_WEIGHTS_KEYS
 
     def __init__(self, config: PretrainedConfig, chain: RemoteChain):
         super().__init__(config)
@@ -82,21 +83,24 @@ class DistributedModelForCausalLM(RemoteGenerationMixin, PreTrainedModel, Genera
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
+        cache: RemoteCache | None = None,
         past_key_values: RemoteCache | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
     ) -> CausalLMOutputWithPast:
-        """Like a transformers causal LM. ``past_key_values`` is a RemoteCache during generate();
+        """Like a transformers causal LM. During generate() the cache is a RemoteCache, passed as
+        ``cache`` (transformers >= 5.24) or ``past_key_values`` (older; either name is accepted);
         ``use_cache`` and ``return_dict`` are accepted for API compatibility (outputs are always dicts)."""
-        if past_key_values is not None and not isinstance(past_key_values, RemoteCache):
-            raise TypeError("past_key_values must be a RemoteCache (the nodes hold the keys and values)")
-        hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
+        remote = compat.pop_cache({"cache": cache, "past_key_values": past_key_values})
+        if remote is not None and not isinstance(remote, RemoteCache):
+            raise TypeError("the cache must be a RemoteCache (the nodes hold the keys and values)")
+        hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, remote)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+            loss = compat.causal_lm_loss(self, logits, labels, self.config.vocab_size)
+        return compat.causal_lm_output(loss, logits, remote)
 
     def close(self) -> None:
         """Leave the swarm: close connections and the client's DHT peer."""
@@ -115,17 +119,34 @@ def load_distributed(
 
     ``fresh`` names weights a checkpoint may lack (e.g. a classification head) and how to initialise them.
     """
-    local = lambda name: not name.startswith(LAYER_PREFIX)  # noqa: E731
-    folder = resolve_checkpoint(model, need_weights=local)
+    folder = resolve_checkpoint(model, need_weights=_client_side)
+    shell = build_client_model(model_cls, folder, dtype, config_changes, fresh)
+    key = model_key(client_config.model_name or default_model_name(model), shell.config)
+    shell.model.layers.chain = RemoteChain(client_config, key, shell.config.num_hidden_layers)
+    return shell
+
+
+def _client_side(name: str) -> bool:
+    return not name.startswith(LAYER_PREFIX)
+
+
+def build_client_model(
+    model_cls: type[PreTrainedModel],
+    folder,
+    dtype: torch.dtype,
+    config_changes: dict | None = None,
+    fresh: dict[str, Callable[[torch.Tensor], None]] | None = None,
+) -> PreTrainedModel:
+    """``model_cls`` from checkpoint ``folder`` with its client-side weights loaded and no chain yet
+    (``model.model.layers.chain`` is set by the caller: the swarm's RemoteChain)."""
     model_config = load_config(folder)
     for name, value in (config_changes or {}).items():
         setattr(model_config, name, value)
     get_family(model_config)
-    key = model_key(client_config.model_name or default_model_name(model), model_config)
     with torch.device("meta"):
         shell = model_cls(model_config, chain=None)
     wanted = set(shell.state_dict())
-    tensors = {k: v for k, v in read_tensors(folder, local, dtype).items() if k in wanted}
+    tensors = {k: v for k, v in read_tensors(folder, _client_side, dtype).items() if k in wanted}
     tied = getattr(model_config, "tie_word_embeddings", False) and "lm_head.weight" in wanted
     if tied:
         tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
@@ -136,8 +157,6 @@ def load_distributed(
     missing = sorted(k for k in wanted if tensors.get(k) is None)
     if missing:
         raise CheckpointError(f"checkpoint {folder} lacks {missing}")
-    chain = RemoteChain(client_config, key, model_config.num_hidden_layers)
-    shell.model.layers.chain = chain
     shell.load_state_dict(tensors, assign=True, strict=True)
     if tied:
         shell.lm_head.weight = shell.model.embed_tokens.weight

@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from client import compat
 from client.adapters import RemoteLora
 from client.classification import DistributedModelForSequenceClassification
 from client.model import DistributedModelForCausalLM
@@ -90,13 +91,13 @@ class DistributedPeftModel(nn.Module):
 
     def _peft_inputs(self, inputs: dict) -> dict:
         """One generation step's model inputs, changed as PEFT changes them for prompt and prefix methods."""
-        inputs.pop("cache_position", None)
+        compat.drop_cache_position(inputs)
         if self.prompt is None:  # prefix tuning: positions continue after the prefix, as PEFT shifts them
             if inputs.get("position_ids") is not None:
                 inputs["position_ids"] = inputs["position_ids"] + self.adapter.num_virtual_tokens
             return inputs
         inputs["position_ids"] = None  # PEFT drops them: positions run on from the cache, padding or not
-        session = inputs["past_key_values"].session
+        session = compat.model_inputs_cache(inputs).session
         if session.position == 0:  # the session starts: its first positions are the virtual tokens
             ids, mask = inputs.pop("input_ids"), inputs.get("attention_mask")
             embeds = self.base_model.get_input_embeddings()(ids)

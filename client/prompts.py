@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
-from peft.tuners.p_tuning import PromptEncoder
-from peft.tuners.prefix_tuning import PrefixEncoder
-from peft.tuners.prompt_tuning import PromptEmbedding
-from peft.utils.other import _prepare_prompt_learning_config
 from torch import nn
+
+from client import compat
+
+PromptEmbedding, PromptEncoder, PrefixEncoder = compat.prompt_encoders()
 
 
 class RemotePrompt(nn.Module):
@@ -21,7 +21,7 @@ class RemotePrompt(nn.Module):
         super().__init__()
         if not isinstance(peft_config, (PromptTuningConfig, PromptEncoderConfig)):
             raise TypeError(f"{type(peft_config).__name__} is not a prompt method")
-        peft_config = _prepare_prompt_learning_config(peft_config, model_config)
+        peft_config = compat.prepare_prompt_learning_config(peft_config, model_config)
         if peft_config.num_transformer_submodules not in (None, 1):
             raise ValueError("only decoder-only models are supported")
         peft_config.num_transformer_submodules = 1  # what PEFT sets for a decoder-only model
@@ -77,7 +77,7 @@ class RemotePrefix(nn.Module):
 
     def __init__(self, model_config: Any, peft_config: PrefixTuningConfig):
         super().__init__()
-        peft_config = _prepare_prompt_learning_config(peft_config, model_config)
+        peft_config = compat.prepare_prompt_learning_config(peft_config, model_config)
         peft_config.num_transformer_submodules = 1
         self.config = peft_config
         self.num_virtual_tokens = peft_config.num_virtual_tokens

@@ -13,8 +13,8 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from node import compat
 from node.families import get_family, uses_sliding_window
 from node.loading import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
@@ -40,7 +40,7 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> Span
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
-    config._attn_implementation = "sdpa"  # the same kernel local transformers picks on CPU
+    compat.use_attention_kernel(config, "sdpa")  # the same kernel local transformers picks on CPU
     prefixes = tuple(f"{family.layer_prefix}{i}." for i in range(span.start, span.end))
     tensors = read_tensors(folder, lambda name: name.startswith(prefixes), dtype)
     layers = nn.ModuleList()
@@ -93,10 +93,8 @@ def _masks(blocks: SpanBlocks, span: Span, hidden: torch.Tensor, attention_mask,
     for i in range(span.start, span.end):
         sliding = uses_sliding_window(blocks.config, i)
         if sliding not in masks:
-            make = create_sliding_window_causal_mask if sliding else create_causal_mask
-            masks[sliding] = make(config=blocks.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=cache, position_ids=position_ids,
-                                  layer_idx=i if cache is not None else None)
+            masks[sliding] = compat.attention_mask_for(blocks.config, sliding, hidden, attention_mask, position_ids,
+                                                       cache, i if cache is not None else None)
     return masks
 
 
@@ -132,14 +130,8 @@ def forward_span(
     masks = _masks(blocks, span, x, attention_mask, position_ids, cache)
     cos, sin = blocks.rotary(x, position_ids)
     for i in range(span.start, span.end):
-        x = blocks.layer(i)(
-            x,
-            attention_mask=masks[uses_sliding_window(blocks.config, i)],
-            position_ids=position_ids,
-            position_embeddings=(cos, sin),
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
+        x = compat.call_decoder_layer(blocks.layer(i), x, attention_mask=masks[uses_sliding_window(blocks.config, i)],
+                                      position_ids=position_ids, position_embeddings=(cos, sin), cache=cache)
     return x
 
 

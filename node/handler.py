@@ -16,11 +16,11 @@ from google.protobuf.message import DecodeError
 
 from node.activations import ActivationCache
 from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_backward, forward_span,
-                         inference_step, new_cache, prefixed_cache, torch_threads)
+                         new_cache, prefixed_cache, torch_threads)
 from node.lora import LoraCache, active, linear_shapes
 from node.requests import (Adapters, Limits, RequestError, Step, parse_backward, parse_forward, parse_open,
                            parse_step)
-from node.sessions import CacheBudget, ClientSessions, Session, client_of
+from node.sessions import CacheBudget, ClientSessions, Session, client_of, run_step
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
@@ -200,20 +200,9 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed stream message: {e}")
 
     def _step(self, session: Session, step: Step) -> torch.Tensor:
-        if step.drop:  # assisted decoding: forget the rejected draft positions
-            session.cache.crop(-step.drop)
-            session.mask = session.mask[:, :-step.drop]
-        if step.reorder is not None:  # beam search: every row continues from the beam it was chosen from
-            session.cache.reorder_cache(step.reorder)
-            session.mask = session.mask[step.reorder]
-        hidden = step.hidden
-        full_mask = torch.cat([session.mask, step.mask], dim=1)
-        small = hidden.shape[0] * hidden.shape[1] <= self.policy.small_step_tokens
-        with active(session.lora), torch_threads(self.policy.small_step_threads if small else 0):
-            out = inference_step(self.blocks, session.span, session.cache, hidden, full_mask, step.positions,
-                                 self.policy.max_chunk_tokens)
-        session.mask = full_mask
-        return out.to(hidden.dtype)
+        small = step.hidden.shape[0] * step.hidden.shape[1] <= self.policy.small_step_tokens
+        with torch_threads(self.policy.small_step_threads if small else 0):
+            return run_step(self.blocks, session, step, self.policy.max_chunk_tokens)
 
     def _forward(self, x) -> torch.Tensor:
         with torch.no_grad(), active(x.lora):

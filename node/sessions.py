@@ -9,7 +9,9 @@ from typing import Any
 import grpc
 import torch
 
-from node.requests import RequestError
+from node.blocks import SpanBlocks, inference_step
+from node.lora import active
+from node.requests import RequestError, Step
 from swarm.spans import Span
 
 
@@ -135,3 +137,20 @@ class Session:
     @property
     def length(self) -> int:
         return self.mask.shape[1]
+
+
+def run_step(blocks: SpanBlocks, session: Session, step: Step, max_chunk_tokens: int) -> torch.Tensor:
+    """One parsed step of ``session``: drop rejected drafts, reorder rows for beams, then append the new
+    positions to the cache (with the session's LoRA adapter applied) and return their outputs."""
+    if step.drop:  # assisted decoding: forget the rejected draft positions
+        session.cache.crop(-step.drop)
+        session.mask = session.mask[:, :-step.drop]
+    if step.reorder is not None:  # beam search: every row continues from the beam it was chosen from
+        session.cache.reorder_cache(step.reorder)
+        session.mask = session.mask[step.reorder]
+    full_mask = torch.cat([session.mask, step.mask], dim=1)
+    with active(session.lora):
+        out = inference_step(blocks, session.span, session.cache, step.hidden, full_mask, step.positions,
+                             max_chunk_tokens)
+    session.mask = full_mask
+    return out.to(step.hidden.dtype)

@@ -9,6 +9,7 @@ from peft import get_peft_model as local_get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 from client import AutoDistributedModelForSequenceClassification, get_peft_model
+from tests.peft_reference import greedy_by_forward, peft_generate_is_sound
 
 PROMPT_CONFIGS = {
     "prompt-tuning": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
@@ -199,8 +200,9 @@ def test_prefix_tuning_gradients_and_saved_adapter_equal_local_peft(projection, 
 
 @pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning-mlp", "prefix"])
 def test_prompt_adapters_generate_like_local_peft(method, start_nodes, open_client, tiny_path):
-    """generate() with a prompt-tuning / p-tuning / prefix-tuning adapter == PEFT's generate() on the local
-    model: a left-padded batch, greedy, then a two-turn session == generating the concatenation locally."""
+    """generate() with a prompt-tuning / p-tuning / prefix-tuning adapter == the local PEFT model's greedy
+    continuation (its forward() re-run each step: tests/peft_reference.py says why not its generate()): a
+    left-padded batch, then a two-turn session == continuing the concatenation locally."""
     from peft import PrefixTuningConfig
 
     start_nodes("0:3", "3:6")
@@ -209,18 +211,20 @@ def test_prompt_adapters_generate_like_local_peft(method, start_nodes, open_clie
     ours = get_peft_model(open_client(tiny_path), copy.deepcopy(config))
     local = local_with_scaled_prompts(ours, tiny_path, config, scale=8.0)
     ours.eval(), local.eval()
+    offset = 0 if method == "prefix" else None  # prefix tuning: positions as generate() makes them from the mask
     ids, mask, _ = batch()
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = greedy_by_forward(local, ids, mask, 12, offset)
     with torch.no_grad():
-        ref = local.generate(input_ids=ids, attention_mask=mask, **kwargs)
         plain = local.get_base_model().generate(input_ids=ids, attention_mask=mask, **kwargs)
+        if peft_generate_is_sound():
+            assert torch.equal(local.generate(input_ids=ids, attention_mask=mask, **kwargs), ref)
     assert not torch.equal(ref, plain)  # the prompt matters, so this test can fail
     assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), ref)
 
     first, second = ids[1:2, 3:], torch.tensor([[17, 23, 5]])
-    with torch.no_grad():
-        turn1 = local.generate(input_ids=first, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-        both = local.generate(input_ids=torch.cat([turn1, second], 1), **kwargs)
+    turn1 = greedy_by_forward(local, first, None, 5, offset)
+    both = greedy_by_forward(local, torch.cat([turn1, second], 1), None, 12, offset)
     with ours.inference_session(max_length=64) as session:
         assert torch.equal(ours.generate(first, session=session, max_new_tokens=5, do_sample=False, pad_token_id=0,
                                          eos_token_id=None), turn1)

@@ -1,0 +1,110 @@
+"""The client's one seam to transformers and PEFT internals.
+
+Everything on the client that depends on how a transformers or PEFT release behaves goes through
+here, each item with a comment naming the behaviour and the versions it was checked on. Tested
+range: see pyproject.toml (both ends run in CI); ``tests/test_contract.py`` runs generate() through
+these in seconds and names what moved when a release changes one of them.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import transformers
+from transformers import GenerationMixin
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+TRANSFORMERS_VERSION = transformers.__version__
+
+
+def _cache_keyword() -> str:
+    """The keyword generate() hands the KV cache to a model's forward() under, and the field of the
+    model outputs it reads it back from: ``past_key_values`` up to transformers 5.23, ``cache`` from
+    5.24 (where ``past_key_values`` is a deprecated alias that warns). Read from the signature of
+    ``GenerationMixin.prepare_inputs_for_generation`` (its deprecation wrapper keeps ``__wrapped__``)."""
+    params = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    if "cache" in params:
+        return "cache"
+    if "past_key_values" in params:
+        return "past_key_values"
+    raise ImportError(f"transformers {TRANSFORMERS_VERSION}: prepare_inputs_for_generation takes neither `cache` "
+                      "nor `past_key_values`; client/compat.py must learn the new cache keyword")
+
+
+CACHE_KWARG = _cache_keyword()
+CACHE_NAMES = ("cache", "past_key_values")  # every name the client's forward() accepts the cache under
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache passed to forward()/generate() under either name (both given: TypeError)."""
+    given = {name: kwargs.pop(name) for name in CACHE_NAMES if kwargs.get(name) is not None}
+    for name in CACHE_NAMES:
+        kwargs.pop(name, None)
+    if len(given) > 1:
+        raise TypeError("pass the cache as `cache` or as `past_key_values`, not both")
+    return next(iter(given.values()), None)
+
+
+def causal_lm_output(loss: torch.Tensor | None, logits: torch.Tensor, cache: Any) -> CausalLMOutputWithPast:
+    """The output generate() expects, the cache under its field name (``past_key_values`` <= 5.23,
+    ``cache`` >= 5.24; the same rename as the keyword)."""
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache})
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{keyword: cache}`` for a call to generate() (5.24 warns on the old keyword)."""
+    return {CACHE_KWARG: cache}
+
+
+def model_inputs_cache(inputs: dict[str, Any]) -> Any:
+    """The cache in the dict ``prepare_inputs_for_generation`` returns (its key is the keyword's name)."""
+    return inputs.get(CACHE_KWARG)
+
+
+def drop_cache_position(inputs: dict[str, Any]) -> None:
+    """``cache_position`` was a model input up to 5.2x and is no longer made by generate() for library
+    models (5.23, 5.24); drop it if a version still adds it, the nodes compute positions themselves."""
+    inputs.pop("cache_position", None)
+
+
+def init_layerless_cache(cache: Cache) -> None:
+    """Initialise a ``Cache`` subclass that holds no layers (the remote cache): ``Cache(layers=[])``
+    is accepted by 5.23 and 5.24 (``layers`` or ``layer_class_to_replicate`` is required)."""
+    Cache.__init__(cache, layers=[])
+
+
+# Tied input/output embeddings are declared as {target: source} (transformers 5 form; 4.x used a list).
+TIED_WEIGHTS_KEYS = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def causal_lm_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """transformers' own shifted cross-entropy (``PreTrainedModel.loss_function``, 5.x), so the loss
+    equals a local model's exactly (same ignore_index, same reduction)."""
+    return model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
+
+
+def sequence_classification_loss(model: Any, logits: torch.Tensor, labels: torch.Tensor,
+                                 pooled: torch.Tensor) -> torch.Tensor:
+    """transformers' loss for *ForSequenceClassification (regression / single / multi label by config)."""
+    return model.loss_function(logits=logits, labels=labels, pooled_logits=pooled, config=model.config)
+
+
+# ---- PEFT (checked on 0.21.0 and 0.21.2) --------------------------------------------------------
+def prepare_prompt_learning_config(peft_config: Any, model_config: Any) -> Any:
+    """PEFT's private helper that fills a prompt-learning config from the model config (num_layers,
+    token_dim, num_attention_heads = key/value heads for GQA models): the same values PEFT uses, so
+    shapes and init equal a local PeftModel's."""
+    from peft.utils.other import _prepare_prompt_learning_config
+
+    return _prepare_prompt_learning_config(peft_config, model_config)
+
+
+def prompt_encoders() -> tuple[type, type, type]:
+    """PEFT's prompt encoder modules: (PromptEmbedding, PromptEncoder, PrefixEncoder)."""
+    from peft.tuners.p_tuning import PromptEncoder
+    from peft.tuners.prefix_tuning import PrefixEncoder
+    from peft.tuners.prompt_tuning import PromptEmbedding
+
+    return PromptEmbedding, PromptEncoder, PrefixEncoder
