@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m client.demo
+	$(PY) -m bench.demo
 
 test: install
 	$(PY) $(PYTEST) -x tests/test_contract.py

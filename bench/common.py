@@ -47,7 +47,7 @@ class Context:
 
 def checkpoint(spec: ModelSpec) -> Path:
     """The seeded checkpoint for ``spec`` under bench/work/, built once and reused."""
-    from client.tiny import build_checkpoint
+    from tests.helpers.checkpoints import build_checkpoint
 
     dest, want = WORK / f"bench-{spec.name}", json.dumps(asdict(spec), sort_keys=True)
     if not ((dest / "bench-spec.json").is_file() and (dest / "bench-spec.json").read_text() == want):

@@ -35,7 +35,7 @@ def summary(samples: list[tuple[Window, float, int]]) -> tuple[float, float, str
 
 def section_concurrent_clients(ctx: Context) -> str:
     """Aggregate tokens/s of 1, 4 and 8 client processes generating at once on one node pair."""
-    from swarm.launch import LocalSwarm
+    from tests.helpers.launch import LocalSwarm
 
     spec, counts, seconds, rounds = TINY, (1, 4, 8), ctx.seconds(8), 1 if ctx.quick else 2
     path = checkpoint(spec)
@@ -67,7 +67,7 @@ def section_concurrent_clients(ctx: Context) -> str:
 
 def section_replicas(ctx: Context) -> str:
     """4 concurrent client processes on 1 vs 2 replicas per span (two swarms, windows alternate)."""
-    from swarm.launch import LocalSwarm
+    from tests.helpers.launch import LocalSwarm
 
     spec, clients, seconds, rounds = TINY, 4, ctx.seconds(8), 1 if ctx.quick else 2
     path, halves = checkpoint(spec), spans(spec.num_layers, 2)

@@ -34,7 +34,7 @@ def section_forward_backward(ctx: Context) -> str:
     """Local transformers vs the same model split in half over two local nodes, timed interleaved."""
     from transformers import AutoModelForCausalLM
 
-    from swarm.launch import LocalSwarm
+    from tests.helpers.launch import LocalSwarm
 
     rows = []
     for spec in ctx.models:
@@ -108,9 +108,9 @@ def call_node(address: str, key: str, blocks: int, hidden_size: int, backward: b
 
 def section_node_memory(ctx: Context) -> str:
     """Resident memory of one `node serve` process hosting a quarter of the blocks vs all of them."""
-    from node.families import LAYER_PREFIX
-    from node.loading import load_config
-    from swarm.launch import LocalSwarm
+    from swarm.arch import LAYER_PREFIX
+    from swarm.checkpoint import load_config
+    from tests.helpers.launch import LocalSwarm
     from swarm.records import default_model_name, model_key
 
     spec = ctx.models[-1]

@@ -27,7 +27,7 @@ def node_compute_fn(path: Path, span_list: list[str]):
     with the node's own code (node.blocks) in this process: the compute the nodes do per token,
     without gRPC, asyncio or their thread pools. Returns (None, seconds per step)."""
     from node.blocks import inference_step, load_span, new_cache
-    from node.loading import load_config
+    from swarm.checkpoint import load_config
     from swarm.spans import Span
 
     config = load_config(path)
@@ -105,7 +105,7 @@ class StepTimers:
 def _measure_model(ctx: Context, spec: ModelSpec, hop_counts: tuple[int, ...]) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from swarm.launch import LocalSwarm
+    from tests.helpers.launch import LocalSwarm
 
     path, n = checkpoint(spec), ctx.gen_repeats[spec.name]
     ids = prompt(spec.vocab_size)

@@ -51,7 +51,7 @@ class KillAt(BaseStreamer):
 def section_recovery(ctx: Context) -> str:
     """SIGKILL the node serving the first hop at token KILL_AT; time until the next token."""
     from client import ClientConfig
-    from swarm.launch import LocalSwarm, wait_for
+    from tests.helpers.launch import LocalSwarm, wait_for
     from swarm.spans import NodeState, Span
 
     spec, repeats = TINY, 3 if ctx.quick else 6

@@ -1,6 +1,6 @@
 """swarmlm benchmarks: ``python -m bench.run`` (or ``make bench``) writes bench/README.md.
 
-Every number comes from real processes on 127.0.0.1 started by ``swarm.launch.LocalSwarm`` (and, for
+Every number comes from real processes on 127.0.0.1 started by ``tests.helpers.launch.LocalSwarm`` (and, for
 concurrent clients, ``bench.clients.ClientPool``) and stopped before exit. Each benchmark is a
 *section*: a function ``(Context) -> markdown`` listed in SECTIONS, living in bench/forward.py,
 bench/generation.py, bench/concurrency.py, bench/recovery.py or bench/training.py; bench/procs.py measures other processes' load and memory.

@@ -39,7 +39,7 @@ def section_training(ctx: Context) -> str:
     from transformers import AutoModelForCausalLM
 
     from client import AutoDistributedModelForCausalLM, get_peft_model
-    from swarm.launch import LocalSwarm
+    from tests.helpers.launch import LocalSwarm
 
     spec = ctx.models[-1]
     path, half, n = checkpoint(spec), spec.num_layers // 2, ctx.repeats[spec.name]

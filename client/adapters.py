@@ -13,8 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from node.families import get_family
-from node.lora import linear_shapes
+from swarm.arch import projection_shapes
 from proto import swarmlm_pb2 as pb
 from proto.tensors import serialize
 from swarm.spans import Span
@@ -41,9 +40,7 @@ class RemoteLora(nn.Module):
         super().__init__()
         if getattr(lora_config, "use_dora", False) or getattr(lora_config, "bias", "none") != "none":
             raise ValueError("DoRA and LoRA biases are not supported over the swarm")
-        family = get_family(model_config)
-        with torch.device("meta"):
-            shapes = linear_shapes(family.layer_cls(model_config, 0))
+        shapes = projection_shapes(model_config)
         self.paths = _targets(shapes, lora_config.target_modules)
         r, alpha = lora_config.r, lora_config.lora_alpha
         self.scaling = alpha / math.sqrt(r) if lora_config.use_rslora else alpha / r

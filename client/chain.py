@@ -5,7 +5,6 @@ hand a coroutine to the client's event loop thread and wait. Everything below th
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
@@ -44,6 +43,23 @@ class Extras:
 
 
 @dataclass(frozen=True)
+class SwarmLink:
+    """Everything an inference session needs to talk to the swarm, handed to it by the chain (so a session
+    reaches into nothing else)."""
+
+    model: str  # model key every request names
+    num_blocks: int  # blocks of the model
+    router: Router  # routes, and the failure policy (retries, bans, backoff)
+    connections: Connections  # channels to nodes
+    verifier: Verifier  # re-runs a fraction of hops elsewhere (verify_fraction)
+    request_timeout: float  # seconds one step through one hop may take
+    max_step_tokens: int  # batch x positions per inference message
+    adapter: str | None  # node-hosted adapter every request names, if any
+    run: Callable[[Awaitable[T]], T]  # the sync -> async bridge onto the client's event loop
+    call_soon: Callable[[Callable[[], object]], None]  # schedule a callable on that loop without waiting
+
+
+@dataclass(frozen=True)
 class LoraUse:
     """The client's adapter as one forward/backward pair uses it (same dropout masks in both)."""
 
@@ -74,6 +90,8 @@ class RemoteChain:
         self.connections = Connections(swarm_key, config.tls_ca, max_message_mb=config.max_message_mb)  # loop thread only
         self.router = Router(self.dht, model, num_blocks, config, self.connections)
         self.verifier = Verifier(self.router, config)  # re-runs a fraction of hops elsewhere (verify_fraction)
+        self.link = SwarmLink(model, num_blocks, self.router, self.connections, self.verifier, config.request_timeout,
+                              config.max_step_tokens, config.adapter, self.run, self.call_soon)
         self.last_route: list[Hop] = []  # hops of the latest forward pass, for inspection
         self._lora_sent: dict[tuple[str, str], int] = {}  # (address, adapter id) -> version it holds
 
@@ -143,20 +161,18 @@ class RemoteChain:
                        prefix: torch.Tensor | None = None, for_backward: bool = False) -> tuple[torch.Tensor, Trace]:
         trace: Trace = []
         used: list[Hop] = []
-        position, attempt = span.start, 0
+        position = span.start
+        attempts = self.router.attempts()
         route = await self.router.route(span, spread=True)
         while route:
             hop = route.pop(0)
             try:
                 out, token = await self._forward_hop(hop, hidden, mask, positions, lora, prefix, for_backward)
             except RemoteCallError as e:
-                if not self.router.should_retry(e, attempt):
-                    raise
-                self.router.ban(hop, e)
-                await asyncio.sleep(self.router.backoff(attempt))
-                attempt += 1
-                route = await self.router.route(Span(position, span.end), refresh=True, spread=True)
+                await attempts.failed(hop, e)  # gives up by raising; else bans / backs off / notes a busy node
+                route = await self.router.reroute(attempts, Span(position, span.end), spread=True)
                 continue
+            attempts.succeeded(hop)
             if self.verifier.wanted():  # re-run on another node; use what a majority agrees on
                 async def rerun(server: ServerInfo) -> torch.Tensor:
                     return (await self._forward_hop(Hop(server, hop.span), hidden, mask, positions, lora, prefix))[0]
@@ -188,9 +204,9 @@ class RemoteChain:
                              extra: Extras, token: str = "") -> torch.Tensor:
         """Backward through ``span``; if no single live node covers it any more, recompute the
         intermediate inputs with a forward pass over a new route and go backward hop by hop."""
-        attempt = 0
+        attempts = self.router.attempts()
+        route = await self.router.route(span, spread=True)
         while True:
-            route = await self.router.route(span, refresh=attempt > 0, spread=True)
             if len(route) > 1:
                 _, sub_trace = await self._forward(span, hidden, mask, positions, extra.lora, extra.prefix, True)
                 return await self._backward(sub_trace, mask, positions, grad, extra)
@@ -198,12 +214,11 @@ class RemoteChain:
             try:
                 result = await self._backward_hop(hop, hidden, mask, positions, grad, extra, token)
             except RemoteCallError as e:
-                if not self.router.should_retry(e, attempt):
-                    raise
-                self.router.ban(hop, e)
-                await asyncio.sleep(self.router.backoff(attempt))
-                attempt += 1
+                await attempts.failed(hop, e)
+                route = await self.router.reroute(attempts, span, spread=True)
+                token = ""  # activations kept by the failed node are not on the next one
                 continue
+            attempts.succeeded(hop)
             if self.verifier.wanted():  # re-run on another node (recomputing there); use what a majority agrees on
                 async def rerun(server: ServerInfo, hop=hop):
                     return await self._backward_hop(Hop(server, hop.span), hidden, mask, positions, grad, extra)

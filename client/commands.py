@@ -15,7 +15,7 @@ def generate_text(model_path: str, initial_peers: Sequence[str], prompt: str, *,
     from transformers import AutoTokenizer, TextStreamer
 
     from client.model import AutoDistributedModelForCausalLM
-    from node.loading import CheckpointError, resolve_checkpoint
+    from swarm.checkpoint import CheckpointError, resolve_checkpoint
 
     folder = resolve_checkpoint(model_path, need_weights=lambda _: False)
     try:

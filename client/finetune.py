@@ -104,7 +104,7 @@ def read_texts(path: str | Path) -> list[str]:
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
-    from node.loading import CheckpointError, resolve_checkpoint
+    from swarm.checkpoint import CheckpointError, resolve_checkpoint
 
     folder = resolve_checkpoint(model_path, need_weights=lambda _: False)
     try:

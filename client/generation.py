@@ -88,7 +88,7 @@ class RemoteGenerationMixin:
         the tokens the nodes have not seen yet."""
         prefix = self.model.layers.prefix  # a prefix-tuning adapter's keys/values start every node's cache
         virtual = prefix.num_virtual_tokens if prefix is not None else 0
-        return InferenceSession(self.chain, max_length + virtual, lora=self.model.layers.lora, prefix=prefix)
+        return InferenceSession(self.chain.link, max_length + virtual, lora=self.model.layers.lora, prefix=prefix)
 
     def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None,
                  **kwargs):

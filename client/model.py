@@ -15,8 +15,8 @@ from client.config import ClientConfig
 from client.generation import RemoteCache, RemoteGenerationMixin
 from client.remote import RemoteBlocks
 from client.verify import Suspicion
-from node.families import LAYER_PREFIX, get_family
-from node.loading import CheckpointError, load_config, read_tensors, resolve_checkpoint
+from swarm.arch import LAYER_PREFIX, get_family
+from swarm.checkpoint import CheckpointError, load_config, read_tensors, resolve_checkpoint
 from swarm.records import default_model_name, model_key
 
 

@@ -1,5 +1,6 @@
-"""The client's one routing object: the swarm view, bans that grow on repeat, backoff, and a bounded
-wait for blocks that have no live node. Route choice itself is the pure functions in swarm.routing.
+"""The client's one routing object: the swarm view, the failure policy (client.policy: bans that grow on
+repeat, backoff, retries) and a bounded wait for blocks that have no live node. Route choice itself is
+the pure functions in swarm.routing.
 
 A node that fails TLS authentication (TLSHandshakeError) is not a dead node: it is never used again
 by this client, and when only such nodes serve some blocks, ``route`` raises that error at once
@@ -8,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 
 from client.config import ClientConfig
-from client.transport import Connections, RemoteCallError, TLSHandshakeError, plaintext_refused
+from client.policy import Attempts, FailurePolicy, PolicyConfig
+from client.transport import Connections, TLSHandshakeError, plaintext_refused
 from swarm.dht import SwarmDHT
 from swarm.routing import Hop, NoRouteError, choose_route, sample_route
 from swarm.spans import NodeState, ServerInfo, Span
@@ -26,11 +27,10 @@ class Router:
                  connections: Connections | None = None):
         self.dht, self.model, self.num_blocks, self.config = dht, model, num_blocks, config
         self.connections = connections  # told which nodes speak TLS whenever the swarm is read
-        self._untrusted: dict[str, TLSHandshakeError] = {}  # node id -> why TLS authentication failed
+        self.policy = FailurePolicy(PolicyConfig(config.max_retries, config.ban_seconds, config.max_wait))
+        self._untrusted = self.policy.untrusted  # node id -> why TLS authentication failed
         self._servers: list[ServerInfo] = []
         self._fetched_at = float("-inf")
-        self._banned_until: dict[str, float] = {}
-        self._strikes: dict[str, int] = {}
         self.rtt: dict[str, float] = {}  # node id -> smoothed seconds per exchange, measured by sessions
         self._rng = random.Random()
 
@@ -51,8 +51,22 @@ class Router:
         return self._servers
 
     def banned(self) -> frozenset[str]:
-        now = time.monotonic()
-        return frozenset(n for n, until in self._banned_until.items() if until > now) | frozenset(self._untrusted)
+        return self.policy.banned()
+
+    def attempts(self) -> Attempts:
+        """The attempt counter of one call (see client.policy)."""
+        return self.policy.attempts()
+
+    async def reroute(self, attempts: Attempts, span: Span, *, spread: bool = False) -> list[Hop]:
+        """A fresh route over ``span`` after a failure, avoiding the call's busy or disputing nodes. When
+        only those serve some blocks, their answer is the result (no waiting: they are alive)."""
+        try:
+            return await self.route(span, refresh=True, spread=spread, exclude=attempts.avoid,
+                                    wait=not attempts.avoid)
+        except NoRouteError:
+            if attempts.refusal is not None:
+                raise attempts.refusal from None
+            raise
 
     async def route(self, span: Span, *, refresh: bool = False, spread: bool = False,
                     exclude: frozenset[str] = frozenset(), wait: bool = True) -> list[Hop]:
@@ -77,37 +91,18 @@ class Router:
                     raise
                 if attempt == 0:
                     log.warning("%s; waiting up to %.0fs for a node to appear", e, self.config.max_wait)
-                await asyncio.sleep(min(left, self.backoff(attempt)))
+                await asyncio.sleep(min(left, self.policy.backoff(attempt)))
                 attempt += 1
 
     def ban(self, hop: Hop, error: Exception, forever: bool = False) -> None:
-        """Avoid a node that failed; each repeat doubles the time (capped at 16x ``ban_seconds``).
-        ``forever``: for this client's lifetime (a node caught computing wrong results)."""
-        node = hop.server.node_id
-        if isinstance(error, TLSHandshakeError):
-            self._untrusted[node] = error
-            log.warning("not using node %s: %s", hop.server.address, error)
-            return
-        if self._banned_until.get(node) == math.inf:
-            return
-        strikes = self._strikes[node] = self._strikes.get(node, 0) + 1
-        seconds = math.inf if forever else self.config.ban_seconds * min(2 ** (strikes - 1), 16)
-        self._banned_until[node] = time.monotonic() + seconds
-        log.warning("avoiding node %s %s: %s", hop.server.address, "for good" if forever else f"for {seconds:.0f}s",
-                    error)
+        """Avoid a node (see FailurePolicy.ban)."""
+        self.policy.ban(hop, error, forever)
 
     def succeeded(self, hop: Hop, seconds: float) -> None:
         """Record a good exchange: forgive past strikes and update the node's latency estimate."""
         node = hop.server.node_id
-        self._strikes.pop(node, None)
+        self.policy.forgive(hop)
         self.rtt[node] = seconds if node not in self.rtt else 0.8 * self.rtt[node] + 0.2 * seconds
-
-    def should_retry(self, error: RemoteCallError, attempt: int) -> bool:
-        """Retry elsewhere only when the node (not the request) failed, a bounded number of times; after
-        a failed TLS authentication always (``route`` raises it if no trusted node is left)."""
-        if isinstance(error, TLSHandshakeError):
-            return True
-        return not error.client_fault and attempt < self.config.max_retries
 
     def _untrusted_cause(self, servers: list[ServerInfo], missing: list[int]) -> TLSHandshakeError | None:
         """When every missing block is served (ONLINE) by nodes that failed TLS authentication only: why."""
@@ -121,7 +116,3 @@ class Router:
             return None
         first = causes[missing[0]]
         return TLSHandshakeError(first.address, first.reason)  # a fresh one each time it is raised
-
-    @staticmethod
-    def backoff(attempt: int) -> float:
-        return min(0.1 * 2 ** attempt, 2.0)

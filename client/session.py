@@ -15,12 +15,13 @@ import grpc
 import torch
 
 from client.adapters import RemoteLora
+from client.chain import SwarmLink
+from client.policy import Attempts
 from client.prompts import RemotePrefix
-from client.chain import RemoteChain
 from client.transport import RemoteCallError, call_forward, decode_tensor, forward_request
 from proto import swarmlm_pb2 as pb
 from proto.tensors import serialize
-from swarm.routing import Hop, NoRouteError
+from swarm.routing import Hop
 from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,13 @@ class _Stream:
 class InferenceSession:
     """Server-side caches along a route, for generation. Use as a context manager."""
 
-    def __init__(self, chain: RemoteChain, max_length: int, lora: RemoteLora | None = None,
+    def __init__(self, link: SwarmLink, max_length: int, lora: RemoteLora | None = None,
                  prefix: RemotePrefix | None = None):
-        """``max_length`` counts every position, a prefix-tuning ``prefix``'s virtual ones included."""
+        """``link``: the chain's connection to the swarm (``RemoteChain.link``). ``max_length`` counts every
+        position, a prefix-tuning ``prefix``'s virtual ones included."""
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
-        self.chain, self.max_length, self.lora, self.prefix = chain, max_length, lora, prefix
+        self.link, self.max_length, self.lora, self.prefix = link, max_length, lora, prefix
         self.batch_size: int | None = None
         # leading positions that are no tokens: prefix-tuning keys/values every node's cache starts with,
         # or prompt-tuning virtual tokens (set by the PEFT wrapper when it prepends them)
@@ -113,7 +115,7 @@ class InferenceSession:
         positions = position_ids if position_ids is not None else \
             torch.arange(self.position, self.position + new).unsqueeze(0)
         positions = positions.to(torch.int64).expand(batch, new)  # one shape for every step, so replays concatenate
-        out = self.chain.run(self._step(hidden.detach(), mask.to(torch.int64), positions))
+        out = self.link.run(self._step(hidden.detach(), mask.to(torch.int64), positions))
         self.position += new
         return out
 
@@ -150,7 +152,7 @@ class InferenceSession:
         if not self.closed:
             self.closed = True
             for stream in self._streams:
-                self.chain.call_soon(stream.close)
+                self.link.call_soon(stream.close)
             self._streams = []
 
     def __enter__(self) -> "InferenceSession":
@@ -162,23 +164,27 @@ class InferenceSession:
     # ---- async internals -------------------------------------------------------------------
     async def _step(self, hidden, mask, positions) -> torch.Tensor:
         if not self._streams:
-            self._streams = await self._open(Span(0, self.chain.num_blocks))
+            self._streams = await self._open(Span(0, self.link.num_blocks))
         index = 0
+        tries: dict[int, Attempts] = {}  # the hops of this step that failed, by position in the chain
         while index < len(self._streams):
             stream = self._streams[index]
             try:
                 out = await self._send(stream, hidden, mask, positions)
             except RemoteCallError as e:
-                if e.client_fault:
-                    raise
-                self._streams[index:index + 1] = await self._replace(stream, e)
+                attempts = tries.setdefault(index, self.link.router.attempts())
+                stream.close()
+                await attempts.failed(stream.hop, e)  # gives up by raising; else bans / backs off / notes
+                self._streams[index:index + 1] = await self._replace(stream, attempts)
                 continue  # retry this position of the chain with the replacement(s)
+            if index in tries:
+                tries.pop(index).succeeded(stream.hop)
             done = 1
-            if hidden.shape[1] and self.chain.verifier.wanted():
+            if hidden.shape[1] and self.link.verifier.wanted():
                 out, outvoted = await self._verify(stream, out, hidden.shape[1])
                 if outvoted:  # its cache is suspect too: move its blocks elsewhere, replaying the history
-                    outvoted_error = RemoteCallError(stream.hop.server.address, None, "outvoted by other nodes")
-                    replacements = await self._replace(stream, outvoted_error)
+                    stream.close()  # the verifier banned its node
+                    replacements = await self._replace(stream, self.link.router.attempts())
                     self._streams[index:index + 1] = replacements
                     done = len(replacements)  # they already hold this step (it was replayed)
             hidden, index = out, index + done
@@ -188,7 +194,7 @@ class InferenceSession:
         """Check a step: another node serving the hop's blocks runs the hop's whole input history as one
         stateless Forward; its last ``new`` positions must match. Returns the trusted outputs and
         whether the hop's node was outvoted (see client.verify)."""
-        chain = self.chain
+        link = self.link
         hidden, mask, positions = stream.history()
 
         prefix = self._prefix_keys_values() if self.prefix is not None else None
@@ -196,12 +202,11 @@ class InferenceSession:
             mask = torch.cat([mask.new_ones(mask.shape[0], self.virtual), mask], dim=1)
 
         async def rerun(server: ServerInfo) -> torch.Tensor:
-            req = forward_request(chain.model, stream.hop.span, hidden, mask, positions, stream.lora,
-                                  chain.config.adapter, prefix)
-            full, _ = await call_forward(chain.connections, server.address, req, hidden, chain.config.request_timeout)
+            req = forward_request(link.model, stream.hop.span, hidden, mask, positions, stream.lora, link.adapter, prefix)
+            full, _ = await call_forward(link.connections, server.address, req, hidden, link.request_timeout)
             return full[:, -new:]
 
-        return await chain.verifier.check(stream.hop, out, rerun, mask)
+        return await link.verifier.check(stream.hop, out, rerun, mask)
 
     def _prefix_keys_values(self) -> torch.Tensor:
         """The prefix keys/values of every block for this session's batch, as they were when it opened."""
@@ -210,70 +215,66 @@ class InferenceSession:
                 self._prefix_kv = self.prefix.key_values(self.batch_size).detach().contiguous()
         return self._prefix_kv
 
-    async def _open(self, span: Span, attempt: int = 0, full: frozenset[str] = frozenset()) -> list[_Stream]:
-        """Open streams along a fresh route over ``span``, avoiding the nodes in ``full`` (node ids
-        that refused a session for lack of room: alive and honest, so not banned, just busy)."""
-        streams: list[_Stream] = []
-        router = self.chain.router
-        route = router.route(span, refresh=attempt > 0, exclude=full, wait=not full)
-        for hop in await route:
-            call = self.chain.connections.stub(hop.server.address).Inference()
-            stream = _Stream(hop, call)
-            opts = pb.SessionOptions(model=self.chain.model, start=hop.span.start, end=hop.span.end,
-                                     batch_size=self.batch_size, max_length=self.max_length,
-                                     adapter_name=self.chain.config.adapter or "")
-            if self.prefix is not None:  # the node's cache starts with this hop's prefix keys/values
-                opts.prefix.CopyFrom(serialize(self._prefix_keys_values()[hop.span.start:hop.span.end]))
-            if self.lora is not None:  # the session applies the adapter as it is when the session opens
-                opts.lora.CopyFrom(self.lora.message(hop.span, with_weights=True))
-                opts.lora.dropout = 0.0
-                stream.lora = opts.lora
-            try:
-                await stream.exchange(pb.InferenceRequest(open=opts), self.chain.config.request_timeout)
-            except RemoteCallError as failure:
-                e = self.chain.connections.classify(failure)  # a failed TLS handshake is not a dead node
-                stream.close()
-                for s in streams:
-                    s.close()
-                if e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and attempt < self.chain.config.max_retries:
-                    # cache full or our per-client session limit there: try a node with room, if any
-                    try:
-                        return await self._open(span, attempt + 1, full | {hop.server.node_id})
-                    except NoRouteError:
-                        raise e from None
-                if not router.should_retry(e, attempt):
-                    raise e from None
-                router.ban(hop, e)
-                await asyncio.sleep(router.backoff(attempt))
-                return await self._open(span, attempt + 1)
-            streams.append(stream)
-        return streams
+    async def _open(self, span: Span, attempts: Attempts | None = None) -> list[_Stream]:
+        """Open streams along a route over ``span``; after failures (``attempts``), along a fresh one that
+        avoids what failed. A node without room for us is alive and honest: tried elsewhere, never banned."""
+        router = self.link.router
+        attempts = attempts or router.attempts()
+        route = await (router.reroute(attempts, span) if attempts.number else router.route(span))
+        while True:
+            streams, failure = await self._open_route(route)
+            if failure is None:
+                return streams
+            await attempts.failed(*failure)
+            route = await router.reroute(attempts, span)
 
-    async def _replace(self, failed: _Stream, error: RemoteCallError) -> list[_Stream]:
-        """Route around a failed hop and replay its history so the new caches match."""
-        failed.close()
-        router = self.chain.router
-        router.ban(failed.hop, error)
-        for attempt in range(self.chain.config.max_retries):
-            streams = await self._open(failed.hop.span, attempt=1)
+    async def _open_route(self, route: list[Hop]) -> tuple[list[_Stream], tuple[Hop, RemoteCallError] | None]:
+        """One stream per hop of ``route``; on a failure, none (those opened are closed) and what failed."""
+        link, streams = self.link, []
+        for hop in route:
+            stream = _Stream(hop, link.connections.stub(hop.server.address).Inference())
+            try:
+                await stream.exchange(pb.InferenceRequest(open=self._session_options(hop, stream)), link.request_timeout)
+            except RemoteCallError as failure:
+                for s in [*streams, stream]:
+                    s.close()
+                return [], (hop, link.connections.classify(failure))  # a failed TLS handshake is no dead node
+            streams.append(stream)
+        return streams, None
+
+    def _session_options(self, hop: Hop, stream: _Stream) -> pb.SessionOptions:
+        opts = pb.SessionOptions(model=self.link.model, start=hop.span.start, end=hop.span.end,
+                                 batch_size=self.batch_size, max_length=self.max_length,
+                                 adapter_name=self.link.adapter or "")
+        if self.prefix is not None:  # the node's cache starts with this hop's prefix keys/values
+            opts.prefix.CopyFrom(serialize(self._prefix_keys_values()[hop.span.start:hop.span.end]))
+        if self.lora is not None:  # the session applies the adapter as it is when the session opens
+            opts.lora.CopyFrom(self.lora.message(hop.span, with_weights=True))
+            opts.lora.dropout = 0.0
+            stream.lora = opts.lora
+        return opts
+
+    async def _replace(self, failed: _Stream, attempts: Attempts) -> list[_Stream]:
+        """New streams for a failed hop's blocks, their caches rebuilt by replaying its history."""
+        while True:
+            streams = await self._open(failed.hop.span, attempts)
+            current = streams[0]
             try:
                 if failed.sent:
                     hidden, mask, positions = failed.history()
-                    for stream in streams:
-                        hidden = await self._send(stream, hidden, mask, positions)
+                    for current in streams:
+                        hidden = await self._send(current, hidden, mask, positions)
                 return streams
             except RemoteCallError as e:
                 for s in streams:
                     s.close()
-                if e.client_fault:
-                    raise
                 log.warning("replaying history on a replacement failed: %s", e)
-        raise error
+                await attempts.failed(current.hop, e)
 
     async def _send(self, stream: _Stream, hidden, mask, positions) -> torch.Tensor:
         """One step through one hop, split so no message exceeds the client's step size."""
         batch = hidden.shape[0]
-        size = max(1, self.chain.config.max_step_tokens // batch)
+        size = max(1, self.link.max_step_tokens // batch)
         outputs, parts = [], []
         for lo in range(0, hidden.shape[1], size):
             part = (hidden[:, lo:lo + size], mask[:, lo:lo + size], positions[:, lo:lo + size])
@@ -284,8 +285,8 @@ class InferenceSession:
                 if stream.reorder is not None:
                     request.reorder.extend(stream.reorder.tolist())
             started = time.monotonic()
-            response = await stream.exchange(request, self.chain.config.request_timeout)
-            self.chain.router.succeeded(stream.hop, time.monotonic() - started)
+            response = await stream.exchange(request, self.link.request_timeout)
+            self.link.router.succeeded(stream.hop, time.monotonic() - started)
             stream.reorder, stream.drop = None, 0  # the node has applied them
             outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
             parts.append(part)

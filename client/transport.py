@@ -192,6 +192,8 @@ def decode_tensor(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Ten
         raise RemoteCallError(address, None, f"malformed response: {e}") from None
     if out.shape != like.shape:
         raise RemoteCallError(address, None, f"response shape {list(out.shape)} != expected {list(like.shape)}")
+    if not torch.isfinite(out).all():  # finite inputs through frozen blocks give finite outputs: the node's fault
+        raise RemoteCallError(address, None, "answered NaN or infinity")
     return out.to(like.dtype)
 
 

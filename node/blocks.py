@@ -15,8 +15,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from node import compat
-from node.families import get_family, uses_sliding_window
-from node.loading import CheckpointError, read_tensors
+from swarm.arch import get_family, uses_sliding_window
+from swarm.checkpoint import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
 from swarm.spans import Span
 

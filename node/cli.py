@@ -7,11 +7,11 @@ import signal
 import sys
 
 from node.config import COMPUTE_DTYPES, NodeConfig
-from node.loading import CheckpointError
+from swarm.checkpoint import CheckpointError
 from node.server import Node
 from swarm.cliargs import OneLineParser, fail, peers_list
 from swarm.dht import DHTStartError
-from swarm.launch import die_with_parent
+from swarm.process import die_with_parent
 from swarm.spans import Span
 
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import AsyncIterator
 
 import grpc
@@ -17,7 +15,8 @@ from google.protobuf.message import DecodeError
 from node.activations import ActivationCache
 from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_backward, forward_span,
                          new_cache, prefixed_cache, torch_threads)
-from node.lora import LoraCache, active, linear_shapes
+from node.lora import LoraCache, active
+from swarm.arch import linear_shapes
 from node.requests import (Adapters, Limits, RequestError, Step, parse_backward, parse_forward, parse_open,
                            parse_step)
 from node.sessions import CacheBudget, ClientSessions, Session, client_of, run_step
@@ -28,38 +27,6 @@ from swarm import __version__
 from swarm.spans import NodeState
 
 log = logging.getLogger(__name__)
-
-# TEST-ONLY fault switch, for the tests of the client's result verification (client/verify.py): when the
-# environment variable SWARMLM_TEST_FAULT="perturb=0.01" is set as a node starts, that node adds seeded
-# Gaussian noise of that standard deviation to everything it computes (Forward and inference-step outputs,
-# Backward's input, LoRA and prefix gradients), i.e. it becomes a deliberately faulty node;
-# "perturb_backward=0.01" perturbs Backward's results only (a node that lies only in training). Off when
-# unset; read once per node start; on purpose neither a NodeConfig field nor a CLI flag.
-TEST_FAULT_ENV = "SWARMLM_TEST_FAULT"
-
-
-@dataclass(frozen=True)
-class FaultSwitch:
-    std: float = 0.0  # noise added to results (0.0: an honest node)
-    backward_only: bool = False  # perturb Backward's results only
-
-
-def _test_fault() -> FaultSwitch:
-    """The fault SWARMLM_TEST_FAULT asks for (an honest node when unset)."""
-    text = os.environ.get(TEST_FAULT_ENV, "")
-    if not text:
-        return FaultSwitch()
-    name, _, value = text.partition("=")
-    try:
-        std = float(value) if name in ("perturb", "perturb_backward") else -1.0
-    except ValueError:
-        std = -1.0
-    if not std > 0:
-        raise ValueError(f'{TEST_FAULT_ENV} must look like "perturb=0.01" or "perturb_backward=0.01", got {text!r}')
-    log.warning("TEST FAULT: this node perturbs its %s by noise of std %g",
-                "gradients" if name == "perturb_backward" else "results", std)
-    return FaultSwitch(std, backward_only=name == "perturb_backward")
-
 
 @dataclass(frozen=True)
 class SessionPolicy:
@@ -88,8 +55,6 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.open_sessions = 0
         self.in_flight = 0  # unary calls being computed
         self.state = NodeState.JOINING  # Info reports it; OFFLINE once the node starts shutting down
-        self._fault = _test_fault()  # test-only: see TEST_FAULT_ENV
-        self._fault_rng = torch.Generator().manual_seed(0)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -109,10 +74,10 @@ class NodeServicer(pb_grpc.NodeServicer):
             saved = await self._compute(context, forward_for_backward, self.blocks, x.span, x.hidden,
                                         x.attention_mask, x.position_ids, x.lora, x.prefix)
             token = self.activations.put(saved)
-            return pb.ForwardResponse(hidden_states=serialize(self._faulty(saved.out.detach().to(x.hidden.dtype))),
+            return pb.ForwardResponse(hidden_states=serialize(saved.out.detach().to(x.hidden.dtype)),
                                       backward_token=token or "")
         out = await self._compute(context, self._forward, x)
-        return pb.ForwardResponse(hidden_states=serialize(self._faulty(out)))
+        return pb.ForwardResponse(hidden_states=serialize(out))
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
         try:
@@ -125,12 +90,11 @@ class NodeServicer(pb_grpc.NodeServicer):
             out = out.to(x.hidden.dtype)
         else:  # stateless: recompute the forward pass from the inputs the client sent again
             out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
-        bad = partial(self._faulty, backward=True)  # test-only; identity on an honest node
-        response = pb.BackwardResponse(grad_inputs=serialize(bad(out)), lora_grads=[
-            pb.LoraModule(block=block, module=name, a=serialize(bad(ga)), b=serialize(bad(gb)))
+        response = pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
+            pb.LoraModule(block=block, module=name, a=serialize(ga), b=serialize(gb))
             for (block, name), (ga, gb) in lora_grads.items()])
         if grad_prefix is not None:
-            response.grad_prefix.CopyFrom(serialize(bad(grad_prefix.to(x.prefix.dtype))))
+            response.grad_prefix.CopyFrom(serialize(grad_prefix.to(x.prefix.dtype)))
         return response
 
     async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
@@ -181,7 +145,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                         await context.abort(e.code, str(e))
                     session.computed += step.hidden.shape[1]
                     out = await self._compute(context, self._step, session, step)
-                    yield pb.InferenceResponse(hidden_states=serialize(self._faulty(out)), cache_length=session.length)
+                    yield pb.InferenceResponse(hidden_states=serialize(out), cache_length=session.length)
                 request = await self._next(requests, context)
         finally:
             self.open_sessions -= 1
@@ -214,13 +178,6 @@ class NodeServicer(pb_grpc.NodeServicer):
         out, lora_grads, grad_prefix = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask,
                                                      x.position_ids, x.lora, x.prefix)
         return out.to(x.hidden.dtype), lora_grads, grad_prefix
-
-    def _faulty(self, out: torch.Tensor, backward: bool = False) -> torch.Tensor:
-        """``out``, perturbed when the test-only fault switch is on (see TEST_FAULT_ENV)."""
-        if not self._fault.std or (self._fault.backward_only and not backward):
-            return out
-        noise = torch.randn(out.shape, generator=self._fault_rng) * self._fault.std
-        return out + noise.to(out.dtype)
 
     @property
     def busy(self) -> bool:

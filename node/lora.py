@@ -49,11 +49,6 @@ class Lora:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
 
 
-def linear_shapes(layer: nn.Module) -> dict[str, tuple[int, int]]:
-    """Projection name inside a block -> (in_features, out_features) for every Linear in it."""
-    return {name: (m.in_features, m.out_features) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
-
-
 def install_hooks(layers: nn.ModuleList, first_block: int) -> None:
     """Give every Linear of every block the hook that applies the thread's active adapter."""
     for offset, layer in enumerate(layers):

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import torch
@@ -15,10 +16,11 @@ import torch
 from node.auth import AuthInterceptor
 from node.blocks import SpanBlocks, forward_span, load_span
 from node.config import NodeConfig
-from node.families import LAYER_PREFIX, get_family
+from swarm.arch import LAYER_PREFIX, get_family
 from node.handler import NodeServicer, SessionPolicy
-from node.loading import CheckpointError, load_config, resolve_checkpoint
-from node.lora import linear_shapes, load_adapter_dir
+from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
+from node.lora import load_adapter_dir
+from swarm.arch import linear_shapes
 from node.requests import Limits, max_message_bytes
 from node.sessions import CacheBudget, cache_bytes_per_token, default_cache_tokens
 from proto import swarmlm_pb2_grpc as pb_grpc
@@ -68,8 +70,11 @@ def announced_address(announce: str | None, host: str, port: int) -> str:
 class Node:
     """One running node. ``await start()``, then ``await stop()``; or use NodeThread from sync code."""
 
-    def __init__(self, config: NodeConfig):
+    def __init__(self, config: NodeConfig, *,
+                 wrap_servicer: Callable[[NodeServicer], pb_grpc.NodeServicer] | None = None):
+        """``wrap_servicer``: what serves gRPC instead of the honest servicer (tests wrap it to inject faults)."""
         self.config = config
+        self._wrap_servicer = wrap_servicer
         self.address: str | None = None
         self.model_key: str | None = None
         self.dht = None
@@ -84,10 +89,27 @@ class Node:
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
-        cfg, loop = self.config, asyncio.get_running_loop()
+        cfg = self.config
         swarm_key = load_optional(cfg.swarm_key)
         tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
-        span = cfg.blocks
+        folder, model_config = self._checkpoint()
+        await self._join(swarm_key)
+        self.span = await self._placement(model_config.num_hidden_layers)
+        dtype = getattr(torch, cfg.dtype)
+        blocks = await asyncio.get_running_loop().run_in_executor(
+            self._pool, load_span, folder, model_config, self.span, dtype)
+        self.servicer = self._servicer(blocks, model_config, dtype)
+        self._listen(swarm_key, tls)
+        await self._go_online(tls is not None)
+        if cfg.rebalance_period:
+            self._rebalancer = asyncio.create_task(self._rebalance(folder, model_config, dtype,
+                                                                   model_config.num_hidden_layers))
+        return self.address
+
+    def _checkpoint(self):
+        """The checkpoint folder (only the span's shards fetched) and its config, checked against the flags;
+        sets the model key."""
+        cfg, span = self.config, self.config.blocks
         wanted = tuple(f"{LAYER_PREFIX}{i}." for i in range(span.start, span.end)) if span else (LAYER_PREFIX,)
         folder = resolve_checkpoint(cfg.model, need_weights=lambda name: name.startswith(wanted))
         model_config = load_config(folder)
@@ -98,10 +120,14 @@ class Node:
         if cfg.num_blocks is not None and cfg.num_blocks > total:
             raise CheckpointError(f"--num-blocks {cfg.num_blocks} is more than the model's {total} blocks")
         self.model_key = model_key(cfg.model_name or default_model_name(cfg.model), model_config)
-        peers = cfg.initial_peers
+        return folder, model_config
+
+    async def _join(self, swarm_key) -> None:
+        """Start our DHT peer: through the initial peers, or those announced on the LAN (``--lan``)."""
+        cfg, peers = self.config, self.config.initial_peers
         if cfg.lan and not peers:
             try:
-                peers = tuple(await loop.run_in_executor(None, partial(
+                peers = tuple(await asyncio.get_running_loop().run_in_executor(None, partial(
                     lan.listen, swarm_key, self.model_key, timeout=cfg.lan_timeout)))
             except lan.LanError as e:
                 raise DHTStartError(str(e)) from None
@@ -110,15 +136,19 @@ class Node:
         self.dht = await SwarmDHT.create(peers, host=cfg.host, port=cfg.dht_port,
                                          nat_port_map=cfg.nat_port_map, swarm_key=swarm_key)
         if cfg.lan:
-            self._lan = lan.LanAnnouncer(await self.dht.visible_maddrs(), swarm_key,
-                                         self.model_key, "node").start()
-        if span is None:
-            span = choose_blocks(await self.dht.fetch_servers(self.model_key, total), total, cfg.num_blocks)
-            log.info("automatic placement: serving blocks %s, where the swarm is weakest", span)
-        self.span = span
+            self._lan = lan.LanAnnouncer(await self.dht.visible_maddrs(), swarm_key, self.model_key, "node").start()
 
-        dtype = getattr(torch, cfg.dtype)
-        blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, span, dtype)
+    async def _placement(self, total: int) -> Span:
+        """``--blocks``, or with ``--num-blocks`` where the swarm is weakest now."""
+        if self.config.blocks is not None:
+            return self.config.blocks
+        span = choose_blocks(await self.dht.fetch_servers(self.model_key, total), total, self.config.num_blocks)
+        log.info("automatic placement: serving blocks %s, where the swarm is weakest", span)
+        return span
+
+    def _servicer(self, blocks: SpanBlocks, model_config, dtype: torch.dtype) -> NodeServicer:
+        """The gRPC servicer over ``blocks`` with this node's limits, cache budget and hosted adapters."""
+        cfg, span = self.config, self.span
         limits = Limits(
             model=self.model_key, hosted=span, hidden_size=model_config.hidden_size,
             max_batch_tokens=cfg.max_batch_tokens,
@@ -126,13 +156,6 @@ class Node:
             kv_heads=getattr(model_config, "num_key_value_heads", None) or model_config.num_attention_heads,
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
         )
-        msg_limit = cfg.max_message_mb << 20 if cfg.max_message_mb else max_message_bytes(limits)
-        self.auth = AuthInterceptor(swarm_key) if swarm_key is not None else None
-        self._server = grpc.aio.server(interceptors=[self.auth] if self.auth else None, options=[
-            ("grpc.max_receive_message_length", msg_limit),
-            ("grpc.max_send_message_length", msg_limit),
-            *SERVER_KEEPALIVE_OPTIONS,
-        ])
         per_token = cache_bytes_per_token(model_config, len(span), dtype)
         budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
@@ -142,9 +165,20 @@ class Node:
                                lora_cache_bytes=cfg.lora_cache_mb << 20)
         hosted = load_adapter_dir(Path(cfg.adapters), span.start, span.end, linear_shapes(blocks.layers[0])) \
             if cfg.adapters else {}
-        servicer = NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)
-        self.servicer = servicer
-        pb_grpc.add_NodeServicer_to_server(servicer, self._server)
+        return NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)
+
+    def _listen(self, swarm_key, tls) -> None:
+        """The gRPC server (not started yet), on our port, with the swarm key check and message limits."""
+        cfg, limits = self.config, self.servicer.limits
+        msg_limit = cfg.max_message_mb << 20 if cfg.max_message_mb else max_message_bytes(limits)
+        self.auth = AuthInterceptor(swarm_key) if swarm_key is not None else None
+        self._server = grpc.aio.server(interceptors=[self.auth] if self.auth else None, options=[
+            ("grpc.max_receive_message_length", msg_limit),
+            ("grpc.max_send_message_length", msg_limit),
+            *SERVER_KEEPALIVE_OPTIONS,
+        ])
+        served = self._wrap_servicer(self.servicer) if self._wrap_servicer else self.servicer
+        pb_grpc.add_NodeServicer_to_server(served, self._server)
         listen = f"{cfg.host}:{cfg.port}"
         port = self._server.add_secure_port(listen, tls) if tls else self._server.add_insecure_port(listen)
         if port == 0:
@@ -156,19 +190,20 @@ class Node:
         if self.auth is not None:
             self.auth.audience = self.address  # proofs name the address clients dial
 
-        info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=span,
+    async def _go_online(self, tls: bool) -> None:
+        """Announce JOINING, measure throughput, start serving, announce ONLINE."""
+        cfg, servicer = self.config, self.servicer
+        info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=self.span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
-                          adapters=tuple(sorted(hosted)), tls=tls is not None)
+                          adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
-        servicer.throughput = cfg.throughput or await loop.run_in_executor(self._pool, measure_throughput, blocks)
+        servicer.throughput = cfg.throughput or await asyncio.get_running_loop().run_in_executor(
+            self._pool, measure_throughput, servicer.blocks)
         await self._server.start()
         servicer.state = NodeState.ONLINE
         await self._announcer.set_state(NodeState.ONLINE, throughput=servicer.throughput)
-        log.info("serving blocks %s of %s at %s", span, self.model_key, self.address)
-        if cfg.rebalance_period:
-            self._rebalancer = asyncio.create_task(self._rebalance(folder, model_config, dtype, total))
-        return self.address
+        log.info("serving blocks %s of %s at %s", self.span, self.model_key, self.address)
 
     async def _rebalance(self, folder, model_config, dtype, total: int) -> None:
         """Every rebalance_period: move to a clearly weaker part of the swarm, if that never uncovers a
@@ -225,8 +260,9 @@ class Node:
 class NodeThread:
     """Runs a Node on its own event loop thread, for tests and embedding in sync programs."""
 
-    def __init__(self, config: NodeConfig):
-        self.node = Node(config)
+    def __init__(self, config: NodeConfig, *,
+                 wrap_servicer: Callable[[NodeServicer], pb_grpc.NodeServicer] | None = None):
+        self.node = Node(config, wrap_servicer=wrap_servicer)
         self._loop: LoopThread | None = None
 
     def start(self, timeout: float = 120) -> "NodeThread":

@@ -135,11 +135,6 @@ class SwarmDHT:
                     best[node_id] = (float(expiration), info)
         return sorted((info for _, info in best.values()), key=lambda i: (i.span.start, i.node_id))
 
-    async def store_raw(self, key: str, value: object, expiration: float, subkey: str | None = None) -> bool:
-        """Store an arbitrary value (tests use it to plant malformed records); the key is hidden like
-        announce's in a private swarm."""
-        return await self.node.store(self.dht_key(key), value, expiration, subkey=subkey)
-
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the DHT peer and its p2p daemon. A daemon that died or stopped answering must not hang
         the caller's exit: after ``timeout`` seconds the daemon is killed and we move on."""

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import pytest
 import torch
 
-from client.tiny import build_checkpoint
+from tests.helpers.checkpoints import build_checkpoint
 from node.config import NodeConfig
 from node.server import NodeThread
 from swarm.aio import LoopThread
@@ -55,15 +55,16 @@ def bootstrap(dht_loop) -> Iterator[list[str]]:
 def start_nodes(tiny_path, bootstrap) -> Iterator[Callable[..., list[NodeThread]]]:
     """``start_nodes("0:4", "3:6", **config)`` starts in-process gRPC nodes; all stop at teardown.
     With no spans, one node starts with automatic placement (pass ``num_blocks=``). ``initial_peers=``
-    overrides the shared bootstrap peer (e.g. a private swarm's)."""
+    overrides the shared bootstrap peer (e.g. a private swarm's); ``wrap_servicer=`` makes a lying node
+    (tests/helpers/faults.py)."""
     started: list[NodeThread] = []
 
-    def start(*spans: str, model: Path | None = None, **overrides) -> list[NodeThread]:
+    def start(*spans: str, model: Path | None = None, wrap_servicer=None, **overrides) -> list[NodeThread]:
         nodes = []
         for text in spans or (None,):
             config = NodeConfig(model=str(model or tiny_path), blocks=Span.parse(text) if text else None,
                                 **{"initial_peers": tuple(bootstrap), **overrides})
-            node = NodeThread(config)
+            node = NodeThread(config, wrap_servicer=wrap_servicer)
             started.append(node)
             nodes.append(node.start())
         return nodes

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swarm.launch import LocalSwarm, command
+from tests.helpers.launch import LocalSwarm, command
 
 SCRIPTS = Path(sys.executable).parent
 
@@ -109,7 +109,7 @@ def test_processes_die_with_their_launcher(tiny_path):
     import os
     import time
 
-    script = (f"import sys; from swarm.launch import LocalSwarm; s = LocalSwarm({str(tiny_path)!r}); "
+    script = (f"import sys; from tests.helpers.launch import LocalSwarm; s = LocalSwarm({str(tiny_path)!r}); "
               "s.start_nodes(['0:6']); print(s.bootstrap.pid, s.nodes[0].pid, flush=True); sys.stdin.read()")
     launcher = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

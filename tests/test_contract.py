@@ -23,12 +23,14 @@ from transformers.cache_utils import Cache
 import peft
 from client import compat
 from client.generation import RemoteCache
+from client.chain import SwarmLink
 from client.model import DistributedModelForCausalLM, build_client_model
 from client.session import InferenceSession
-from client.tiny import build_checkpoint
+from tests.helpers.checkpoints import build_checkpoint
 from node.blocks import load_span, new_cache, prefixed_cache
-from node.loading import load_config
-from node.lora import LoraCache, linear_shapes
+from swarm.checkpoint import load_config
+from node.lora import LoraCache
+from swarm.arch import linear_shapes
 from node.requests import Step, parse_lora
 from node.sessions import Session, run_step
 from swarm.spans import Span
@@ -39,21 +41,12 @@ VERSIONS = f"transformers {transformers.__version__}, peft {peft.__version__}"
 SEAMS = "client/compat.py (client side) and node/compat.py (node side)"
 
 
-class _Bridge:
-    """What an InferenceSession needs from its chain here: the block count and a way to run coroutines."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._loop = asyncio.new_event_loop()
-
-    def run(self, coro):
-        return self._loop.run_until_complete(coro)
-
-    def call_soon(self, fn) -> None:
-        fn()
-
-    def close(self) -> None:
-        self._loop.close()
+def in_process_link(num_blocks: int, loop: asyncio.AbstractEventLoop) -> SwarmLink:
+    """What an InferenceSession needs of the swarm, here: the block count and a way to run coroutines
+    (its steps never reach the router, connections or verifier)."""
+    return SwarmLink(model="", num_blocks=num_blocks, router=None, connections=None, verifier=None,
+                     request_timeout=60.0, max_step_tokens=2048, adapter=None, run=loop.run_until_complete,
+                     call_soon=lambda fn: fn())
 
 
 class InProcessSession(InferenceSession):
@@ -61,7 +54,9 @@ class InProcessSession(InferenceSession):
     its steps computed in this process by the node's code instead of over gRPC streams."""
 
     def __init__(self, blocks, max_length: int, lora=None, prefix=None):
-        super().__init__(_Bridge(blocks.config.num_hidden_layers), max_length, lora=lora, prefix=prefix)
+        self._loop = asyncio.new_event_loop()
+        super().__init__(in_process_link(blocks.config.num_hidden_layers, self._loop), max_length, lora=lora,
+                         prefix=prefix)
         self.blocks = blocks
         self.node_session: Session | None = None
         self.received: list[int] = []  # positions the "node" computed, per step
@@ -98,7 +93,7 @@ class InProcessSession(InferenceSession):
 
     def close(self) -> None:
         super().close()
-        self.chain.close()
+        self._loop.close()
 
 
 @pytest.fixture(scope="module")

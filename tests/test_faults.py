@@ -9,9 +9,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from client import AutoDistributedModelForCausalLM, ClientConfig
-from swarm.launch import LocalSwarm
+from tests.helpers.launch import LocalSwarm
 from swarm.routing import NoRouteError
-from tests.faults import BlackholeProxy, free_port
+from tests.helpers.network import BlackholeProxy, free_port
 
 NEW_TOKENS = 64
 NODE_ARGS = ("--ttl", "3", "--shutdown-grace", "3")

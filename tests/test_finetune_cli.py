@@ -11,7 +11,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from swarm.launch import LocalSwarm, command
+from tests.helpers.launch import LocalSwarm, command
 
 TEXTS = ["the swarm runs a language model", "each node hosts a span of blocks",
          "a node may leave at any time", "the client keeps the embeddings and the head"]
@@ -139,7 +139,7 @@ def test_mistakes_give_one_line(case, message, tiny_path, data, tmp_path):
 ])
 def test_data_and_option_mistakes_are_caught_before_joining(content, extra, message, tiny_path, tmp_path, capsys):
     """In-process (same code path as the command, without the start-up cost): fails before any network use."""
-    from swarm.cli import main
+    from client.cli import main
 
     (tmp_path / "train.jsonl").write_text(content)
     argv = ["finetune", "--initial-peers", UNREACHABLE, "--model", str(tiny_path), "--data",
@@ -150,7 +150,7 @@ def test_data_and_option_mistakes_are_caught_before_joining(content, extra, mess
 
 
 def test_an_existing_run_is_never_overwritten_without_resume(full_run, tiny_path, data, capsys):
-    from swarm.cli import main
+    from client.cli import main
 
     _, output = full_run
     before = (output / "adapter_model.safetensors").read_bytes()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.loading import CheckpointError, read_tensors, weight_files
+from swarm.checkpoint import CheckpointError, read_tensors, weight_files
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("node", "client", "swarm", "proto", "bench")

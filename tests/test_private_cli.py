@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from swarm.keys import KEY_HEADER, SwarmKeyError, generate_key_text, load_key, parse_key
-from swarm.launch import Proc, command
+from tests.helpers.launch import Proc, command
 
 READY = 120
 

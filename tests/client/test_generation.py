@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client import ClientConfig
-from client.tiny import build_checkpoint
+from tests.helpers.checkpoints import build_checkpoint
 
 PAD = 0
 

@@ -1,7 +1,8 @@
 """Untrusted-node checks (ClientConfig.verify_fraction) against a deliberately faulty node.
 
-The faulty node is a real node started with the node's test-only fault switch (SWARMLM_TEST_FAULT); it
-announces a high throughput, so routes for both batch forward and inference go through it.
+The faulty node is a real in-process node whose servicer is wrapped to perturb its answers
+(tests/helpers/faults.py); it announces a high throughput, so routes for both batch forward and inference
+go through it.
 """
 import copy
 
@@ -11,8 +12,9 @@ from peft import PrefixTuningConfig
 
 from client import ClientConfig, VerificationError, get_peft_model
 from client.verify import relative_difference, result_difference
-from node.handler import TEST_FAULT_ENV, FaultSwitch, _test_fault
 from tests.client.test_generation import PAD, prompts
+from tests.helpers.faults import faulty as lying_node
+from tests.peft_reference import greedy_by_forward
 from tests.client.test_lora import CONFIG as LORA, batch as lora_batch, local_peft, lora_grads_local, lora_grads_ours
 from tests.client.test_prompts_and_classification import local_with_scaled_prompts
 
@@ -25,12 +27,9 @@ def batch():
     return prompts(seed=5)
 
 
-def start_faulty(start_nodes, monkeypatch, span: str = "0:3", fault: str = "perturb=0.1"):
+def start_faulty(start_nodes, monkeypatch, span: str = "0:3", std: float = 0.1, backward_only: bool = False):
     """A node perturbing its outputs; it announces a high throughput to attract routes."""
-    monkeypatch.setenv(TEST_FAULT_ENV, fault)
-    faulty = start_nodes(span, throughput=1e6)[0]
-    monkeypatch.delenv(TEST_FAULT_ENV)
-    return faulty
+    return start_nodes(span, throughput=1e6, wrap_servicer=lying_node(std, backward_only))[0]
 
 
 def client(open_client, tiny_path, bootstrap, **fields):
@@ -152,28 +151,20 @@ def test_relative_difference_and_settings(monkeypatch):
     for bad in (dict(verify_fraction=1.5), dict(verify_fraction=-0.1), dict(verify_tolerance=-1.0)):
         with pytest.raises(ValueError):
             ClientConfig(initial_peers=("/ip4/127.0.0.1/tcp/1",), **bad)
-    monkeypatch.delenv(TEST_FAULT_ENV, raising=False)
-    assert _test_fault() == FaultSwitch()
-    monkeypatch.setenv(TEST_FAULT_ENV, "perturb_backward=0.5")
-    assert _test_fault() == FaultSwitch(0.5, backward_only=True)
-    for bad in ("perturb=oops", "perturb=0", "noise=0.1"):
-        monkeypatch.setenv(TEST_FAULT_ENV, bad)
-        with pytest.raises(ValueError):
-            _test_fault()
 
 
 def test_checks_of_prefix_tuning_steps_carry_the_prefix(start_nodes, monkeypatch, open_client, tiny_path, bootstrap):
     """A checked inference step is re-run as a stateless Forward that must carry the session's prefix-tuning
     keys/values: then the honest replicas outvote only the faulty node, and generation with the adapter
-    equals PEFT's generate() on the local model (without the prefix the check would trust wrong outputs)."""
+    equals the local PEFT model's greedy continuation (without the prefix the check would trust wrong outputs)."""
     faulty = start_faulty(start_nodes, monkeypatch)
     start_nodes("0:6", "0:6", throughput=10.0)
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
     ours = get_peft_model(client(open_client, tiny_path, bootstrap, verify_fraction=1.0), copy.deepcopy(config))
     local = local_with_scaled_prompts(ours, tiny_path, config, scale=8.0)
     ids, mask = batch()
+    ref = greedy_by_forward(local.eval(), ids, mask, GREEDY["max_new_tokens"], position_offset=0)
     with torch.no_grad():
-        ref = local.eval().generate(input_ids=ids, attention_mask=mask, **GREEDY)
         assert not torch.equal(ref, local.get_base_model().generate(input_ids=ids, attention_mask=mask, **GREEDY))
     assert torch.equal(ours.eval().generate(ids, attention_mask=mask, **GREEDY), ref)
     assert [(s.address, s.banned) for s in ours.base_model.suspicious_nodes] == [(faulty.address, True)]
@@ -197,7 +188,7 @@ def test_backward_checks_outvote_a_node_that_lies_only_in_its_gradients(start_no
                                                                          tiny_path, bootstrap):
     """A node whose Forward outputs are right but whose Backward results are not passes every forward check;
     only re-running Backward elsewhere catches it (and a wrong gradient would otherwise train the adapter)."""
-    faulty = start_faulty(start_nodes, monkeypatch, fault="perturb_backward=0.1")
+    faulty = start_faulty(start_nodes, monkeypatch, backward_only=True)
     start_nodes("0:6", "0:6", throughput=10.0)
 
     ours, got, expected = lora_step(client(open_client, tiny_path, bootstrap, verify_fraction=0.0), tiny_path)

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import node.loading as loading
-from client.tiny import build_checkpoint
+import swarm.checkpoint as loading
+from tests.helpers.checkpoints import build_checkpoint
 from node.blocks import backward_span, forward_span, load_span
-from node.loading import CheckpointError, load_config
+from swarm.checkpoint import CheckpointError, load_config
 from swarm.spans import Span
 
 

@@ -4,7 +4,7 @@ import asyncio
 import torch
 
 from swarm.dht import SwarmDHT
-from swarm.launch import wait_for
+from tests.helpers.launch import wait_for
 from swarm.spans import NodeState, Span
 
 

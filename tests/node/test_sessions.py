@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from node.blocks import forward_span, load_span
-from node.loading import load_config
+from swarm.checkpoint import load_config
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import FLOAT_DTYPES, deserialize, serialize
-from swarm.launch import wait_for
+from tests.helpers.launch import wait_for
 from swarm.spans import Span
 
 CAPACITY = 100

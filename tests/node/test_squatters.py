@@ -15,7 +15,7 @@ import torch
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
-from swarm.launch import wait_for
+from tests.helpers.launch import wait_for
 
 HIDDEN = 64
 CACHE = 100

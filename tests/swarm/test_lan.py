@@ -22,7 +22,7 @@ from node.config import NodeConfig
 from swarm.keys import generate_key_text, parse_key
 from swarm.lan import (GROUP, MAGIC, MAX_AGE, MAX_PACKET, MAX_PEERS, OPEN, PORT, PRIVATE, LanAnnouncer, ReplayGuard,
                        decode, encode, lan_maddrs, valid_maddr)
-from swarm.launch import Proc, command
+from tests.helpers.launch import Proc, command
 from swarm.spans import Span
 
 PEER_ID = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
@@ -161,7 +161,7 @@ def test_lan_is_opt_in_in_configs():
 
 
 def test_cli_asks_for_peers_or_lan(capsys):
-    from swarm.cli import main
+    from client.cli import main
 
     assert main(["status", "--model", "x"]) == 2
     assert "--initial-peers" in capsys.readouterr().err
@@ -329,7 +329,7 @@ def test_bootstrap_node_and_status_find_each_other_with_lan_only(netns, tmp_path
 
 
 def test_open_bootstrap_announces_its_model_key(netns, tiny_path):
-    from node.loading import load_config
+    from swarm.checkpoint import load_config
     from swarm.records import default_model_name, model_key
 
     key = model_key(default_model_name(str(tiny_path)), load_config(tiny_path))

@@ -17,6 +17,7 @@ from swarm.keys import SwarmKey, parse_key, generate_key_text
 from swarm.records import block_key, make_record, parse_record
 from swarm.spans import NodeState, ServerInfo, Span
 from swarm.validator import MAX_RECORD_LIFETIME, MAX_VALUE_BYTES, SwarmRecordValidator, make_validator
+from tests.helpers.dht import store_raw
 
 MODEL = "tiny/00000000000000aa"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -159,8 +160,8 @@ def test_far_future_and_oversized_records_are_refused(private):
             for member in (boot, node):
                 assert sorted(stored_locally(member, name)) == [f"good{marker}"]
             # a member's own far-future or oversized record is refused by the members too
-            await node.store_raw(name, far, now + MAX_RECORD_LIFETIME + 60, subkey=node.owned("far2"))
-            await node.store_raw(name, big, now + 60, subkey=node.owned("big2"))
+            await store_raw(node, name, far, now + MAX_RECORD_LIFETIME + 60, subkey=node.owned("far2"))
+            await store_raw(node, name, big, now + 60, subkey=node.owned("big2"))
             with pytest.raises(ValueError, match="maximum record lifetime"):
                 await node.announce(MODEL, info(node.node_id), ttl=MAX_RECORD_LIFETIME + 1)
             with pytest.raises(ValueError, match="over the limit"):
@@ -184,7 +185,7 @@ def test_open_swarm_records_cannot_be_overwritten_by_another_peer():
             name, exp = block_key(MODEL, 0), get_dht_time() + 90
             forged = make_record(info(owner.node_id, "6.6.6.6:666"))
             # the attacker cannot sign for the owner's key, so no member accepts its version
-            await attacker.store_raw(name, forged, exp, subkey=owner.node_id)
+            await store_raw(attacker, name, forged, exp, subkey=owner.node_id)
             await raw.store(name, forged, exp, subkey=owner.node_id)  # unsigned: every member refuses it
             await raw.store(name, forged, exp, subkey="no-owner")  # unowned records are refused too
             for member in (boot, owner):

@@ -44,3 +44,16 @@ def uses_sliding_window(config: Any, layer_idx: int) -> bool:
     if layer_types:
         return layer_types[layer_idx] == "sliding_attention"
     return getattr(config, "sliding_window", None) is not None
+
+
+def linear_shapes(layer: nn.Module) -> dict[str, tuple[int, int]]:
+    """Projection name inside a block -> (in_features, out_features) for every Linear in it."""
+    return {name: (m.in_features, m.out_features) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """``linear_shapes`` of one block of ``config``'s model, built on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        return linear_shapes(get_family(config).layer_cls(config, 0))

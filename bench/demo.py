@@ -3,7 +3,7 @@
 After the forward/backward comparison and a streamed generation, it fine-tunes a LoRA adapter through the swarm
 (the client holds the adapter), saves it in PEFT's format and reloads it with PEFT on local transformers.
 
-Run ``python -m client.demo`` (or ``make demo``). Everything stays on 127.0.0.1 and every process the demo
+Run ``python -m bench.demo`` (or ``make demo``). Everything stays on 127.0.0.1 and every process the demo
 starts is stopped before it exits, also on error, Ctrl-C or SIGTERM.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ def say(msg: str) -> None:
 
 def build_model(workdir: Path) -> Path:
     """The tiny checkpoint (with tokenizer) in ``workdir``, built only if missing."""
-    from client.tiny import build_checkpoint
+    from tests.helpers.checkpoints import build_checkpoint
 
     path = workdir / "tiny-llama"
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
@@ -43,7 +43,7 @@ def build_model(workdir: Path) -> Path:
 
 def start_swarm(swarm, path: Path) -> list[str]:
     """Bootstrap peer + nodes on SPANS; prints addresses and the `swarm status` table."""
-    from swarm.cli import main as swarm_cli
+    from client.cli import main as swarm_cli
 
     peers = swarm.start_bootstrap()
     say(f"bootstrap peer: {' '.join(peers)}")
@@ -183,12 +183,12 @@ def _abort(signum: int, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path(".demo-work"), help="where the checkpoint goes")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
-    from swarm.launch import LocalSwarm
+    from tests.helpers.launch import LocalSwarm
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)

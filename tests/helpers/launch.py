@@ -1,6 +1,7 @@
 """Start a local swarm of real processes (bootstrap peer + nodes) on loopback.
 
-Used by the demo, the benchmarks and the CLI tests. Every process is stopped on exit.
+Used by the tests, the benchmarks and the demo. Every process is stopped on exit; each child asks to
+die with its launcher (swarm.process.die_with_parent).
 """
 from __future__ import annotations
 
@@ -14,30 +15,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-
-PARENT_ENV = "SWARMLM_DIE_WITH_PARENT"  # set by Proc for its children: the launching process's pid
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Called first by the `node` and `swarm` commands. When started by ``Proc`` (PARENT_ENV set), ask
-    Linux for SIGTERM once the launching thread exits, so a killed test run or demo never leaves nodes
-    behind; if the launcher is already gone, stop now. A no-op otherwise and off Linux.
-
-    Done in the child itself rather than in a ``preexec_fn``: that would make subprocess fork() instead
-    of spawning, running gRPC's fork handlers in a parent whose gRPC threads are busy (gRPC logs
-    "skipping fork() handlers", and a child once aborted with an epoll error)."""
-    expected = os.environ.pop(PARENT_ENV, "")
-    if not expected.isdigit():
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != int(expected):
-        os.kill(os.getpid(), signal.SIGTERM)
+from swarm.process import PARENT_ENV
 
 
 class LaunchError(RuntimeError):
@@ -97,15 +75,18 @@ class Proc:
         return self.popen.returncode
 
 
+MODULES = {"node": "node", "swarm": "client"}  # console script -> the package whose __main__ runs it
+
+
 def command(tool: str, use_scripts: bool = False) -> list[str]:
     """How to run ``node`` / ``swarm``: the installed console script beside this Python (by path, since
-    a bare ``node`` may be Node.js), or ``python -m``."""
+    a bare ``node`` may be Node.js), or ``python -m node`` / ``python -m client``."""
     if use_scripts:
         script = Path(sys.executable).parent / tool
         if not script.exists():
             raise LaunchError(f"no {tool} script at {script}; is swarmlm installed in this environment?")
         return [str(script)]
-    return [sys.executable, "-m", tool]
+    return [sys.executable, "-m", MODULES[tool]]
 
 
 class LocalSwarm:

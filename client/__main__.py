@@ -1,5 +1,5 @@
 import sys
 
-from swarm.cli import main
+from client.cli import main
 
 sys.exit(main())

@@ -1,0 +1,116 @@
+"""The swarm-level subcommands of `swarm` that need no client: bootstrap (a DHT-only peer), status (who
+serves which block), keygen and tls-cert. The `swarm` command itself (its parser, generate, finetune)
+lives in client/cli.py."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from swarm import lan
+from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
+from swarm.cliargs import fail, peers_list
+from swarm.dht import DHTStartError, SwarmDHT
+from swarm.keys import SwarmKeyError, generate_key_text, load_optional
+from swarm.lan import LanAnnouncer
+from swarm.records import default_model_name, model_key
+from swarm.routing import format_blocks, uncovered_blocks
+from swarm.spans import NodeState, ServerInfo, Span
+from swarm.tls import CA_CERT, CA_KEY, TLSConfigError, write_node_cert
+
+
+def keygen(args) -> int:
+    print(generate_key_text(), end="", flush=True)
+    return 0
+
+
+def lan_model_key(args, swarm_key) -> str | None:
+    """What a bootstrap peer's LAN announcements are scoped by: the swarm key, or in an open swarm the
+    model key of ``--model`` (so listeners for other models ignore them)."""
+    if swarm_key is not None or not args.lan:
+        return None
+    if args.model is None:
+        raise ValueError("--lan in an open swarm needs --model (announcements name the model, so other swarms "
+                         "ignore them), or use --swarm-key")
+    config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
+    return model_key(args.model_name or default_model_name(args.model), config)
+
+
+async def bootstrap(args) -> int:
+    try:
+        swarm_key = load_optional(args.swarm_key)
+        lan_model = lan_model_key(args, swarm_key)
+        dht = await SwarmDHT.create(peers_list(args.initial_peers), host=args.host, port=args.port,
+                                    nat_port_map=args.nat_port_map, swarm_key=swarm_key)
+    except (CheckpointError, DHTStartError, SwarmKeyError, ValueError) as e:
+        return fail("swarm", str(e))
+    if swarm_key is not None:
+        print(f"private swarm, key fingerprint {swarm_key.fingerprint}", file=sys.stderr, flush=True)
+    maddrs = await dht.visible_maddrs()
+    announcer = None
+    if args.lan:
+        try:
+            announcer = LanAnnouncer(maddrs, swarm_key, lan_model, "bootstrap").start()
+        except (ValueError, OSError) as e:
+            await dht.shutdown()
+            return fail("swarm", f"--lan: {e}")
+    for maddr in maddrs:
+        print(maddr, flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    if announcer is not None:
+        announcer.stop()
+    await dht.shutdown()
+    return 0
+
+
+def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool = False) -> str:
+    """One row per block: the nodes serving it with address (and TLS if they speak it), state and throughput."""
+    rows = [("block", "nodes (address state tokens/s)")]
+    for block in range(num_blocks):
+        here = [s for s in servers if block in s.span and (show_offline or s.state is not NodeState.OFFLINE)]
+        cell = ", ".join(f"{s.address}{' TLS' if s.tls else ''} {s.state.value} {s.throughput:.0f}"
+                         for s in here) or "-- UNCOVERED --"
+        rows.append((str(block), cell))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a.rjust(width)}  {b}" for a, b in rows)
+
+
+async def status(args) -> int:
+    try:
+        config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
+        key = model_key(args.model_name or default_model_name(args.model), config)
+        swarm_key = load_optional(args.swarm_key)
+        peers = await asyncio.get_running_loop().run_in_executor(
+            None, lan.initial_peers, peers_list(args.initial_peers), args.lan, swarm_key, key)
+        dht = await SwarmDHT.create(peers, client_mode=True, swarm_key=swarm_key)
+    except (CheckpointError, DHTStartError, SwarmKeyError, lan.LanError) as e:
+        return fail("swarm", str(e))
+    try:
+        servers = await dht.fetch_servers(key, config.num_hidden_layers)
+    finally:
+        await dht.shutdown()
+    print(f"model {key}: {config.num_hidden_layers} blocks")
+    print(render_status(servers, config.num_hidden_layers, args.all))
+    missing = uncovered_blocks(servers, Span(0, config.num_hidden_layers))
+    if missing:
+        print(f"uncovered blocks: {format_blocks(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def tls_cert(args) -> int:
+    """Write OUT/NAME.crt + OUT/NAME.key for a node, signed by OUT/ca.crt (a new CA if there is none)."""
+    folder = Path(args.out)
+    try:
+        cert, key, new_ca = write_node_cert(folder, args.host, args.name, args.days)
+    except (TLSConfigError, OSError) as e:
+        return fail("swarm", str(e))
+    if new_ca:
+        print(f"new CA: give {folder / CA_CERT} to every client and node machine (--tls-ca); keep {folder / CA_KEY} "
+              "secret, here, to sign more certificates", file=sys.stderr)
+    print(f"node serve --tls-cert {cert} --tls-key {key}", flush=True)
+    return 0

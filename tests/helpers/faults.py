@@ -1,0 +1,92 @@
+"""A deliberately lying node, for the tests of the client's result verification (client/verify.py).
+
+``faulty(std)`` wraps a node's honest servicer (``Node(config, wrap_servicer=faulty(0.1))``): every
+tensor it answers with (Forward and inference-step outputs, Backward's input, LoRA and prefix gradients;
+with ``backward_only`` only the latter) gets seeded Gaussian noise of that standard deviation added
+before it leaves the node. Production code knows nothing about it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import grpc
+import torch
+
+from proto import swarmlm_pb2 as pb
+from proto import swarmlm_pb2_grpc as pb_grpc
+from proto.tensors import FLOAT_DTYPES, deserialize, serialize
+
+
+class FaultyServicer(pb_grpc.NodeServicer):
+    def __init__(self, inner: pb_grpc.NodeServicer, std: float, backward_only: bool = False, seed: int = 0):
+        if not std > 0:
+            raise ValueError(f"std must be positive, got {std}")
+        self.inner, self.std, self.backward_only = inner, std, backward_only
+        self._rng = torch.Generator().manual_seed(seed)
+
+    def _perturb(self, msg: pb.Tensor) -> None:
+        t = deserialize(msg, name="answer", allowed=FLOAT_DTYPES, max_bytes=len(msg.data))
+        noise = torch.randn(t.shape, generator=self._rng) * self.std
+        msg.CopyFrom(serialize((t.float() + noise).to(t.dtype)))
+
+    async def Info(self, request, context):
+        return await self.inner.Info(request, context)
+
+    async def Forward(self, request, context):
+        response = await self.inner.Forward(request, context)
+        if not self.backward_only:
+            self._perturb(response.hidden_states)
+        return response
+
+    async def Backward(self, request, context):
+        response = await self.inner.Backward(request, context)
+        self._perturb(response.grad_inputs)
+        for module in response.lora_grads:
+            self._perturb(module.a)
+            self._perturb(module.b)
+        if response.HasField("grad_prefix"):
+            self._perturb(response.grad_prefix)
+        return response
+
+    async def Inference(self, requests, context):
+        async for response in self.inner.Inference(requests, context):
+            if not self.backward_only and response.HasField("hidden_states"):
+                self._perturb(response.hidden_states)
+            yield response
+
+
+def faulty(std: float, backward_only: bool = False) -> Callable[[pb_grpc.NodeServicer], FaultyServicer]:
+    """What ``Node(..., wrap_servicer=)`` takes: a node perturbing its answers by noise of ``std``."""
+    return lambda inner: FaultyServicer(inner, std, backward_only)
+
+
+class RefusingServicer(pb_grpc.NodeServicer):
+    """A node that claims every request is bad (a status the client would book as its own mistake)."""
+
+    def __init__(self, inner: pb_grpc.NodeServicer):
+        self.inner = inner
+
+    async def Info(self, request, context):
+        return await self.inner.Info(request, context)
+
+    async def Forward(self, request, context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states contains NaN or infinity")
+
+    async def Backward(self, request, context):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states contains NaN or infinity")
+
+    async def Inference(self, requests, context):
+        async for _ in requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states contains NaN or infinity")
+        yield pb.InferenceResponse()  # never reached: makes this an async generator
+
+
+class NaNServicer(FaultyServicer):
+    """A node whose every answer is NaN."""
+
+    def __init__(self, inner: pb_grpc.NodeServicer):
+        super().__init__(inner, std=1.0)
+
+    def _perturb(self, msg: pb.Tensor) -> None:
+        t = deserialize(msg, name="answer", allowed=FLOAT_DTYPES, max_bytes=len(msg.data))
+        msg.CopyFrom(serialize(torch.full_like(t, float("nan"))))
