@@ -5,7 +5,7 @@ import os
 from dataclasses import dataclass
 
 from swarm.spans import Span
-from swarm.validator import MAX_RECORD_LIFETIME
+from swarm.records import MAX_RECORD_LIFETIME  # not swarm.validator: that imports hivemind (seconds)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -13,15 +13,15 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 @dataclass(frozen=True)
 class NodeConfig:
     model: str  # local Hugging Face checkpoint directory, or a hub id when the hub is reachable
-    blocks: Span | None = None  # blocks to host, half-open [start, end); None: choose with num_blocks
-    num_blocks: int | None = None  # host this many blocks where the swarm is weakest (instead of blocks)
-    initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join; empty starts a new swarm
+    blocks: Span | None = None  # blocks to host, half-open START:END (e.g. 0:12); or num_blocks instead
+    num_blocks: int | None = None  # instead of blocks: host this many where the swarm is weakest (least throughput)
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join (spaces or commas); none: a new swarm
     host: str = "127.0.0.1"  # interface the gRPC server and the DHT peer listen on
     port: int = 0  # gRPC port; 0 picks a free one
-    announce_host: str | None = None  # "host" or "host:port" clients should dial, if not host:port (e.g. 0.0.0.0)
+    announce_host: str | None = None  # "host" or "host:port" clients should dial, when not where we listen (0.0.0.0)
     dht_port: int = 0  # DHT (libp2p) port; 0 picks a free one
     dtype: str = "float32"  # compute dtype of the blocks: float32 or bfloat16
-    model_name: str | None = None  # name in the DHT model key; default: checkpoint dir name or hub id
+    model_name: str | None = None  # name in the DHT model key; None: the checkpoint directory's name or the hub id
     max_batch_tokens: int = 8192  # largest batch * sequence length accepted in one request
     ttl: float = 15.0  # seconds a DHT record lives unless the heartbeat (every ttl/3) refreshes it
     shutdown_grace: float = 10.0  # seconds in-flight requests get to finish on SIGINT/SIGTERM
@@ -30,19 +30,20 @@ class NodeConfig:
     alloc_timeout: float = 10.0  # seconds a new session waits for cache room before RESOURCE_EXHAUSTED
     step_timeout: float = 60.0  # seconds an inference session may idle between steps before it is freed
     max_sessions_per_client: int = 32  # inference sessions open at once per client IP address (IPv6: per /64)
-    max_message_mb: int | None = None  # largest gRPC message received or sent, MiB; None: what max_batch_tokens needs
+    max_message_mb: int | None = None  # largest gRPC message in or out, MiB; None: 2 activations of max_batch_tokens
     lora_cache_mb: int = 1024  # MiB of client LoRA weights kept between requests (least recently used evicted)
     max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt
-    activation_cache_mb: int = 1024  # forward activations kept for the following backward (0: always recompute)
+    activation_cache_mb: int = 1024  # MiB of forward activations kept for the next backward (0: always recompute)
     small_step_threads: int = 1  # torch threads for decode-sized inference steps (<= 16 batch x positions); 0: all
     adapters: str | None = None  # folder of PEFT LoRA adapter folders to serve by name (their span's weights only)
     throughput: float | None = None  # tokens/s to announce; None measures it at start
-    rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving clearly helps
-    nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
-    lan: bool = False  # LAN discovery (multicast, opt-in): announce our DHT peer; with no initial_peers, listen first
+    rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving helps the swarm
+    nat_port_map: bool = False  # UPnP/NAT-PMP port mapping by the LAN gateway (opt-in: it sends packets off this machine)
+    lan: bool = False  # LAN discovery (multicast, opt-in): announce our DHT peer; with no initial_peers, join what is
+    # announced there first (or start a new swarm after lan_timeout); needs a host the LAN reaches (0.0.0.0)
     lan_timeout: float = 5.0  # seconds to listen for LAN announcements before starting a new swarm
-    swarm_key: str | None = None  # path of the swarm key file (`swarm keygen`): a private swarm; None: open
-    tls_cert: str | None = None  # PEM certificate (chain) of this node (`swarm tls-cert`): serve gRPC over TLS
+    swarm_key: str | None = None  # swarm key file (`swarm keygen`): a private swarm, calls without its proof refused
+    tls_cert: str | None = None  # PEM certificate (chain) naming the announced host (`swarm tls-cert`): serve TLS
     tls_key: str | None = None  # PEM private key of tls_cert
 
     def __post_init__(self) -> None:

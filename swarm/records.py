@@ -35,6 +35,7 @@ MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
 MAX_NODE_ID = 1024  # a node id is its peer id plus its owner public key marker (see swarm.dht)
+MAX_RECORD_LIFETIME = 300.0  # seconds: no record may expire later than this from now (swarm.validator enforces it)
 
 # Config fields that define what a block computes; everything else (paths, dtype, generation
 # defaults, transformers' own bookkeeping) is left out so identical models fingerprint identically.

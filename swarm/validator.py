@@ -27,8 +27,8 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.keys import SwarmKey
+from swarm.records import MAX_RECORD_LIFETIME  # defined there: node.config checks ttl without importing hivemind
 
-MAX_RECORD_LIFETIME = 300.0  # seconds: no record may expire later than this from now
 MAX_VALUE_BYTES = 4096  # bytes of a stored value (signature and encryption included)
 MAX_SUBKEY_BYTES = 1024  # bytes of a serialized subkey (peer id plus owner public key)
 _OWNER = b"[owner:"

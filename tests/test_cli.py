@@ -78,23 +78,38 @@ def test_module_entry_points():
         assert result.returncode == 0 and "usage:" in result.stdout
 
 
+def test_node_serve_help_lists_every_config_field():
+    import dataclasses
+
+    from node.config import NodeConfig
+
+    result = run("node", "serve", "--help")
+    assert result.returncode == 0, result.stderr
+    flags = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(NodeConfig)]
+    assert [f for f in flags if f not in result.stdout.split()] == []
+
+
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, status",
     [
-        (["--blocks", "4-2"], "blocks must look like START:END"),
-        (["--blocks", "0:99"], "outside the model's 6 blocks"),
-        (["--blocks", "0:2", "--dtype", "int8"], "invalid choice"),
-        (["--model", "/nonexistent/ckpt", "--blocks", "0:2"], "does not exist"),
+        (["--blocks", "4-2"], "blocks must look like START:END", 2),
+        (["--blocks", "2:2"], "span 2:2 is empty", 2),
+        (["--blocks", "0:2", "--num-blocks", "2"], "not allowed with argument --blocks", 2),
+        (["--blocks", "0:2", "--port", "99999"], "port must be in 0..65535", 2),  # NodeConfig's own check
+        (["--blocks", "0:2", "--lan-timeout", "0"], "lan_timeout must be positive", 2),
+        (["--blocks", "0:99"], "outside the model's 6 blocks", 1),
+        (["--blocks", "0:2", "--dtype", "int8"], "invalid choice", 2),
+        (["--model", "/nonexistent/ckpt", "--blocks", "0:2"], "does not exist", 1),
         (["--blocks", "0:2", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLXuZNabC9GwGiFsHgU7bAD6QHSEcY2ZNxxrYw2BS7UPV"],
-         "could not start a DHT peer"),
-        (["--blocks", "0:2", "--initial-peers", "not-a-multiaddr"], "could not start a DHT peer"),
+         "could not start a DHT peer", 1),
+        (["--blocks", "0:2", "--initial-peers", "not-a-multiaddr"], "could not start a DHT peer", 1),
     ],
 )
-def test_cli_mistakes_give_one_line(args, message, tiny_path):
+def test_cli_mistakes_give_one_line(args, message, status, tiny_path):
     if "--model" not in args:
         args = ["--model", str(tiny_path), *args]
     result = run("node", "serve", *args)
-    assert result.returncode != 0
+    assert result.returncode == status, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr
 

@@ -44,14 +44,37 @@ def test_logits_and_loss_equal_local(spans, start_nodes, open_client, tiny_path,
         assert torch.allclose(out.loss, ref.loss, atol=ATOL)
 
 
-def test_three_hop_route_is_really_used(start_nodes, open_client, tiny_path):
-    start_nodes("0:2", "2:4", "4:6")
-    model = open_client(tiny_path)
-    from swarm.routing import choose_route
-    from swarm.spans import Span
+def count_forwards(monkeypatch) -> list[tuple[object, int, int]]:
+    """(servicer, start, end) of every Forward call any in-process node serves from now on. Patch before the
+    nodes start: gRPC binds a servicer's methods when it is added to the server."""
+    from node.handler import NodeServicer
 
-    route = choose_route(model.chain.servers(refresh=True), Span(0, NUM_LAYERS))
-    assert [(h.span.start, h.span.end) for h in route] == [(0, 2), (2, 4), (4, 6)]
+    served = []
+    real_forward = NodeServicer.Forward
+
+    async def counted(self, request, context):
+        served.append((self, request.start, request.end))
+        return await real_forward(self, request, context)
+
+    monkeypatch.setattr(NodeServicer, "Forward", counted)
+    return served
+
+
+def test_three_hop_route_is_really_used(start_nodes, open_client, tiny_path, local_model, monkeypatch):
+    """Each forward pass is computed hop by hop by the nodes: each of three nodes serves exactly one
+    Forward over its own span per pass, in order, and the result equals local."""
+    served = count_forwards(monkeypatch)
+    nodes = start_nodes("0:2", "2:4", "4:6")
+    model = open_client(tiny_path)
+    ids, mask, _ = padded_batch("left")
+    passes = 2
+    for _ in range(passes):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+        assert torch.allclose(out.logits, local_model(input_ids=ids, attention_mask=mask).logits, atol=ATOL)
+    servicers = [node.node.servicer for node in nodes]
+    calls = [(servicers.index(servicer), start, end) for servicer, start, end in served]
+    assert calls == [(0, 0, 2), (1, 2, 4), (2, 4, NUM_LAYERS)] * passes
 
 
 @pytest.mark.parametrize("spans", [("0:6",), ("0:3", "2:6")], ids=["1-node", "2-nodes"])
@@ -90,9 +113,8 @@ def test_client_side_parameters_get_gradients(start_nodes, open_client, tiny_pat
 def test_client_holds_no_block_weights(start_nodes, open_client, tiny_path, local_model):
     start_nodes("0:6")
     model = open_client(tiny_path)
-    names = {n for n, _ in model.named_parameters()}
-    assert names == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
-    assert not any("layers" in n for n in model.state_dict())
+    # the state dict holds every parameter and persistent buffer: only the client-side ones are there
+    assert set(model.state_dict()) == {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
 
 
 def test_missing_blocks_give_a_typed_error_after_the_bounded_wait(start_nodes, open_client, tiny_path, bootstrap):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import node.blocks
 import swarm.checkpoint as loading
 from tests.helpers.checkpoints import build_checkpoint
 from node.blocks import backward_span, forward_span, load_span
@@ -59,13 +60,24 @@ def test_backward_recomputes_the_input_gradient(family_ckpt):
     assert torch.allclose(grad, emb.grad, atol=1e-5)
 
 
-def test_only_the_span_is_loaded(tiny_path):
-    config = load_config(tiny_path)
-    blocks = load_span(tiny_path, config, Span(2, 4), torch.float32)
+def test_only_the_span_is_loaded(tiny_path, local_model, monkeypatch):
+    """Blocks 2:4 read only model.layers.2.* and model.layers.3.*, and hold exactly those tensors."""
+    read = []
+    real_read = node.blocks.read_tensors
+
+    def spy(folder, want, dtype=None):
+        tensors = real_read(folder, want, dtype)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(node.blocks, "read_tensors", spy)
+    blocks = load_span(tiny_path, load_config(tiny_path), Span(2, 4), torch.float32)
+    assert read and all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in read), read
     assert len(blocks.layers) == 2
-    n_params = sum(p.numel() for p in blocks.layers.parameters())
-    per_layer = n_params // 2
-    assert n_params == 2 * per_layer and all(not p.is_meta for p in blocks.layers.parameters())
+    for got, want in zip(blocks.layers, local_model.model.layers[2:4], strict=True):
+        expected = want.state_dict()
+        assert got.state_dict().keys() == expected.keys()
+        assert all(torch.equal(t, expected[name]) for name, t in got.state_dict().items())
     assert all(not p.requires_grad for p in blocks.layers.parameters())  # frozen
 
 
