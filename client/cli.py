@@ -15,13 +15,29 @@ LAN_LISTEN_HELP = "with no --initial-peers: find the swarm's peers on the LAN (l
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="swarm", description="swarmlm swarm tools")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    _add_keygen(sub)
+    _add_tls_cert(sub)
+    _add_bootstrap(sub)
+    _add_status(sub)
+    _add_generate(sub)
+    _add_finetune(sub)
+    return parser
+
+
+def _add_keygen(sub) -> None:
     sub.add_parser("keygen", help="print a new random swarm key (swarm keygen > lab.key)")
+
+
+def _add_tls_cert(sub) -> None:
     tls = sub.add_parser("tls-cert", help="make a node's TLS certificate, signed by the swarm's CA (made on first use)")
     tls.add_argument("--out", required=True, help="folder of the CA (ca.crt, ca.key) and the certificates made")
     tls.add_argument("--host", action="append", required=True,
                      help="address clients dial the node at (IP or DNS name, as announced); repeat for more")
     tls.add_argument("--name", default=None, help="file name of the certificate and key (default: the first host)")
     tls.add_argument("--days", type=float, default=365, help="days the certificate is valid (default 365)")
+
+
+def _add_bootstrap(sub) -> None:
     boot = sub.add_parser("bootstrap", help="run a DHT-only peer others join through")
     boot.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     boot.add_argument("--port", type=int, default=0, help="DHT port (default: a free one)")
@@ -32,6 +48,9 @@ def build_parser() -> OneLineParser:
                       help="announce this peer on the LAN by multicast, so --lan nodes and clients find it (opt-in)")
     boot.add_argument("--model", default=None, help="with --lan in an open swarm: the model announced (its checkpoint)")
     boot.add_argument("--model-name", default=None, help="with --lan in an open swarm: name in the DHT, if not the dir name")
+
+
+def _add_status(sub) -> None:
     status = sub.add_parser("status", help="table of blocks and the nodes serving them")
     status.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers")
     status.add_argument("--lan", action="store_true", help=LAN_LISTEN_HELP)
@@ -39,6 +58,9 @@ def build_parser() -> OneLineParser:
     status.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
     status.add_argument("--all", action="store_true", help="also list OFFLINE nodes")
     status.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
+
+
+def _add_generate(sub) -> None:
     gen = sub.add_parser("generate", help="generate text through the swarm, printed as tokens arrive")
     gen.add_argument("prompt", help="text prompt")
     gen.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers")
@@ -53,6 +75,9 @@ def build_parser() -> OneLineParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     gen.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
+
+
+def _add_finetune(sub) -> None:
     ft = sub.add_parser("finetune", help="train a LoRA adapter through the swarm on a .jsonl or .txt file")
     ft.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers")
     ft.add_argument("--lan", action="store_true", help=LAN_LISTEN_HELP)
@@ -77,7 +102,6 @@ def build_parser() -> OneLineParser:
     ft.add_argument("--seed", type=int, default=0, help="adapter init and data order (default 0)")
     ft.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     ft.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
-    return parser
 
 
 def generate(args) -> int:

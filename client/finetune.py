@@ -243,78 +243,95 @@ def build_model(opts: FinetuneOptions, resume_from: Path | None):
 def run(opts: FinetuneOptions) -> int:
     """Train; returns the exit status. Raises FinetuneError / CheckpointError / DHTStartError / NoRouteError /
     RemoteCallError for the CLI to report in one line."""
-    from tqdm import tqdm
-
     opts.check()
     output = Path(opts.output)
     texts = read_texts(opts.data)
     if not texts:
         raise FinetuneError(f"data file {opts.data} holds no examples")
+    resume = _check_output(opts, output)
+    tokenizer = load_tokenizer(opts.model)
+    examples = tokenize(tokenizer, texts, opts.max_length)
+    if not examples:
+        raise FinetuneError(f"data file {opts.data} has no example of at least 2 tokens")
+    torch.manual_seed(opts.seed)  # the adapter's initial A matrices
+    model = build_model(opts, resume[0] if resume else None)
+    try:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+        start = _resume(model, optimizer, resume, opts) if resume is not None else 0
+        model.train()
+        trainable, _ = model.trainable_parameters()
+        cfg = model.peft_config
+        say(f"{len(examples)} examples from {opts.data}; {trainable:,d} trainable parameters (LoRA r="
+            f"{getattr(cfg, 'r', '?')} on {','.join(sorted(getattr(cfg, 'target_modules', None) or []))})")
+        loss_value = _train(model, optimizer, params, tokenizer, examples, opts, output, start)
+        if start >= opts.steps:
+            say(f"already at step {start} (--steps {opts.steps}); nothing to train")
+        output.mkdir(parents=True, exist_ok=True)
+        save_state(model, optimizer, output, _state(model, opts, max(start, opts.steps), loss_value))
+        say(f"adapter saved to {output}")
+        return 0
+    finally:
+        model.base_model.close()
+
+
+def _check_output(opts: FinetuneOptions, output: Path) -> tuple[Path, int] | None:
+    """The checkpoint to resume from (with --resume), refusing to overwrite a run without it."""
     resume = latest_checkpoint(output) if opts.resume else None
     if opts.resume and resume is None:
         raise FinetuneError(f"--resume: no checkpoint in {output} (a folder with {STATE_FILE})")
     if not opts.resume and latest_checkpoint(output) is not None:
         raise FinetuneError(f"{output} already holds a training run; pass --resume to continue it "
                             f"or choose another --output")
-    tokenizer = load_tokenizer(opts.model)
-    examples = tokenize(tokenizer, texts, opts.max_length)
-    if not examples:
-        raise FinetuneError(f"data file {opts.data} has no example of at least 2 tokens")
+    return resume
 
-    torch.manual_seed(opts.seed)  # the adapter's initial A matrices
-    model = build_model(opts, resume[0] if resume else None)
-    try:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-        start = 0
-        if resume is not None:
-            folder, start = resume
-            load_optimizer(model, optimizer, folder)
-            state = json.loads((folder / STATE_FILE).read_text())
-            if hasattr(model.adapter, "dropout_seed"):  # LoRA dropout masks continue where they stopped
-                model.adapter.dropout_seed = state.get("dropout_seed", model.adapter.dropout_seed)
-            say(f"resuming from {folder} at step {start}")
-            changed = [k for k in ("seed", "batch_size") if state.get(k, getattr(opts, k)) != getattr(opts, k)]
-            if changed:
-                say(f"note: --{', --'.join(k.replace('_', '-') for k in changed)} differ from the checkpoint's, "
-                    f"so later batches differ from those of an uninterrupted run")
-        model.train()
-        trainable, _ = model.trainable_parameters()
-        cfg = model.peft_config
-        say(f"{len(examples)} examples from {opts.data}; {trainable:,d} trainable parameters (LoRA r="
-            f"{getattr(cfg, 'r', '?')} on {','.join(sorted(getattr(cfg, 'target_modules', None) or []))})")
 
-        def state_at(step: int, loss: float | None) -> dict:
-            return {"step": step, "loss": loss, "seed": opts.seed, "batch_size": opts.batch_size,
-                    "max_length": opts.max_length, "lr": opts.lr, "data": str(opts.data),
-                    "dropout_seed": getattr(model.adapter, "dropout_seed", 0)}
+def _resume(model, optimizer, resume: tuple[Path, int], opts: FinetuneOptions) -> int:
+    """Load the optimizer and dropout-seed state of a checkpoint; returns its step."""
+    folder, start = resume
+    load_optimizer(model, optimizer, folder)
+    state = json.loads((folder / STATE_FILE).read_text())
+    if hasattr(model.adapter, "dropout_seed"):  # LoRA dropout masks continue where they stopped
+        model.adapter.dropout_seed = state.get("dropout_seed", model.adapter.dropout_seed)
+    say(f"resuming from {folder} at step {start}")
+    changed = [k for k in ("seed", "batch_size") if state.get(k, getattr(opts, k)) != getattr(opts, k)]
+    if changed:
+        say(f"note: --{', --'.join(k.replace('_', '-') for k in changed)} differ from the checkpoint's, "
+            f"so later batches differ from those of an uninterrupted run")
+    return start
 
-        loss_value = None
-        with tqdm(total=opts.steps, initial=min(start, opts.steps), desc="finetune", file=sys.stderr,
-                  dynamic_ncols=True) as bar:
-            for step in range(start + 1, opts.steps + 1):
-                batch = collate(tokenizer, [examples[i] for i in batch_indices(len(examples), opts.batch_size,
-                                                                               step - 1, opts.seed)])
-                optimizer.zero_grad(set_to_none=True)
-                loss = model(**batch).loss
-                loss.backward()
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise FinetuneError(f"loss is {loss_value} at step {step}; try a lower --lr")
-                if opts.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-                optimizer.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                if step % opts.log_every == 0 or step == opts.steps:
-                    say(f"step {step}/{opts.steps} loss {loss_value:.4f}")
-                if opts.save_every and step % opts.save_every == 0:
-                    say(f"checkpoint saved to {save_checkpoint(model, optimizer, output, state_at(step, loss_value))}")
-        if start >= opts.steps:
-            say(f"already at step {start} (--steps {opts.steps}); nothing to train")
-        output.mkdir(parents=True, exist_ok=True)
-        save_state(model, optimizer, output, state_at(max(start, opts.steps), loss_value))
-        say(f"adapter saved to {output}")
-        return 0
-    finally:
-        model.base_model.close()
+
+def _state(model, opts: FinetuneOptions, step: int, loss: float | None) -> dict:
+    return {"step": step, "loss": loss, "seed": opts.seed, "batch_size": opts.batch_size,
+            "max_length": opts.max_length, "lr": opts.lr, "data": str(opts.data),
+            "dropout_seed": getattr(model.adapter, "dropout_seed", 0)}
+
+
+def _train(model, optimizer, params, tokenizer, examples, opts: FinetuneOptions, output: Path,
+           start: int) -> float | None:
+    """Steps start+1 .. opts.steps, with a progress bar, loss lines and checkpoints; the last loss."""
+    from tqdm import tqdm
+
+    loss_value = None
+    with tqdm(total=opts.steps, initial=min(start, opts.steps), desc="finetune", file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for step in range(start + 1, opts.steps + 1):
+            batch = collate(tokenizer, [examples[i] for i in batch_indices(len(examples), opts.batch_size,
+                                                                           step - 1, opts.seed)])
+            optimizer.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise FinetuneError(f"loss is {loss_value} at step {step}; try a lower --lr")
+            if opts.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+            optimizer.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if step % opts.log_every == 0 or step == opts.steps:
+                say(f"step {step}/{opts.steps} loss {loss_value:.4f}")
+            if opts.save_every and step % opts.save_every == 0:
+                saved = save_checkpoint(model, optimizer, output, _state(model, opts, step, loss_value))
+                say(f"checkpoint saved to {saved}")
+    return loss_value
