@@ -174,7 +174,8 @@ class Announcer:
         await self._announce()
 
     async def move(self, span: Span, state: NodeState) -> None:
-        """Serve a new span: old blocks' records were announced OFFLINE before; publish the new ones."""
+        """Serve a new span: publish its records (readers take a node's freshest record, so these hide
+        the old blocks' ones, which expire after the TTL)."""
         self.info = replace(self.info, span=span, state=state)
         await self._announce()
 
