@@ -265,6 +265,17 @@ def measure_status(args, swarm: Swarm) -> tuple[float, int]:
     return statistics.median(times), code
 
 
+def import_seconds(repeats: int) -> float:
+    """Wall time of a new process importing what `swarm status` imports (hivemind, torch, transformers):
+    the part of the command's time that does not depend on the swarm."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import swarm.cli, node.loading"], check=True, timeout=120)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def p2pd_pids() -> set[int]:
     """p2p daemons of this checkout's hivemind (other checkouts on the machine run their own)."""
     import hivemind
@@ -285,6 +296,7 @@ def run_sizes(args) -> list[dict]:
             time.sleep(args.settle)
             row = asyncio.run(measure_client(args, swarm, keys, peers))
             row["status_s"], row["status_code"] = measure_status(args, swarm)
+            row["import_s"] = import_seconds(args.status_repeats)
             row["private"] = bool(args.swarm_key)
             row["models"] = args.models
             log(f"  {row}")
@@ -297,14 +309,15 @@ def run_sizes(args) -> list[dict]:
 def table(rows: list[dict], args) -> str:
     head = ("| peers | records (this model) | models | private | nodes seen | fresh client: DHT start s | first refresh s "
             "| first route ms | **first route total s** | **refresh median ms** (max) | **choose_route ms** "
-            "(with rtt) | sample_route ms | `swarm status` s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "(with rtt) | sample_route ms | `swarm status` s (of it imports) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         lines.append(
             f"| {r['peers']} | {r['records']} | {r['models']} | {'yes' if r['private'] else 'no'} | {r['seen']} | "
             f"{r['create_s']:.2f} | {r['first_refresh_s']:.2f} | {r['first_route_ms']:.1f} | {r['fresh_total_s']:.2f} | "
             f"{r['refresh_ms']:.0f} ({r['refresh_max_ms']:.0f}) | {r['choose_ms']:.2f} ({r['choose_rtt_ms']:.2f}) | "
-            f"{r['sample_ms']:.2f} | {r['status_s']:.2f}{'' if r['status_code'] == 0 else ' (exit %d)' % r['status_code']} |")
+            f"{r['sample_ms']:.2f} | {r['status_s']:.2f} ({r['import_s']:.2f})"
+            f"{'' if r['status_code'] == 0 else ' exit %d' % r['status_code']} |")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ from swarm.routing import Hop, NoRouteError, choose_route, sample_route
 from swarm.spans import NodeState, ServerInfo, Span
 
 log = logging.getLogger(__name__)
+MAX_REMEMBERED = 4096  # banned / untrusted node ids kept at most (the oldest are forgotten first)
 
 
 class Router:
@@ -46,9 +47,24 @@ class Router:
                         self._untrusted.setdefault(s.node_id, plaintext_refused(s.address, self.config.tls_ca))
             if self.connections is not None:
                 self.connections.learn(servers)
+            self._forget_gone(servers)
             self._servers = servers
             self._fetched_at = time.monotonic()
         return self._servers
+
+    def _forget_gone(self, servers: list[ServerInfo]) -> None:
+        """Keep per-node memory bounded in a churning swarm: strikes, latencies and expired bans of
+        nodes that are no longer announced are dropped; bans for good and TLS refusals are kept
+        (a node may come back under the same id), the oldest beyond MAX_REMEMBERED."""
+        present, now = {s.node_id for s in servers}, time.monotonic()
+        for node in [n for n, until in self._banned_until.items() if until <= now and n not in present]:
+            del self._banned_until[node]
+        for memory in (self._strikes, self.rtt):
+            for node in [n for n in memory if n not in present and n not in self._banned_until]:
+                del memory[node]
+        for memory in (self._banned_until, self._untrusted):
+            while len(memory) > MAX_REMEMBERED:
+                memory.pop(next(iter(memory)))
 
     def banned(self) -> frozenset[str]:
         now = time.monotonic()
