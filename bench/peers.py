@@ -101,9 +101,11 @@ async def run_worker(args) -> None:
             peers.extend(await asyncio.gather(*(join(initial, swarm_key) for _ in range(batch))))
         print("PEERS " + ",".join([m for p in peers[:3] for m in await p.visible_maddrs()]), flush=True)
         for i, dht in enumerate(peers):
-            start, end = span_of(args.first + i, args.num_blocks, args.span_len)
-            for key in keys:
-                info = ServerInfo(node_id=dht.node_id, address=f"127.0.0.1:{20000 + args.first + i}",
+            for j, key in ((j, key) for j in range(args.nodes_per_peer) for key in keys):
+                index = (args.first + i) * args.nodes_per_peer + j  # the made-up node's number in the swarm
+                start, end = span_of(index, args.num_blocks, args.span_len)
+                node_id = dht.node_id if j == 0 else dht.owned(f"{dht.peer_id}.{j}")  # more nodes, one DHT peer
+                info = ServerInfo(node_id=node_id, address=f"127.0.0.1:{20000 + index % 40000}",
                                   span=Span(start, end), state=NodeState.ONLINE,
                                   throughput=round(rng.uniform(50, 500), 1), version="0.1.0", dtype="float32")
                 announcer = Announcer(dht, key, info, args.ttl)
@@ -131,7 +133,7 @@ def start_worker(args, first: int, count: int, initial: list[str], keys: list[st
 
     argv = [sys.executable, "-m", "bench.peers", "worker", "--first", str(first), "--count", str(count),
             "--num-blocks", str(args.num_blocks), "--span-len", str(args.span_len), "--model-keys", ",".join(keys),
-            "--ttl", str(args.ttl), "--batch", str(args.batch)]
+            "--ttl", str(args.ttl), "--batch", str(args.batch), "--nodes-per-peer", str(args.nodes_per_peer)]
     if initial:
         argv += ["--initial-peers", ",".join(initial)]
     if args.swarm_key:
@@ -241,8 +243,8 @@ async def measure_client(args, swarm: Swarm, keys: list[str], peers: int) -> dic
         await dht.shutdown()
     stats = io.StringIO()
     pstats.Stats(profile, stream=stats).sort_stats("cumulative").print_stats(25)
-    (WORK / f"scale-profile-{peers}{'-private' if args.swarm_key else ''}.txt").write_text(stats.getvalue())
-    return dict(peers=peers, records=peers * args.span_len, seen_first=seen_first, seen=len(servers),
+    (WORK / f"scale-profile-{peers}x{args.nodes_per_peer}{'-private' if args.swarm_key else ''}.txt").write_text(stats.getvalue())
+    return dict(peers=peers, records=peers * args.nodes_per_peer, seen_first=seen_first, seen=len(servers),
                 create_s=t1 - t0, first_refresh_s=t2 - t1, first_route_ms=(t3 - t2) * 1000,
                 fresh_total_s=t3 - t0, refresh_ms=median_ms(refresh), refresh_max_ms=max(refresh) * 1000,
                 choose_ms=median_ms(choose), choose_rtt_ms=median_ms(choose_rtt), sample_ms=median_ms(sample),
@@ -289,9 +291,10 @@ def run_sizes(args) -> list[dict]:
     rows = []
     keys = model_keys(args.num_blocks, args.models)
     for peers in args.peers:
-        log(f"starting {peers} DHT peers ({args.models} model(s), spans of {args.span_len} of {args.num_blocks} "
+        log(f"starting {peers} DHT peers ({args.nodes_per_peer} node(s) each, {args.models} model(s), spans of "
+            f"{args.span_len} of {args.num_blocks} "
             f"blocks{', private swarm' if args.swarm_key else ''})")
-        swarm = start_swarm(args, peers, keys, max(1, min(args.workers, -(-peers // 5))))
+        swarm = start_swarm(args, peers, keys, max(1, min(args.workers, -(-peers // 10))))
         try:
             time.sleep(args.settle)
             row = asyncio.run(measure_client(args, swarm, keys, peers))
@@ -299,6 +302,7 @@ def run_sizes(args) -> list[dict]:
             row["import_s"] = import_seconds(args.status_repeats)
             row["private"] = bool(args.swarm_key)
             row["models"] = args.models
+            row["nodes_per_peer"] = args.nodes_per_peer
             log(f"  {row}")
             rows.append(row)
         finally:
@@ -307,7 +311,7 @@ def run_sizes(args) -> list[dict]:
 
 
 def table(rows: list[dict], args) -> str:
-    head = ("| peers | records (this model) | models | private | nodes seen | fresh client: DHT start s | first refresh s "
+    head = ("| DHT peers | records of the model (nodes) | models | private | nodes seen | fresh client: DHT start s | first refresh s "
             "| first route ms | **first route total s** | **refresh median ms** (max) | **choose_route ms** "
             "(with rtt) | sample_route ms | `swarm status` s (of it imports) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
@@ -325,9 +329,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[10, 25, 50, 100], help="swarm sizes to measure")
     parser.add_argument("--num-blocks", type=int, default=40, help="blocks of the made-up model")
-    parser.add_argument("--span-len", type=int, default=10, help="blocks each peer announces (records per peer)")
+    parser.add_argument("--span-len", type=int, default=10, help="blocks of each made-up node's span")
+    parser.add_argument("--nodes-per-peer", type=int, default=1,
+                        help="made-up nodes each DHT peer announces (records per peer; 10 x 100 peers: 1,000 records)")
     parser.add_argument("--models", type=int, default=1, help="models every peer announces (the client reads one)")
-    parser.add_argument("--workers", type=int, default=4, help="worker processes the peers are spread over")
+    parser.add_argument("--workers", type=int, default=10, help="worker processes the peers are spread over")
     parser.add_argument("--batch", type=int, default=5, help="peers a worker starts at once")
     parser.add_argument("--ttl", type=float, default=120.0, help="record TTL (re-announced every ttl/3)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait after the last announce")
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         p = argparse.ArgumentParser(prog="python -m bench.peers worker")
         for name, kind in (("--first", int), ("--count", int), ("--num-blocks", int), ("--span-len", int),
                            ("--model-keys", str), ("--ttl", float), ("--batch", int), ("--initial-peers", str),
-                           ("--swarm-key", str)):
+                           ("--swarm-key", str), ("--nodes-per-peer", int)):
             p.add_argument(name, type=kind, default=None)
         from swarm.launch import die_with_parent
 

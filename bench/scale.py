@@ -70,28 +70,35 @@ def section_peers(args) -> str:
     base = peers.build_parser().parse_args([])
     run = replace_ns(base, peers=args.peers, repeats=args.repeats, status_repeats=args.status_repeats)
     rows = run_peers(run)
+    big = max(args.peers)
+    if args.nodes_per_peer > 1:  # 1,000 records: each peer announces several made-up nodes
+        rows += run_peers(replace_ns(run, peers=[big], nodes_per_peer=args.nodes_per_peer))
     if args.private_peers:
         with tempfile.TemporaryDirectory() as tmp:
             from swarm.keys import generate_key_text
 
             key = Path(tmp) / "bench.key"
             key.write_text(generate_key_text())
-            rows += run_peers(replace_ns(run, peers=[args.private_peers], swarm_key=key))
+            rows += run_peers(replace_ns(run, peers=[args.private_peers], swarm_key=key,
+                                         nodes_per_peer=args.nodes_per_peer))
     value, subkey = record_bytes(False)
     sealed, _ = record_bytes(True)
-    worst = max(rows, key=lambda r: r["peers"])
+    worst = max(rows, key=lambda r: (r["records"], not r["private"]))
     return (
         f"## A hundred DHT peers: a client's swarm view, route choice and `swarm status`\n\n"
-        f"`python -m bench.scale --peers {' '.join(map(str, args.peers))}"
+        f"`python -m bench.scale --skip-placement --peers {' '.join(map(str, args.peers))} --nodes-per-peer "
+        f"{args.nodes_per_peer}"
         f"{f' --private-peers {args.private_peers}' if args.private_peers else ''}` (run "
         f"{time.strftime('%Y-%m-%d %H:%M')}). N real hivemind DHT peers (`swarm.dht.SwarmDHT`, one p2p daemon "
-        f"each) in {base.workers} worker processes on 127.0.0.1, started in batches of {base.batch}; each announces "
-        f"a made-up span of {base.span_len} of the {base.num_blocks} blocks of one model through `Announcer` "
-        "(signed records, TTL 120 s, re-announced every 40 s; *private*: with a swarm key, so records are also "
-        "sealed and key names hidden), so the model has N records, one per node. The client is the real "
-        "client code: a fresh client-mode `SwarmDHT` given 3 of the peers, `client.routing.Router`; *first route "
-        "total* = DHT start + first `Router.servers(refresh=True)` (= `SwarmDHT.fetch_servers`, a cold routing "
-        f"table) + `Router.route` over all blocks (goal < 2 s). *refresh*: median (max) of {args.repeats} more "
+        f"each) in up to {base.workers} worker processes (10 peers each) on 127.0.0.1, started in batches of "
+        f"{base.batch}; each peer announces a made-up node serving {base.span_len} of the {base.num_blocks} blocks "
+        f"of one model through `Announcer` (its signed record, TTL 120 s, re-announced every 40 s), and in the "
+        f"last rows {args.nodes_per_peer} made-up nodes each (own subkeys of the peer: {args.nodes_per_peer} x "
+        f"{max(args.peers)} = {args.nodes_per_peer * max(args.peers)} records under the model's key, a swarm view of "
+        "that many nodes); *private*: with a swarm key, so records are also sealed and key names hidden. The client "
+        "is the real client code: a fresh client-mode `SwarmDHT` given 3 of the peers, `client.routing.Router`; "
+        "*first route total* = DHT start + first `Router.servers(refresh=True)` (= `SwarmDHT.fetch_servers`, a "
+        f"cold routing table) + `Router.route` over all blocks (goal < 2 s). *refresh*: median (max) of {args.repeats} more "
         "refreshes (goal < 0.5 s). *choose_route*: the lowest-latency route over all blocks, median of 200 "
         "(with rtt: every node's latency known, as after sessions measured them; goal < 10 ms); *sample_route*: "
         "the throughput-weighted route of training. *`swarm status`*: wall time of the command (a new "
@@ -101,10 +108,10 @@ def section_peers(args) -> str:
         "on the swarm. All peers, the client and the command share this machine's 2 cores, so a peer answers "
         "slower than on its own machine: the growth matters more than the figures. One record is "
         f"{value} bytes (value with its signature; sealed in a private swarm: {sealed}) + a {subkey}-byte subkey "
-        "(the node id carries its RSA public key). Profiles of one refresh: `bench/work/scale-profile-N.txt`.\n\n"
+        "(the node id carries its RSA public key). Profiles of one refresh: `bench/work/scale-profile-PEERSxNODES[-private].txt`.\n\n"
         + peers.table(rows, run) + "\n\n"
         f"Every p2p daemon started was stopped (`pgrep p2pd` of this checkout before and after: "
-        f"{run_peers.left_over} left over). At {worst['peers']} peers: first route "
+        f"{run_peers.left_over} left over). At {worst['peers']} peers and {worst['records']} records: first route "
         f"{worst['fresh_total_s']:.2f} s, refresh {worst['refresh_ms']:.0f} ms, choose_route "
         f"{worst['choose_rtt_ms']:.1f} ms.\n\n"
         "Before the fixes of issue 19 (same command, one key per block, 10/25/50 peers, a busier machine): "
@@ -233,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, nargs="+", default=[10, 25, 50, 100], help="DHT swarm sizes (open)")
     parser.add_argument("--private-peers", type=int, default=100, help="size of the private-swarm run (0: none)")
+    parser.add_argument("--nodes-per-peer", type=int, default=10,
+                        help="made-up nodes per peer in the largest open run and the private run (1,000 records)")
     parser.add_argument("--repeats", type=int, default=7, help="warm refreshes timed per size")
     parser.add_argument("--status-repeats", type=int, default=3, help="`swarm status` runs per size")
     parser.add_argument("--nodes", type=int, default=1000, help="simulated nodes")
