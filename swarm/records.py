@@ -3,8 +3,8 @@
 One DHT key per model (``servers_key``), subkey = node id, value = a small dict naming the node's span.
 Records are validated when read: anything that does not match the schema exactly is ignored, never
 trusted. (Until issue 19 there was one key per block, each holding the records of the nodes serving
-that block: a reader then looked up every block's key, and at 100 peers a refresh took seconds; one key
-per model is one lookup. A key's records travel in one DHT message of at most 4 MiB, about 3,500
+that block: a reader then looked up every block's key, and at 50 peers a refresh took 2.4 s; one key
+per model is one lookup. A key's records travel in one DHT message of at most 4 MiB, about 4,000
 records: see the README's limits.)
 
 Optional fields appear only when they say something: ``"tls": True`` marks a node that serves gRPC
