@@ -81,6 +81,15 @@ def section_peers(args) -> str:
             key.write_text(generate_key_text())
             rows += run_peers(replace_ns(run, peers=[args.private_peers], swarm_key=key,
                                          nodes_per_peer=args.nodes_per_peer))
+    return render_peers(args, rows, run_peers.left_over)
+
+
+def render_peers(args, rows: list[dict], left_over: int, note: str = "") -> str:
+    """The peers section of the README from measured rows (``peers.run_sizes``)."""
+    from bench import peers
+
+    base = peers.build_parser().parse_args([])
+    run = replace_ns(base, peers=args.peers, repeats=args.repeats, status_repeats=args.status_repeats)
     value, subkey = record_bytes(False)
     sealed, _ = record_bytes(True)
     worst = max(rows, key=lambda r: (r["records"], not r["private"]))
@@ -111,10 +120,11 @@ def section_peers(args) -> str:
         "(the node id carries its RSA public key). Profiles of one refresh: `bench/work/scale-profile-PEERSxNODES[-private].txt`.\n\n"
         + peers.table(rows, run) + "\n\n"
         f"Every p2p daemon started was stopped (`pgrep p2pd` of this checkout before and after: "
-        f"{run_peers.left_over} left over). At {worst['peers']} peers and {worst['records']} records: first route "
+        f"{left_over} left over). {note}At {worst['peers']} peers and {worst['records']} records: first route "
         f"{worst['fresh_total_s']:.2f} s, refresh {worst['refresh_ms']:.0f} ms, choose_route "
         f"{worst['choose_rtt_ms']:.1f} ms.\n\n"
-        "Before the fixes of issue 19 (same command, one key per block, 10/25/50 peers, a busier machine): "
+        "Before the fixes of issue 19 (the same peers and spans, each node's record then stored under each of its "
+        "10 blocks' keys; 10/25/50 peers; load average about 6, lower than during the run above): "
         "refresh 558 / 1415 / 2446 ms, first route total 1.9 / 3.1 / 4.3 s, choose_route 0.24 / 2.2 / 6.1 ms; "
         "at 100 peers joining peers timed out pinging the single bootstrap peer (now they are given several). "
         "A refresh then looked up one DHT key per block (40 lookups, about 300 `find` calls at 50 peers), "
