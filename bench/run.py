@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{wall / 60:.1f} min{' (--quick)' if args.quick else ''}; other processes used {other.share():.0%} "
         "of the CPUs meanwhile.\n"
     )
-    out.write_text(intro + "\n" + "\n\n".join(parts) + "\n")
+    from bench.scale import kept_sections  # the scale sections (python -m bench.scale) stay as they were
+
+    kept = kept_sections(out.read_text()) if out.exists() else ""
+    out.write_text(intro + "\n" + "\n\n".join(parts) + "\n" + (f"\n{kept}\n" if kept else ""))
     log(f"wrote {out} in {wall:.0f}s")
     print(out.read_text())
     return 0

@@ -27,6 +27,7 @@ from swarm.routing import Hop
 log = logging.getLogger(__name__)
 
 MAX_BAN_FACTOR = 16  # a node's ban doubles on each repeat failure, up to this many times ban_seconds
+MAX_REMEMBERED = 4096  # bans for good and TLS refusals kept at most (oldest forgotten first)
 BUSY = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED})  # alive and honest, only without room for us now
 
 
@@ -101,6 +102,19 @@ class FailurePolicy:
         for node in [n for n, until in self._banned_until.items() if until <= now]:
             del self._banned_until[node]
         return frozenset(self._banned_until) | frozenset(self.untrusted)
+
+    def forget_gone(self, present: set[str]) -> None:
+        """Keep per-node memory bounded in a churning swarm: strikes and expired bans of nodes no longer
+        announced are dropped; bans for good and TLS refusals are kept (a node may come back under the same
+        id), the oldest beyond MAX_REMEMBERED."""
+        now = self._clock()
+        for node in [n for n, until in self._banned_until.items() if until <= now and n not in present]:
+            del self._banned_until[node]
+        for node in [n for n in self._strikes if n not in present and n not in self._banned_until]:
+            del self._strikes[node]
+        for memory in (self._banned_until, self.untrusted):
+            while len(memory) > MAX_REMEMBERED:
+                memory.pop(next(iter(memory)))
 
     def attempts(self) -> "Attempts":
         """A fresh attempt counter for one call."""

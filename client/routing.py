@@ -46,9 +46,18 @@ class Router:
                         self._untrusted.setdefault(s.node_id, plaintext_refused(s.address, self.config.tls_ca))
             if self.connections is not None:
                 self.connections.learn(servers)
+            self._forget_gone(servers)
             self._servers = servers
             self._fetched_at = time.monotonic()
         return self._servers
+
+    def _forget_gone(self, servers: list[ServerInfo]) -> None:
+        """Keep per-node memory bounded in a churning swarm (see FailurePolicy.forget_gone); latencies of
+        nodes no longer announced are dropped too."""
+        present = {s.node_id for s in servers}
+        self.policy.forget_gone(present)
+        for node in [n for n in self.rtt if n not in present]:
+            del self.rtt[node]
 
     def banned(self) -> frozenset[str]:
         return self.policy.banned()

@@ -207,7 +207,8 @@ class Node:
 
     async def _rebalance(self, folder, model_config, dtype, total: int) -> None:
         """Every rebalance_period: move to a clearly weaker part of the swarm, if that never uncovers a
-        block. Moving: announce OFFLINE (keep serving stragglers for a TTL), load, swap, announce ONLINE."""
+        block. Moving: announce the new span JOINING (keep serving stragglers for a TTL), load, swap,
+        announce ONLINE."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.rebalance_period)
@@ -217,7 +218,9 @@ class Node:
                 if target is None or self.servicer.busy:
                     continue
                 log.info("rebalancing: moving from blocks %s to %s", self.span, target)
-                await self._announcer.set_state(NodeState.OFFLINE)
+                # JOINING at the new span (clients stop routing here; other nodes see the weak place filling
+                # up and do not all move to it, see swarm.placement)
+                await self._announcer.move(target, NodeState.JOINING)
                 await asyncio.sleep(min(self.config.ttl, self.config.rebalance_period))
                 blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype)
                 if self.config.adapters:

@@ -18,7 +18,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.keys import SwarmKey
-from swarm.records import block_key, make_record, parse_record
+from swarm.records import make_record, parse_record, servers_key
 from swarm.spans import NodeState, ServerInfo, Span
 from swarm.validator import MAX_RECORD_LIFETIME, MAX_VALUE_BYTES, make_validator
 
@@ -95,13 +95,10 @@ class SwarmDHT:
         return [str(m) for m in await self.node.p2p.get_visible_maddrs()]
 
     async def announce(self, model: str, info: ServerInfo, ttl: float) -> bool:
-        """Store ``info`` under every block of its span; it expires after ``ttl`` seconds unless refreshed."""
+        """Store ``info`` under the model's key; it expires after ``ttl`` seconds unless refreshed."""
         value = self.check_announceable(info, ttl)
-        blocks = range(info.span.start, info.span.end)
-        keys = [self.dht_key(block_key(model, b)) for b in blocks]
-        ok = await self.node.store_many(
-            keys, [value] * len(keys), get_dht_time() + ttl, subkeys=[info.node_id] * len(keys))
-        return all(ok.values())
+        return await self.node.store(self.dht_key(servers_key(model)), value, get_dht_time() + ttl,
+                                     subkey=info.node_id)
 
     def check_announceable(self, info: ServerInfo, ttl: float) -> dict:
         """The record of ``info``; ValueError if the swarm's peers would refuse it."""
@@ -117,23 +114,19 @@ class SwarmDHT:
         return value
 
     async def fetch_servers(self, model: str, num_blocks: int) -> list[ServerInfo]:
-        """Every node announced for ``model`` (any state), one entry per node: its freshest valid record."""
-        keys = [self.dht_key(block_key(model, b)) for b in range(num_blocks)]
-        found = await self.node.get_many(keys, sufficient_expiration_time=math.inf)
-        best: dict[str, tuple[float, ServerInfo]] = {}
-        for block, key in enumerate(keys):
-            entry = found.get(key)
-            if entry is None or not isinstance(entry.value, dict):
+        """Every node announced for ``model`` (any state), one entry per node, sorted by span start.
+        One DHT lookup, whatever the number of blocks and nodes (see swarm.records)."""
+        found = await self.node.get(self.dht_key(servers_key(model)), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        servers = []
+        for node_id, item in found.value.items():
+            info = parse_record(node_id, getattr(item, "value", None), num_blocks=num_blocks)
+            if info is None or not isinstance(getattr(item, "expiration_time", None), (int, float)):
+                log.debug("ignoring a malformed record from %r", node_id)
                 continue
-            for node_id, item in entry.value.items():
-                value, expiration = getattr(item, "value", None), getattr(item, "expiration_time", None)
-                info = parse_record(node_id, value, block=block, num_blocks=num_blocks)
-                if info is None or not isinstance(expiration, (int, float)):
-                    log.debug("ignoring malformed record under block %d from %r", block, node_id)
-                    continue
-                if node_id not in best or expiration > best[node_id][0]:
-                    best[node_id] = (float(expiration), info)
-        return sorted((info for _, info in best.values()), key=lambda i: (i.span.start, i.node_id))
+            servers.append(info)
+        return sorted(servers, key=lambda i: (i.span.start, i.node_id))
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the DHT peer and its p2p daemon. A daemon that died or stopped answering must not hang
@@ -169,7 +162,7 @@ class Announcer:
         await self._announce()
 
     async def move(self, span: Span, state: NodeState) -> None:
-        """Serve a new span: old blocks' records were announced OFFLINE before; publish the new ones."""
+        """Serve a new span: publish it (it replaces this node's record of the old span)."""
         self.info = replace(self.info, span=span, state=state)
         await self._announce()
 

@@ -1,7 +1,11 @@
 """DHT record layout and its strict schema.
 
-One DHT key per block under the model key, subkey = node id, value = a small dict. Records are
-validated when read: anything that does not match the schema exactly is ignored, never trusted.
+One DHT key per model (``servers_key``), subkey = node id, value = a small dict naming the node's span.
+Records are validated when read: anything that does not match the schema exactly is ignored, never
+trusted. (Until issue 19 there was one key per block, each holding the records of the nodes serving
+that block: a reader then looked up every block's key, and at 50 peers a refresh took 2.4 s; one key
+per model is one lookup. A key's records travel in one DHT message of at most 4 MiB, about 4,000
+records: see the README's limits.)
 
 Optional fields appear only when they say something: ``"tls": True`` marks a node that serves gRPC
 over TLS. A plaintext node's record is what it always was, so every reader understands it; readers
@@ -65,8 +69,9 @@ def model_key(name: str, config: Any) -> str:
     return f"{name}/{config_fingerprint(config)}"
 
 
-def block_key(model: str, block: int) -> str:
-    return f"swarmlm/{model}/block/{block}"
+def servers_key(model: str) -> str:
+    """The DHT key under which every node serving ``model`` keeps its record (subkey: its node id)."""
+    return f"swarmlm/{model}/servers"
 
 
 def make_record(info: ServerInfo) -> dict[str, Any]:
@@ -88,8 +93,9 @@ def _valid_address(address: str) -> bool:
     return bool(sep and host and port.isdigit() and 0 < int(port) < 65536 and " " not in host)
 
 
-def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> ServerInfo | None:
-    """Validate one record read under ``block``; return None when it is malformed in any way."""
+def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None = None) -> ServerInfo | None:
+    """Validate one record of a model of ``num_blocks`` blocks (that serves ``block``, if given);
+    return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
     if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= set(RECORD_FIELDS) | set(OPTIONAL_FIELDS):
@@ -115,7 +121,7 @@ def parse_record(node_id: Any, value: Any, *, block: int, num_blocks: int) -> Se
     if not math.isfinite(throughput) or throughput < 0:
         return None
     start, end = value["start"], value["end"]
-    if not 0 <= start <= block < end <= num_blocks:
+    if not 0 <= start < end <= num_blocks or (block is not None and not start <= block < end):
         return None
     return ServerInfo(
         node_id=node_id,

@@ -5,7 +5,9 @@ can run any sub-span of what it hosts, so overlapping and differently sized span
 """
 from __future__ import annotations
 
+import bisect
 import heapq
+import math
 import random
 from dataclasses import dataclass
 from typing import Iterable, Mapping
@@ -77,32 +79,42 @@ def choose_route(
     # useful break points: where some server's span starts or ends, plus the target bounds
     points = sorted({span.start, span.end} | {p for s in online for p in (s.span.start, s.span.end)
                                               if span.start < p < span.end})
-    best: dict[int, tuple[float, int]] = {span.start: (0.0, 0)}
-    came_from: dict[int, Hop] = {}
-    queue: list[tuple[float, int, int]] = [(0.0, 0, span.start)]
-    while queue:
-        cost, hops, pos = heapq.heappop(queue)
-        if pos == span.end:
-            break
-        if (cost, hops) > best.get(pos, (float("inf"), 0)):
+    last = len(points) - 1
+    # covering[i]: (round trip, seconds per block, index of the last point reachable, server) of every
+    # server hosting block points[i], in the stable order of ``online`` (ties go to the first)
+    covering: list[list[tuple[float, float, int, ServerInfo]]] = [[] for _ in points]
+    for s in online:
+        lo, hi = max(s.span.start, span.start), min(s.span.end, span.end)
+        if lo >= hi:
             continue
-        for s in online:
-            if not s.span.start <= pos < s.span.end:
-                continue
-            for nxt in points:
-                if pos < nxt <= min(s.span.end, span.end):
-                    step = rtt.get(s.node_id, DEFAULT_HOP_SECONDS) + tokens * (nxt - pos) / max(s.throughput, 1e-9)
-                    cand = (cost + step, hops + 1)
-                    if cand < best.get(nxt, (float("inf"), 0)):
-                        best[nxt] = cand
-                        came_from[nxt] = Hop(s, Span(pos, nxt))
-                        heapq.heappush(queue, (cand[0], cand[1], nxt))
+        entry = (rtt.get(s.node_id, DEFAULT_HOP_SECONDS), tokens / max(s.throughput, 1e-9),
+                 bisect.bisect_left(points, hi), s)
+        for i in range(bisect.bisect_left(points, lo), entry[2]):
+            covering[i].append(entry)
+    best: list[tuple[float, int]] = [(0.0, 0)] + [(math.inf, 0)] * last
+    came_from: list[tuple[int, ServerInfo] | None] = [None] * len(points)
+    queue: list[tuple[float, int, int]] = [(0.0, 0, 0)]
+    while queue:
+        cost, hops, i = heapq.heappop(queue)
+        if i == last:
+            break
+        if (cost, hops) > best[i]:
+            continue
+        pos = points[i]
+        for seconds, per_block, reach, server in covering[i]:
+            base = cost + seconds
+            for j in range(i + 1, reach + 1):
+                cand = (base + (points[j] - pos) * per_block, hops + 1)
+                if cand < best[j]:
+                    best[j] = cand
+                    came_from[j] = (i, server)
+                    heapq.heappush(queue, (cand[0], cand[1], j))
     route: list[Hop] = []
-    pos = span.end
-    while pos != span.start:
-        hop = came_from[pos]
-        route.append(hop)
-        pos = hop.span.start
+    j = last
+    while j != 0:
+        i, server = came_from[j]
+        route.append(Hop(server, Span(points[i], points[j])))
+        j = i
     return route[::-1]
 
 

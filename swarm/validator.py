@@ -16,8 +16,10 @@ signing, so cheap checks and decryption come first and the signature travels enc
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
+from collections import OrderedDict
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -115,13 +117,35 @@ class _Decodable(RecordValidatorBase):
 
 
 class _Signer(RSASignatureValidator):
-    """hivemind's owner signatures, where a malformed public key is a refusal, not an exception."""
+    """hivemind's owner signatures, where a malformed public key is a refusal, not an exception.
+
+    A record that verified once is remembered by the SHA-256 of everything the signature covers (key,
+    subkey, value, expiration): a reader gets the same record from every peer holding a copy of its
+    key (5 replicas and caches) and again on every refresh until it is re-announced, and checking an
+    RSA signature (parsing the public key, serializing, verifying) was most of a refresh's time."""
+
+    MAX_REMEMBERED = 16384  # verified records kept (~100 bytes each)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
 
     def validate(self, record: DHTRecord) -> bool:
+        digest = hashlib.sha256(b"\0".join((
+            struct.pack(">IIId", len(record.key), len(record.subkey), len(record.value), record.expiration_time),
+            record.key, record.subkey, record.value))).digest()
+        if digest in self._verified:
+            self._verified.move_to_end(digest)
+            return True
         try:
-            return super().validate(record)
+            valid = super().validate(record)
         except Exception:  # e.g. an [owner:...] marker that is not an RSA key
             return False
+        if valid:
+            self._verified[digest] = None
+            if len(self._verified) > self.MAX_REMEMBERED:
+                self._verified.popitem(last=False)
+        return valid
 
 
 def make_validator(key: SwarmKey | None, owner: RSAPrivateKey) -> tuple[CompositeValidator, str]:

@@ -4,7 +4,7 @@ import asyncio
 from hivemind.utils import get_dht_time
 
 from swarm.dht import Announcer, SwarmDHT
-from swarm.records import block_key
+from swarm.records import make_record, servers_key
 from swarm.spans import NodeState, ServerInfo, Span
 from tests.helpers.dht import store_raw
 
@@ -53,11 +53,13 @@ def test_malformed_records_do_not_break_reading(bootstrap):
         model = MODEL + "x"
         try:
             exp = get_dht_time() + 30
-            await store_raw(peer, block_key(model, 0), {"address": 5}, exp, subkey=peer.owned("evil"))
-            await store_raw(peer, block_key(model, 1), "not a dict", exp, subkey=peer.owned("evil2"))
-            await store_raw(peer, block_key(model, 1), 7, exp)  # a plain value, not a dictionary of subkeys
+            await store_raw(peer, servers_key(model), {"address": 5}, exp, subkey=peer.owned("evil"))
+            await store_raw(peer, servers_key(model), "not a dict", exp, subkey=peer.owned("evil2"))
+            await store_raw(peer, servers_key(model), make_record(info("x", 0, 3)), exp, subkey=peer.owned("big"))  # 3 > 2 blocks
+            await store_raw(peer, servers_key(model + "p"), 7, exp)  # a plain value, not a dictionary of subkeys
             await peer.announce(model, info(peer.owned("good"), 0, 2), ttl=30)
             assert await ids(peer, model, 2) == [peer.owned("good")]
+            assert await ids(peer, model + "p", 2) == []
         finally:
             await peer.shutdown()
 

@@ -14,7 +14,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from swarm.dht import SwarmDHT
 from swarm.keys import SwarmKey, parse_key, generate_key_text
-from swarm.records import block_key, make_record, parse_record
+from swarm.records import make_record, parse_record, servers_key
 from swarm.spans import NodeState, ServerInfo, Span
 from swarm.validator import MAX_RECORD_LIFETIME, MAX_VALUE_BYTES, SwarmRecordValidator, make_validator
 from tests.helpers.dht import store_raw
@@ -74,13 +74,13 @@ def test_private_records_are_ciphertext_to_outsiders():
             assert await outsider.fetch_servers(MODEL, 2) == []
             assert await wrong.fetch_servers(MODEL, 2) == []
             # even knowing the hidden key name, an outsider gets only ciphertext
-            found = await outsider_raw.get(node.dht_key(block_key(MODEL, 0)), latest=True)
+            found = await outsider_raw.get(node.dht_key(servers_key(MODEL)), latest=True)
             assert found is not None and len(found.value) == 1
             (blob,) = [item.value for item in found.value.values()]
             assert isinstance(blob, bytes) and secret_address.encode() not in blob
             assert b"address" not in blob and b"ONLINE" not in blob
             # and the key name itself does not reveal the model
-            assert MODEL not in node.dht_key(block_key(MODEL, 0))
+            assert MODEL not in node.dht_key(servers_key(MODEL))
         finally:
             await shutdown(outsider, wrong, boot, node)
             await outsider_raw.shutdown()
@@ -96,7 +96,7 @@ def test_outsiders_cannot_inject_or_overwrite_private_records():
         wrong = await SwarmDHT.create(await boot.visible_maddrs(), swarm_key=new_key())
         try:
             await node.announce(MODEL, info(node.node_id), ttl=60)  # `wrong` refuses it: the result may be False
-            name = block_key(MODEL, 0)
+            name = servers_key(MODEL)
             hidden, exp = node.dht_key(name), get_dht_time() + 60
             forged = make_record(info(node.node_id, "6.6.6.6:666"))
             # overwrite the member's record, and add a new one, as plaintext with a later expiration
@@ -148,7 +148,7 @@ def test_far_future_and_oversized_records_are_refused(private):
         signer, marker = make_validator(key, owner)
         pusher = await raw_peer(await boot.visible_maddrs(), _Permissive(signer))
         try:
-            name = block_key(MODEL, 0)
+            name = servers_key(MODEL)
             hidden = node.dht_key(name)
             good = make_record(info("x", "127.0.0.1:7201"))
             far = make_record(info("x", "127.0.0.1:7202"))
@@ -182,7 +182,7 @@ def test_open_swarm_records_cannot_be_overwritten_by_another_peer():
         raw = await raw_peer(await boot.visible_maddrs())  # a hivemind peer without validators
         try:
             assert await owner.announce(MODEL, info(owner.node_id, "127.0.0.1:7301"), ttl=60)
-            name, exp = block_key(MODEL, 0), get_dht_time() + 90
+            name, exp = servers_key(MODEL), get_dht_time() + 90
             forged = make_record(info(owner.node_id, "6.6.6.6:666"))
             # the attacker cannot sign for the owner's key, so no member accepts its version
             await store_raw(attacker, name, forged, exp, subkey=owner.node_id)
@@ -214,7 +214,7 @@ def test_a_signed_but_undecodable_record_does_not_stall_readers(private):
         reader = await SwarmDHT.create(await boot.visible_maddrs(), client_mode=True, swarm_key=key)
         try:
             await node.announce(MODEL, info(node.node_id), ttl=60)
-            await pusher.store(node.dht_key(block_key(MODEL, 0)), make_record(info("x")), get_dht_time() + 60,
+            await pusher.store(node.dht_key(servers_key(MODEL)), make_record(info("x")), get_dht_time() + 60,
                                subkey=f"g{marker}")
             found = await asyncio.wait_for(reader.fetch_servers(MODEL, 2), 30)
             assert [s.node_id for s in found] == [node.node_id]
