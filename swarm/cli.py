@@ -21,7 +21,7 @@ from swarm.tls import CA_CERT, CA_KEY, TLSConfigError, write_node_cert
 LAN_LISTEN_HELP = "with no --initial-peers: find the swarm's peers on the LAN (listens for multicast; opt-in)"
 
 
-def build_parser() -> OneLineParser:
+def build_parser(argv: list[str] | None = None) -> OneLineParser:
     parser = OneLineParser(prog="swarm", description="swarmlm swarm tools")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("keygen", help="print a new random swarm key (swarm keygen > lab.key)")
@@ -86,6 +86,11 @@ def build_parser() -> OneLineParser:
     ft.add_argument("--seed", type=int, default=0, help="adapter init and data order (default 0)")
     ft.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     ft.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
+    api = sub.add_parser("api", help="serve the OpenAI HTTP API (chat and text completions) over the swarm")
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["api"]:  # its options live in the client package,
+        from client.api.cli import add_arguments as add_api_arguments  # whose import loads torch: only when used
+
+        add_api_arguments(api)
     return parser
 
 
@@ -221,7 +226,7 @@ def finetune(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.command in ("status", "generate", "finetune") and not (peers_list(args.initial_peers) or args.lan):
         return fail("swarm", "give --initial-peers (multiaddrs of swarm peers) or --lan (find them on the LAN)", 2)
     if args.command == "keygen":
@@ -233,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         return generate(args)
     if args.command == "finetune":
         return finetune(args)
+    if args.command == "api":
+        from client.api.cli import run as run_api
+
+        return run_api(args)
     return asyncio.run(bootstrap(args) if args.command == "bootstrap" else status(args))
 
 
