@@ -13,9 +13,10 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, TypeVar
 
 import grpc
@@ -46,6 +47,8 @@ class ApiState:
     context_length: int  # positions the model takes (prompt + completion)
     default_max_tokens: int  # chat completions without max_tokens: at most this many (and the context's rest)
     api_keys: frozenset[str] = frozenset()  # empty: no key needed
+    # a fast tokenizer's encode changes its (Rust) state: one at a time ("Already borrowed" otherwise)
+    encode_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class ApiError(Exception):
@@ -124,9 +127,17 @@ def chat_logprobs(items: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> dict:
                         for t in items], "refusal": None}
 
 
+def _top_by_text(top) -> dict[str, float]:
+    """The completions API's top_logprobs: keyed by text, so tokens with the same text keep the likeliest."""
+    out: dict[str, float] = {}
+    for _, text, value in top:
+        out.setdefault(text, value)
+    return out
+
+
 def completion_logprobs(items, offsets, with_top: bool) -> dict:
     return {"tokens": [t.text for t in items], "token_logprobs": [t.logprob for t in items],
-            "top_logprobs": [{s: v for _, s, v in t.top} for t in items] if with_top else None,
+            "top_logprobs": [_top_by_text(t.top) for t in items] if with_top else None,
             "text_offset": list(offsets)}
 
 
@@ -225,7 +236,7 @@ def create_app(state: ApiState) -> "BodyLimit":
     async def completions(body: CompletionRequest, request: Request):
         body.refusals()
         texts = body.prompts()
-        prompts = await asyncio.to_thread(lambda: [_encode_text(state, p) for p in texts])
+        prompts = await asyncio.to_thread(lambda: [_encode_text(state, p) for p in texts])  # off the event loop
         max_tokens = _check_length(state, prompts, body.max_tokens, "max_tokens")
         return await _serve(state, request, body, prompts, body.sampling(state.engine.vocab_size, max_tokens),
                             chat=False)
@@ -255,7 +266,8 @@ def _resolve(state: ApiState, model_id: str) -> str | None:
 
 def _encode_text(state: ApiState, prompt: str | list[int]) -> list[int]:
     if isinstance(prompt, str):
-        return list(state.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        with state.encode_lock:
+            return list(state.tokenizer(prompt, add_special_tokens=True)["input_ids"])
     vocab = state.engine.vocab_size
     if any(not 0 <= t < vocab for t in prompt):
         raise RequestInvalid(f"prompt token ids must be in [0, {vocab})", "prompt")
@@ -270,12 +282,13 @@ def _encode_chat(state: ApiState, body: ChatRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise RequestInvalid("this model's tokenizer has no chat template, so chat completions cannot be formatted; "
                              "use /v1/completions with a prompt", "messages", "no_chat_template")
-    try:
-        text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
-                                             add_generation_prompt=True)
-    except TemplateError as e:
-        raise RequestInvalid(f"the chat template refused these messages: {e}", "messages") from None
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    with state.encode_lock:
+        try:
+            text = tokenizer.apply_chat_template([m.for_template() for m in body.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+        except TemplateError as e:
+            raise RequestInvalid(f"the chat template refused these messages: {e}", "messages") from None
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _check_length(state: ApiState, prompts: list[list[int]], requested: int | None, field: str) -> int:

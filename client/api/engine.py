@@ -286,7 +286,8 @@ class Generation:
         eos = frozenset() if s.ignore_eos else self.engine.eos_ids
         watcher = _Watcher(self, offset, s.n, eos, recorder)
         config = GenerationConfig(max_new_tokens=s.max_tokens, do_sample=False, num_beams=1,
-                                  eos_token_id=sorted(eos) or None, pad_token_id=self.engine.pad_id)
+                                  eos_token_id=sorted(eos), pad_token_id=self.engine.pad_id)  # [], not None:
+        # None would be filled in from the model's generation config
         try:
             self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
                                 logits_processor=logits_processors(s, recorder),
