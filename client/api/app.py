@@ -207,7 +207,7 @@ def create_app(state: ApiState) -> "BodyLimit":
     async def _http(request: Request, exc: HTTPException):
         return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: no thread hop per request
         if not state.api_keys:
             return
         header = request.headers.get("authorization", "")
