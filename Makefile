@@ -8,7 +8,7 @@ LOCK    = requirements.lock
 # the CPU build of torch, installed first (it lies on this kind of machine's disk; an unpinned torch may
 # pull a multi-GB CUDA build); the lock pins the same version without the local "+cpu" label
 TORCH  ?= torch==2.13.0
-EXTRAS  = dev
+EXTRAS  = dev,bench
 # CI's test command: the contract tests first (seconds; they name what moved in transformers/PEFT), then the rest
 PYTEST  = -m pytest -q
 
@@ -62,7 +62,7 @@ test-oldest:
 	.venv-oldest/bin/python -m pip install -q -c constraints-oldest.txt -e '.[$(EXTRAS)]'
 	.venv-oldest/bin/python -m pip check
 	.venv-oldest/bin/python $(PYTEST) -p no:cacheprovider tests/test_contract.py \
-	    "tests/client/test_generation.py::test_greedy_64_tokens_equal_local"
+	    "tests/client/test_generation.py::test_greedy_64_tokens_equal_local" tests/client/api/test_app.py tests/client/api/test_stops.py
 
 # The newest releases on the registry, past pyproject.toml's upper bounds (not in CI: a new release must not
 # block unrelated work from landing). LATEST_TORCH=torch takes the newest torch this machine offers.

@@ -1,7 +1,8 @@
 """End-to-end demo: a tiny checkpoint, a local two-node swarm, and a client that matches local transformers.
 
 After the forward/backward comparison and a streamed generation, it fine-tunes a LoRA adapter through the swarm
-(the client holds the adapter), saves it in PEFT's format and reloads it with PEFT on local transformers.
+(the client holds the adapter), saves it in PEFT's format and reloads it with PEFT on local transformers, then
+streams a chat completion through `swarm api` with the official `openai` client.
 
 Run ``python -m bench.demo`` (or ``make demo``). Everything stays on 127.0.0.1 and every process the demo
 starts is stopped before it exits, also on error, Ctrl-C or SIGTERM.
@@ -22,6 +23,8 @@ PROMPTS = ["the swarm runs a language model", "each node hosts a span of blocks"
 GENERATE_TOKENS = 24
 LORA_STEPS = 16  # LoRA fine-tuning steps through the swarm, on PROMPTS
 TIME_LIMIT = 300  # seconds; the whole demo is aborted (and cleaned up) past this
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")  # the tiny tokenizer has none
 
 
 def say(msg: str) -> None:
@@ -38,6 +41,12 @@ def build_model(workdir: Path) -> Path:
     else:
         say(f"checkpoint: building {path} (hidden 128, 8 layers)")
         build_checkpoint(path, hidden_size=128, num_layers=8, seed=0)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template != CHAT_TEMPLATE:
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(path)
     return path
 
 
@@ -153,6 +162,37 @@ def finetune(path: Path, model, batch: dict[str, torch.Tensor], workdir: Path) -
     return losses[-1] < losses[0] - 1.0 and same, diff
 
 
+def api_chat(path: Path, peers: list[str], local) -> bool:
+    """`swarm api` over the swarm; the `openai` package streams a chat completion; compare with local generate()."""
+    import openai
+    from transformers import AutoTokenizer
+
+    from tests.helpers.launch import Proc, command
+
+    messages = [{"role": "user", "content": "each node hosts a span of blocks"}]
+    api = Proc([*command("swarm"), "api", "--model", str(path), "--initial-peers", *peers, "--port", "0"])
+    try:
+        url = api.read_line(120)
+        say(f"swarm api serving at {url}; a streamed chat completion with the openai package:")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        text = ""
+        for chunk in client.chat.completions.create(model=path.name, messages=messages, max_tokens=GENERATE_TOKENS,
+                                                    temperature=0, stream=True):
+            piece = chunk.choices[0].delta.content or "" if chunk.choices else ""
+            print(piece, end="", flush=True)
+            text += piece
+        print(flush=True)
+    finally:
+        api.stop()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = local.generate(ids, max_new_tokens=GENERATE_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    same = text == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    say(f"chat text equals local generate() with the same chat template: {same}")
+    return same
+
+
 def stop_swarm(swarm) -> None:
     """Ask every node to leave at once (LocalSwarm.stop then waits for each, SIGKILL past its timeout)."""
     for proc in swarm.nodes:
@@ -161,7 +201,7 @@ def stop_swarm(swarm) -> None:
     swarm.stop()
 
 
-def run_client(path: Path, peers: list[str], workdir: Path) -> tuple[bool, float, bool, bool, float]:
+def run_client(path: Path, peers: list[str], workdir: Path) -> tuple[bool, float, bool, bool, float, bool]:
     from transformers import AutoModelForCausalLM
 
     from client import AutoDistributedModelForCausalLM
@@ -173,9 +213,10 @@ def run_client(path: Path, peers: list[str], workdir: Path) -> tuple[bool, float
         batch = tokenize(path)
         ok, logit_diff = compare(batch, model, local)
         same_tokens = generate(path, model, local)
-        return (ok, logit_diff, same_tokens, *finetune(path, model, batch, workdir))
+        tuned = finetune(path, model, batch, workdir)
     finally:
         model.close()
+    return (ok, logit_diff, same_tokens, *tuned, api_chat(path, peers, local))
 
 
 def _abort(signum: int, _frame) -> None:
@@ -199,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build_model(args.workdir.resolve())
         swarm = LocalSwarm(path, ready_timeout=90)
-        ok, logit_diff, same_tokens, tuned_ok, adapter_diff = run_client(path, start_swarm(swarm, path),
-                                                                          args.workdir.resolve())
+        ok, logit_diff, same_tokens, tuned_ok, adapter_diff, same_chat = run_client(
+            path, start_swarm(swarm, path), args.workdir.resolve())
     except KeyboardInterrupt:
         say("interrupted; stopping the swarm")
         return 130
@@ -222,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         say(f"FAILED: LoRA fine-tuning (loss fell and generations agree: {tuned_ok}; "
             f"PEFT reload max |logit diff| {adapter_diff:.2e})")
         return 1
+    if not same_chat:
+        say("FAILED: the chat completion through swarm api differs from local generation")
+        return 1
     say(f"OK: distributed == local (max |logit diff| = {logit_diff:.2e}; generated tokens identical); "
-        f"LoRA trained through the swarm == PEFT reload (max |logit diff| = {adapter_diff:.2e})")
+        f"LoRA trained through the swarm == PEFT reload (max |logit diff| = {adapter_diff:.2e}); "
+        "chat through the OpenAI API == local")
     return 0
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from bench.common import BENCH_DIR, LLAMA_270M, TINY, WORK, Context, log
+from bench.api import section_api
 from bench.forward import section_forward_backward, section_node_memory
 from bench.concurrency import section_concurrent_clients, section_replicas
 from bench.generation import section_generation
@@ -28,7 +29,7 @@ from bench.training import section_training
 
 SECTIONS: list[Callable[[Context], str]] = [
     section_forward_backward, section_node_memory, section_generation, section_concurrent_clients,
-    section_recovery, section_replicas, section_training,
+    section_recovery, section_replicas, section_training, section_api,
 ]
 
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "what one more hop costs and where one token's time goes; aggregate tokens/s of 1, 4 and 8 "
         "concurrent client processes; the time to the next token after the node serving a running "
         "generation is SIGKILLed (issue \"A swarm that survives\"); 4 concurrent clients on 1 vs 2 "
-        "replicas per span; and a fine-tuning step, local PEFT vs the same adapter through the swarm. Timings are medians over N repeats after one warm-up; where two setups are "
+        "replicas per span; a fine-tuning step, local PEFT vs the same adapter through the swarm; and the OpenAI HTTP API (`swarm api`) against the Python client (time to first token, tokens/s, 8 concurrent streams). Timings are medians over N repeats after one warm-up; where two setups are "
         "compared their calls alternate (or their windows do), so drifting background load affects both "
         "alike, and rounds during which other processes kept the CPUs busy are redone. Rerun with "
         "`make bench` or `python -m bench.run` (`--quick`: tiny model only, fewer repeats, written to "

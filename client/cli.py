@@ -12,7 +12,7 @@ from swarm.process import die_with_parent
 LAN_LISTEN_HELP = "with no --initial-peers: find the swarm's peers on the LAN (listens for multicast; opt-in)"
 
 
-def build_parser() -> OneLineParser:
+def build_parser(argv: list[str] | None = None) -> OneLineParser:
     parser = OneLineParser(prog="swarm", description="swarmlm swarm tools")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     _add_keygen(sub)
@@ -21,6 +21,7 @@ def build_parser() -> OneLineParser:
     _add_status(sub)
     _add_generate(sub)
     _add_finetune(sub)
+    _add_api(sub, sys.argv[1:] if argv is None else argv)
     return parser
 
 
@@ -104,6 +105,14 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
 
 
+def _add_api(sub, argv: list[str]) -> None:
+    api = sub.add_parser("api", help="serve the OpenAI HTTP API (chat and text completions) over the swarm")
+    if argv[:1] == ["api"]:  # its options live in client.api, whose import loads torch: only when used
+        from client.api.cli import add_arguments
+
+        add_arguments(api)
+
+
 def generate(args) -> int:
     from client.commands import generate_text
     from client.transport import RemoteCallError
@@ -145,13 +154,17 @@ def finetune(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.command in ("status", "generate", "finetune") and not (peers_list(args.initial_peers) or args.lan):
         return fail("swarm", "give --initial-peers (multiaddrs of swarm peers) or --lan (find them on the LAN)", 2)
     if args.command == "generate":
         return generate(args)
     if args.command == "finetune":
         return finetune(args)
+    if args.command == "api":
+        from client.api.cli import run as run_api
+
+        return run_api(args)
     from swarm import commands
 
     if args.command in ("bootstrap", "status"):
