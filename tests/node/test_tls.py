@@ -18,7 +18,7 @@ from client import ClientConfig
 from client.transport import Connections, RemoteCallError, TLSHandshakeError, call_forward, forward_request
 from node.config import NodeConfig
 from node.server import NodeThread
-from swarm import cli
+from client import cli
 from swarm.keys import load_key
 from swarm.spans import Span
 from swarm.tls import (CA_CERT, TLSConfigError, cert_problems, issue_cert, load_cert, load_or_make_ca,
