@@ -185,38 +185,8 @@ def create_app(state: ApiState) -> "BodyLimit":
     app = FastAPI(title="swarmlm OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.api = state
 
-    @app.exception_handler(ApiError)
-    @app.exception_handler(RequestInvalid)
-    @app.exception_handler(UnknownModel)
-    @app.exception_handler(Exception)
-    async def _error(request: Request, exc: Exception):
-        return error_of(exc).response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        if first.get("type") == "json_invalid":
-            return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                            "invalid_request_error").response()
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
-        return ApiError(400, message, "invalid_request_error", None, param).response()
-
-    @app.exception_handler(HTTPException)
-    async def _http(request: Request, exc: HTTPException):
-        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
-
-    async def authorize(request: Request) -> None:  # async: no thread hop per request
-        if not state.api_keys:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            raise ApiError(401, "no API key given (send 'Authorization: Bearer KEY')", "invalid_request_error",
-                           "invalid_api_key")
-        if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in state.api_keys):
-            raise ApiError(401, "incorrect API key", "invalid_request_error", "invalid_api_key")
+    _errors_as_openai_objects(app)
+    authorize = _authorizer(state)
 
     @app.get("/health")
     async def health():
@@ -251,6 +221,48 @@ def create_app(state: ApiState) -> "BodyLimit":
                             chat=True)
 
     return BodyLimit(app)
+
+
+def _errors_as_openai_objects(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's error object with its HTTP status."""
+    @app.exception_handler(ApiError)
+    @app.exception_handler(RequestInvalid)
+    @app.exception_handler(UnknownModel)
+    @app.exception_handler(Exception)
+    async def _error(request: Request, exc: Exception):
+        return error_of(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return ApiError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
+                            "invalid_request_error").response()
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        return ApiError(400, message, "invalid_request_error", None, param).response()
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        return ApiError(exc.status_code, str(exc.detail), "invalid_request_error").response()
+
+
+def _authorizer(state: ApiState):
+    """The dependency that checks ``Authorization: Bearer KEY`` against the API keys (none: open)."""
+
+    async def authorize(request: Request) -> None:  # async: no thread hop per request
+        if not state.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise ApiError(401, "no API key given (send 'Authorization: Bearer KEY')", "invalid_request_error",
+                           "invalid_api_key")
+        if not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in state.api_keys):
+            raise ApiError(401, "incorrect API key", "invalid_request_error", "invalid_api_key")
+
+    return authorize
 
 
 def _model_card(model_id: str) -> dict:
