@@ -28,3 +28,14 @@ def die_with_parent() -> None:
         return
     if os.getppid() != int(expected):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+GRPC_VERBOSITY_DEFAULT = "ERROR"
+
+
+def quiet_grpc_core() -> None:
+    """Called by the `node` and `swarm` commands before gRPC is imported: gRPC's C core otherwise writes
+    its own INFO lines straight to stderr (e.g. ``ssl_transport_security.cc ... Handshake failed`` for
+    every plaintext client of a TLS node), outside our logging. Only ERROR and worse are kept; a user
+    who wants them all sets ``GRPC_VERBOSITY=INFO`` (or DEBUG) themselves, which is left alone."""
+    os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY_DEFAULT)
