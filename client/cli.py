@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from swarm.cliargs import OneLineParser, fail, peers_list
-from swarm.process import die_with_parent, quiet_grpc_core
+from swarm.process import die_with_parent, quiet_closed_loop_warnings, quiet_grpc_core
 
 
 LAN_LISTEN_HELP = "with no --initial-peers: find the swarm's peers on the LAN (listens for multicast; opt-in)"
@@ -155,6 +155,7 @@ def finetune(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
     quiet_grpc_core()
+    quiet_closed_loop_warnings()
     args = build_parser(argv).parse_args(argv)
     if args.command in ("status", "generate", "finetune") and not (peers_list(args.initial_peers) or args.lan):
         return fail("swarm", "give --initial-peers (multiaddrs of swarm peers) or --lan (find them on the LAN)", 2)

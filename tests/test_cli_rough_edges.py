@@ -50,3 +50,24 @@ def test_swarm_help_imports_no_heavy_module():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
     assert run("swarm", "--help").returncode == 0
+
+
+LOOP_CLOSED_SCRIPT = """
+import asyncio, sys, time
+if sys.argv[1:] == ["quiet"]:
+    from swarm.process import quiet_closed_loop_warnings
+    quiet_closed_loop_warnings()
+async def main():  # a child outliving its loop, as hivemind's p2pd after a dead bootstrap
+    await asyncio.create_subprocess_exec("sleep", "0.2")
+asyncio.run(main())
+time.sleep(0.8)
+"""
+
+
+def test_no_stray_loop_is_closed_line_after_a_child_outlives_its_loop():
+    """What the commands install (swarm.process.quiet_closed_loop_warnings) drops asyncio's 'Loop ... is closed'
+    warning; without it the same script prints it (so the reproduction is real)."""
+    loud, quiet = (subprocess.run([sys.executable, "-c", LOOP_CLOSED_SCRIPT, *extra], capture_output=True, text=True,
+                                  timeout=60) for extra in ([], ["quiet"]))
+    assert "that handles pid" in loud.stderr
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
