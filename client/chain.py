@@ -73,6 +73,9 @@ class RemoteChain:
 
     def __init__(self, config: ClientConfig, model: str, num_blocks: int):
         self.config, self.model, self.num_blocks = config, model, num_blocks
+        if not config.initial_peers and not config.lan:
+            raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer (or lan=True)")
+        self.closed = False
         swarm_key = load_optional(config.swarm_key)  # a private swarm: DHT records and calls need it
         if config.tls_ca is not None:
             read_pem(config.tls_ca, "CA certificate")  # a missing or malformed CA file fails here, before joining
@@ -113,6 +116,10 @@ class RemoteChain:
 
     def run(self, coro: Awaitable[T]) -> T:
         """Run a coroutine on the client's loop and wait (the bridge used by sessions too)."""
+        if self.closed:
+            if hasattr(coro, "close"):
+                coro.close()  # never awaited: say so quietly instead of a 'never awaited' warning
+            raise RuntimeError("this model has left the swarm (close() was called): load it again to use it")
         return self._loop.run(coro)
 
     def call_soon(self, fn: Callable[[], object]) -> None:
@@ -124,9 +131,13 @@ class RemoteChain:
         return self.run(self.router.servers(refresh))
 
     def close(self) -> None:
+        """Leave the swarm: close connections, the DHT peer and the loop. Closing again does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         try:
-            self.run(self.connections.close())
-            self.run(self.dht.shutdown())
+            self._loop.run(self.connections.close())
+            self._loop.run(self.dht.shutdown())
         finally:
             self._loop.close()
 

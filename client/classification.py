@@ -1,7 +1,6 @@
 """Sequence classification over the swarm: a client-side score head on the last real token."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -11,12 +10,12 @@ from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from client import compat
 from client.chain import RemoteChain
-from client.config import ClientConfig
-from client.model import DistributedBaseModel, load_distributed
+from client.config import ClientConfig, merge_client_config
+from client.model import DistributedBaseModel, LeavesSwarm, load_distributed
 from client.verify import Suspicion
 
 
-class DistributedModelForSequenceClassification(PreTrainedModel):
+class DistributedModelForSequenceClassification(LeavesSwarm, PreTrainedModel):
     """Like transformers' *ForSequenceClassification: pooled logits of the rightmost non-pad token."""
 
     config_class = PretrainedConfig
@@ -60,9 +59,6 @@ class DistributedModelForSequenceClassification(PreTrainedModel):
             loss = compat.sequence_classification_loss(self, logits, labels, pooled)
         return SequenceClassifierOutputWithPast(loss=loss, logits=pooled)
 
-    def close(self) -> None:
-        self.chain.close()
-
 
 class AutoDistributedModelForSequenceClassification:
     @classmethod
@@ -83,14 +79,10 @@ class AutoDistributedModelForSequenceClassification:
         one, else freshly initialised as transformers does); blocks run in the swarm.
         ``swarm_key``: path of the key file of a private swarm; ``lan``: with no ``initial_peers``,
         find the swarm by listening for LAN announcements (opt-in); ``tls_ca``: the CA certificate of
-        the swarm's TLS nodes."""
-        config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name, lan=lan)
-        if swarm_key is not None:
-            config = replace(config, swarm_key=swarm_key)
-        if lan:
-            config = replace(config, lan=True)
-        if tls_ca is not None:
-            config = replace(config, tls_ca=tls_ca)
+        the swarm's TLS nodes; ``client_config``: every client setting, merged with those given here
+        (a setting with two different values is a ValueError)."""
+        config = merge_client_config(client_config, initial_peers=initial_peers, model_name=model_name,
+                                     swarm_key=swarm_key, lan=lan, tls_ca=tls_ca)
         return load_distributed(
             DistributedModelForSequenceClassification, model, config, dtype,
             config_changes={"num_labels": num_labels},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from swarm.cliargs import OneLineParser, fail, peers_list
-from swarm.process import die_with_parent
+from swarm.process import die_with_parent, quiet_closed_loop_warnings, quiet_grpc_core
 
 
 LAN_LISTEN_HELP = "with no --initial-peers: find the swarm's peers on the LAN (listens for multicast; opt-in)"
@@ -70,10 +70,17 @@ def _add_generate(sub) -> None:
     gen.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    gen.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens")
+    gen.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --sample; default 0.7)")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (with --sample; default 0.9)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (with --sample; default 50)")
+    gen.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (default 1: none); "
+                     "the text is printed once done")
+    gen.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeated tokens")
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    gen.add_argument("--chat", action="store_true",
+                     help="send the prompt as a user message in the tokenizer's chat template; print only the reply")
+    gen.add_argument("--adapter", default=None, help="a PEFT LoRA adapter folder (e.g. swarm finetune's --output), "
+                     "or the name of an adapter the nodes host (node serve --adapters)")
     gen.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     gen.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
 
@@ -114,6 +121,15 @@ def _add_api(sub, argv: list[str]) -> None:
 
 
 def generate(args) -> int:
+    from client.commands import GenerateOptions
+
+    options = GenerateOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
+                              top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed, chat=args.chat)
+    try:
+        options.check()  # before anything heavy is imported or any peer contacted
+    except ValueError as e:
+        return fail("swarm", str(e), 2)
     from client.commands import generate_text
     from client.transport import RemoteCallError
     from swarm.checkpoint import CheckpointError
@@ -122,14 +138,11 @@ def generate(args) -> int:
     from swarm.routing import NoRouteError
     from swarm.tls import TLSConfigError
 
-    if args.max_new_tokens < 1:
-        return fail("swarm", "--max-new-tokens must be positive", 2)
     try:
-        generate_text(args.model, peers_list(args.initial_peers), args.prompt, max_new_tokens=args.max_new_tokens,
-                      do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                      seed=args.seed, model_name=args.model_name, swarm_key=args.swarm_key, lan=args.lan,
-                      tls_ca=args.tls_ca)
-    except (CheckpointError, DHTStartError, NoRouteError, SwarmKeyError, RemoteCallError, TLSConfigError) as e:
+        generate_text(args.model, peers_list(args.initial_peers), args.prompt, options, adapter=args.adapter,
+                      model_name=args.model_name, swarm_key=args.swarm_key, lan=args.lan, tls_ca=args.tls_ca)
+    except (CheckpointError, DHTStartError, NoRouteError, SwarmKeyError, RemoteCallError, TLSConfigError,
+            ValueError) as e:
         return fail("swarm", str(e))
     return 0
 
@@ -154,11 +167,17 @@ def finetune(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
+    quiet_grpc_core()
+    quiet_closed_loop_warnings()
     args = build_parser(argv).parse_args(argv)
     if args.command in ("status", "generate", "finetune") and not (peers_list(args.initial_peers) or args.lan):
         return fail("swarm", "give --initial-peers (multiaddrs of swarm peers) or --lan (find them on the LAN)", 2)
     if args.command == "generate":
-        return generate(args)
+        try:
+            return generate(args)
+        except KeyboardInterrupt:  # Ctrl-C: end the line of text, no traceback
+            print(flush=True)
+            return 130
     if args.command == "finetune":
         return finetune(args)
     if args.command == "api":

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 
 @dataclass(frozen=True)
 class ClientConfig:
-    initial_peers: tuple[str, ...]  # multiaddrs of DHT peers of the swarm
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers of the swarm (needed to join, unless lan)
     model_name: str | None = None  # name in the DHT model key; default: checkpoint dir name or hub id
     request_timeout: float = 60.0  # seconds one Forward/Backward call may take
     max_retries: int = 3  # failed hops re-routed per call before giving up
@@ -28,8 +29,6 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):
             raise TypeError("initial_peers must be a sequence of multiaddr strings")
-        if not self.initial_peers and not self.lan:
-            raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer (or lan=True)")
         if self.lan_timeout <= 0:
             raise ValueError(f"lan_timeout must be positive, got {self.lan_timeout}")
         if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0 or self.max_step_tokens < 1 or self.max_wait < 0:
@@ -44,3 +43,24 @@ class ClientConfig:
             raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
         if self.verify_tolerance is not None and not self.verify_tolerance >= 0:
             raise ValueError(f"verify_tolerance must be >= 0, got {self.verify_tolerance}")
+
+
+def merge_client_config(config: ClientConfig | None, *, initial_peers: Sequence[str] = (), model_name: str | None = None,
+                        swarm_key: str | None = None, lan: bool = False, tls_ca: str | None = None) -> ClientConfig:
+    """``config`` (or the defaults) with what ``from_pretrained`` was also given: a setting given in one place
+    is used, the same value in both is fine, two different values are refused (ValueError naming both) rather
+    than one silently winning. ``lan=True`` in either place turns LAN discovery on."""
+    config = config if config is not None else ClientConfig()
+    if isinstance(initial_peers, str):
+        raise TypeError("initial_peers must be a sequence of multiaddr strings, not one string")
+    changes: dict = {"lan": True} if lan else {}
+    for name, value in (("initial_peers", tuple(initial_peers)), ("model_name", model_name),
+                        ("swarm_key", swarm_key), ("tls_ca", tls_ca)):
+        if not value:
+            continue
+        current = getattr(config, name)
+        same = tuple(current) == value if name == "initial_peers" else os.fspath(current or "") == os.fspath(value)
+        if current and not same:
+            raise ValueError(f"{name}={value!r} conflicts with client_config.{name}={current!r}: give it in one place")
+        changes[name] = value
+    return replace(config, **changes)

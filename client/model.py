@@ -1,7 +1,6 @@
 """The user's model: embeddings, final norm and LM head held locally; every block runs in the swarm."""
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -11,7 +10,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from client import compat
 from client.chain import RemoteChain
-from client.config import ClientConfig
+from client.config import ClientConfig, merge_client_config
 from client.generation import RemoteCache, RemoteGenerationMixin
 from client.remote import RemoteBlocks
 from client.verify import Suspicion
@@ -47,7 +46,21 @@ class DistributedBaseModel(nn.Module):
         return self.norm(hidden)
 
 
-class DistributedModelForCausalLM(RemoteGenerationMixin, PreTrainedModel, GenerationMixin):
+class LeavesSwarm:
+    """``close()`` and ``with model:`` for every model wrapper holding a swarm connection (``self.chain``)."""
+
+    def close(self) -> None:
+        """Leave the swarm: close connections and the client's DHT peer. A second close() does nothing."""
+        self.chain.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DistributedModelForCausalLM(LeavesSwarm, RemoteGenerationMixin, PreTrainedModel, GenerationMixin):
     """A causal LM whose transformer blocks are served by the swarm."""
 
     config_class = PretrainedConfig
@@ -101,10 +114,6 @@ class DistributedModelForCausalLM(RemoteGenerationMixin, PreTrainedModel, Genera
         if labels is not None:
             loss = compat.causal_lm_loss(self, logits, labels, self.config.vocab_size)
         return compat.causal_lm_output(loss, logits, remote)
-
-    def close(self) -> None:
-        """Leave the swarm: close connections and the client's DHT peer."""
-        self.chain.close()
 
 
 def load_distributed(
@@ -181,16 +190,12 @@ class AutoDistributedModelForCausalLM:
     ) -> DistributedModelForCausalLM:
         """Load embeddings, final norm and LM head of ``model`` (never block weights) and join the swarm.
 
-        ``client_config`` overrides ``initial_peers`` / ``model_name`` with every client setting.
-        ``swarm_key``: path of the key file of a private swarm (also accepted with ``client_config``).
+        ``client_config``: every client setting; ``initial_peers``, ``model_name``, ``swarm_key`` and ``tls_ca``
+        given here as well are merged into it (the same setting with two different values is a ValueError).
+        ``swarm_key``: path of the key file of a private swarm.
         ``lan``: with no ``initial_peers``, find the swarm by listening for LAN announcements (opt-in).
         ``tls_ca``: path of the CA certificate of the swarm's TLS nodes (``swarm tls-cert``).
         """
-        config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name, lan=lan)
-        if swarm_key is not None:
-            config = replace(config, swarm_key=swarm_key)
-        if lan:
-            config = replace(config, lan=True)
-        if tls_ca is not None:
-            config = replace(config, tls_ca=tls_ca)
+        config = merge_client_config(client_config, initial_peers=initial_peers, model_name=model_name,
+                                     swarm_key=swarm_key, lan=lan, tls_ca=tls_ca)
         return load_distributed(DistributedModelForCausalLM, model, config, dtype)

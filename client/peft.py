@@ -48,6 +48,25 @@ class DistributedPeftModel(nn.Module):
                             "PromptTuningConfig, PromptEncoderConfig or PrefixTuningConfig")
 
     @property
+    def chain(self):
+        """The base model's connection to the swarm."""
+        return self.base_model.chain
+
+    @property
+    def suspicious_nodes(self):
+        return self.base_model.suspicious_nodes
+
+    def close(self) -> None:
+        """Leave the swarm (the base model's connection); a second close() does nothing."""
+        self.base_model.close()
+
+    def __enter__(self) -> "DistributedPeftModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
     def adapter(self) -> RemoteLora | RemotePrompt | RemotePrefix:
         layers = self.base_model.model.layers
         return self.prompt or layers.prefix or layers.lora

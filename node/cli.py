@@ -13,7 +13,7 @@ import sys
 from node.config import COMPUTE_DTYPES, NodeConfig
 from swarm.cliargs import OneLineParser, fail
 from swarm.configcli import add_config_arguments, config_from_args, markdown_table
-from swarm.process import die_with_parent
+from swarm.process import die_with_parent, quiet_closed_loop_warnings, quiet_grpc_core
 from swarm.spans import Span
 
 PARSERS = {Span: Span.parse}  # --blocks 0:12
@@ -59,6 +59,8 @@ async def serve(config: NodeConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
+    quiet_grpc_core()
+    quiet_closed_loop_warnings()
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(NodeConfig, args)

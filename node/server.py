@@ -135,6 +135,9 @@ class Node:
                 log.warning("%s; starting a new swarm", lan.nothing_found(swarm_key, cfg.lan_timeout))
         self.dht = await SwarmDHT.create(peers, host=cfg.host, port=cfg.dht_port,
                                          nat_port_map=cfg.nat_port_map, swarm_key=swarm_key)
+        if not peers:  # nobody to join: say so, and how others reach this one
+            log.warning("no --initial-peers: this node starts a new swarm; others join it with --initial-peers %s",
+                        " ".join(await self.dht.visible_maddrs()))
         if cfg.lan:
             self._lan = lan.LanAnnouncer(await self.dht.visible_maddrs(), swarm_key, self.model_key, "node").start()
 

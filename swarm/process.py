@@ -28,3 +28,33 @@ def die_with_parent() -> None:
         return
     if os.getppid() != int(expected):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+GRPC_VERBOSITY_DEFAULT = "ERROR"
+
+
+def quiet_grpc_core() -> None:
+    """Called by the `node` and `swarm` commands before gRPC is imported: gRPC's C core otherwise writes
+    its own INFO lines straight to stderr (e.g. ``ssl_transport_security.cc ... Handshake failed`` for
+    every plaintext client of a TLS node), outside our logging. Only ERROR and worse are kept; a user
+    who wants them all sets ``GRPC_VERBOSITY=INFO`` (or DEBUG) themselves, which is left alone."""
+    os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY_DEFAULT)
+
+
+class _ClosedLoopChildFilter:
+    """Drops asyncio's "Loop ... that handles pid N is closed" warning. It comes from Python 3.11's child
+    watcher thread when a child (hivemind's p2pd daemon) is reaped after its loop closed: after a DHT peer
+    failed to start (a dead bootstrap: hivemind does not wait for the daemon it started), the error line is
+    already printed and the child is gone; the warning would only add a confusing line."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Loop %r that handles pid")
+
+
+def quiet_closed_loop_warnings() -> None:
+    """Called by the `node` and `swarm` commands (see _ClosedLoopChildFilter)."""
+    import logging
+
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ClosedLoopChildFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_ClosedLoopChildFilter())

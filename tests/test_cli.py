@@ -55,7 +55,7 @@ def test_generate_command_streams_what_local_generates(cli_swarm, tiny_path, loc
     prompt = "the swarm runs a model"
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     expected = tokenizer.decode(local_model.generate(ids, max_new_tokens=12, do_sample=False,
-                                                     pad_token_id=tokenizer.pad_token_id)[0])
+                                                     pad_token_id=tokenizer.pad_token_id)[0], skip_special_tokens=True)
     result = run("swarm", "generate", prompt, "--initial-peers", *cli_swarm.peers, "--model", str(tiny_path),
                  "--max-new-tokens", "12")
     assert result.returncode == 0, result.stderr
