@@ -15,9 +15,9 @@ def generate_text(model_path: str, initial_peers: Sequence[str], prompt: str, *,
     from transformers import AutoTokenizer, TextStreamer
 
     from client.model import AutoDistributedModelForCausalLM
-    from swarm.checkpoint import CheckpointError, resolve_checkpoint
+    from swarm.checkpoint import CheckpointError, no_weights, resolve_checkpoint
 
-    folder = resolve_checkpoint(model_path, need_weights=lambda _: False)
+    folder = resolve_checkpoint(model_path, need_weights=no_weights, tokenizer=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:

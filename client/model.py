@@ -114,12 +114,15 @@ def load_distributed(
     dtype: torch.dtype,
     config_changes: dict | None = None,
     fresh: dict[str, Callable[[torch.Tensor], None]] | None = None,
+    revision: str | None = None,
 ) -> PreTrainedModel:
     """Build ``model_cls`` holding only the client-side weights of checkpoint ``model`` and join the swarm.
 
     ``fresh`` names weights a checkpoint may lack (e.g. a classification head) and how to initialise them.
+    From the hub (``revision``: a branch, tag or commit) only the shards holding those weights come, with
+    the config and the tokenizer's files.
     """
-    folder = resolve_checkpoint(model, need_weights=_client_side)
+    folder = resolve_checkpoint(model, need_weights=_client_side, revision=revision, tokenizer=True)
     shell = build_client_model(model_cls, folder, dtype, config_changes, fresh)
     key = model_key(client_config.model_name or default_model_name(model), shell.config)
     shell.model.layers.chain = RemoteChain(client_config, key, shell.config.num_hidden_layers)
@@ -178,6 +181,7 @@ class AutoDistributedModelForCausalLM:
         swarm_key: str | None = None,
         lan: bool = False,
         tls_ca: str | None = None,
+        revision: str | None = None,
     ) -> DistributedModelForCausalLM:
         """Load embeddings, final norm and LM head of ``model`` (never block weights) and join the swarm.
 
@@ -185,6 +189,7 @@ class AutoDistributedModelForCausalLM:
         ``swarm_key``: path of the key file of a private swarm (also accepted with ``client_config``).
         ``lan``: with no ``initial_peers``, find the swarm by listening for LAN announcements (opt-in).
         ``tls_ca``: path of the CA certificate of the swarm's TLS nodes (``swarm tls-cert``).
+        ``revision``: with a hub id, the branch, tag or commit to download (None: the default branch).
         """
         config = client_config or ClientConfig(initial_peers=tuple(initial_peers), model_name=model_name, lan=lan)
         if swarm_key is not None:
@@ -193,4 +198,4 @@ class AutoDistributedModelForCausalLM:
             config = replace(config, lan=True)
         if tls_ca is not None:
             config = replace(config, tls_ca=tls_ca)
-        return load_distributed(DistributedModelForCausalLM, model, config, dtype)
+        return load_distributed(DistributedModelForCausalLM, model, config, dtype, revision=revision)
