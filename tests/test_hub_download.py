@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.helpers.checkpoints import shard_per_block
 from tests.helpers.hub_server import HubRepo, HubServer
-from tests.helpers.launch import LocalSwarm, command
+from tests.helpers.launch import LocalSwarm, Proc, command
 
 REPO = "org/tiny-llama"
 TOKEN = "hf_test_token_0123456789"
@@ -38,23 +38,27 @@ def hub_env(hub: HubServer, home) -> dict[str, str]:
             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-def fetched_since(hub: HubServer, mark: int) -> list[str]:
-    return hub.repo.fetched[mark:]
-
-
-def test_nodes_and_client_fetch_only_their_parts(hub, tmp_path, local_model):
+def test_nodes_and_client_fetch_only_their_parts(hub, tiny_path, tmp_path, local_model):
+    """A node serving blocks 0:3 from the hub (pinned to branch v1) and one serving 3:6 from a local copy
+    start together, with a node asking for a revision the hub lacks; then a client loads from the hub."""
     with LocalSwarm(REPO, env=hub_env(hub, tmp_path / "hf-nodes")) as swarm:
-        mark = len(hub.repo.fetched)
-        swarm.start_node("0:3", "--revision", "v1")
-        first = fetched_since(hub, mark)
-        assert sorted(first) == sorted(META | block_shards(0, 3)), first  # once each, nothing else
-        mark = len(hub.repo.fetched)
-        swarm.start_node("3:6")  # same hub cache: config and index are there already
-        assert sorted(fetched_since(hub, mark)) == sorted(block_shards(3, 6))
+        peers = swarm.start_bootstrap()
+        serve = [*command("node"), "serve", "--host", "127.0.0.1", "--initial-peers", *peers]
+        from_hub = Proc([*serve, "--model", REPO, "--blocks", "0:3", "--revision", "v1"], swarm.env)
+        local = Proc([*serve, "--model", str(tiny_path), "--model-name", REPO, "--blocks", "3:6"], swarm.env)
+        unknown = Proc([*serve, "--model", REPO, "--blocks", "0:2", "--revision", "nosuch"], swarm.env)
+        swarm.nodes += [from_hub, local, unknown]
+        for proc in (from_hub, local):
+            proc.read_line(swarm.ready_timeout)
+        assert sorted(hub.repo.fetched) == sorted(META | block_shards(0, 3)), hub.repo.fetched  # once each
+
+        assert unknown.popen.wait(60) != 0
+        error = " ".join(unknown.stderr_lines)
+        assert "nosuch" in error and "Traceback" not in error, error
 
         mark = len(hub.repo.fetched)
         logits = run_client(swarm.peers, hub, tmp_path)
-        client = set(fetched_since(hub, mark))
+        client = set(hub.repo.fetched[mark:])
         assert META | {"model-embed.safetensors", "model-head.safetensors", "tokenizer.json"} <= client
         assert not client & block_shards(0, 6), client
     ids = torch.arange(3, 12).unsqueeze(0)
@@ -63,7 +67,7 @@ def test_nodes_and_client_fetch_only_their_parts(hub, tmp_path, local_model):
     hub_requests = [r for r in hub.repo.requests if not r[1].startswith("/blobs/")]
     assert hub_requests and all(auth == f"Bearer {TOKEN}" for _, _, auth in hub_requests)  # HF_TOKEN sent
     assert all(auth is None for _, path, auth in hub.repo.requests if path.startswith("/blobs/"))  # not to the CDN
-    assert any(f"/resolve/v1/" in path for _, path, _ in hub.repo.requests)  # --revision asked for
+    assert any("/resolve/v1/" in path for _, path, _ in hub.repo.requests)  # --revision asked for
 
 
 def run_client(peers: list[str], hub: HubServer, tmp_path) -> torch.Tensor:
@@ -84,12 +88,3 @@ def run_client(peers: list[str], hub: HubServer, tmp_path) -> torch.Tensor:
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     return load_file(out)["logits"]
-
-
-def test_unknown_revision_is_one_error_line(hub, tmp_path):
-    env = {**os.environ, **hub_env(hub, tmp_path / "hf")}
-    result = subprocess.run([*command("node"), "serve", "--model", REPO, "--blocks", "0:2", "--revision", "nosuch"],
-                            env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert result.returncode != 0
-    assert "nosuch" in result.stderr and "Traceback" not in result.stderr, result.stderr
-    assert not [p for p in hub.repo.fetched if p.endswith(".safetensors") and "nosuch" in p]
