@@ -22,6 +22,7 @@ def build_parser(argv: list[str] | None = None) -> OneLineParser:
     _add_generate(sub)
     _add_finetune(sub)
     _add_api(sub, sys.argv[1:] if argv is None else argv)
+    _add_monitor(sub)
     return parser
 
 
@@ -120,6 +121,12 @@ def _add_api(sub, argv: list[str]) -> None:
         add_arguments(api)
 
 
+def _add_monitor(sub) -> None:
+    from client.monitor.cli import add_arguments  # argparse only: the monitor's own imports wait for run()
+
+    add_arguments(sub.add_parser("monitor", help="serve the swarm's health page (coverage map, nodes) over HTTP"))
+
+
 def generate(args) -> int:
     from client.commands import GenerateOptions
 
@@ -184,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         from client.api.cli import run as run_api
 
         return run_api(args)
+    if args.command == "monitor":
+        from client.monitor.cli import run as run_monitor
+
+        return run_monitor(args)
     from swarm import commands
 
     if args.command in ("bootstrap", "status"):

@@ -96,9 +96,9 @@ def load_tokenizer(model_path: str):
     """The checkpoint's own tokenizer; CheckpointError (one line) if it has none."""
     from transformers import AutoTokenizer
 
-    from swarm.checkpoint import CheckpointError, resolve_checkpoint
+    from swarm.checkpoint import CheckpointError, no_weights, resolve_checkpoint
 
-    folder = resolve_checkpoint(model_path, need_weights=lambda _: False)
+    folder = resolve_checkpoint(model_path, need_weights=no_weights, tokenizer=True)
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as e:

@@ -104,9 +104,9 @@ def read_texts(path: str | Path) -> list[str]:
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 
-    from swarm.checkpoint import CheckpointError, resolve_checkpoint
+    from swarm.checkpoint import CheckpointError, no_weights, resolve_checkpoint
 
-    folder = resolve_checkpoint(model_path, need_weights=lambda _: False)
+    folder = resolve_checkpoint(model_path, need_weights=no_weights, tokenizer=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:

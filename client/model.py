@@ -123,12 +123,15 @@ def load_distributed(
     dtype: torch.dtype,
     config_changes: dict | None = None,
     fresh: dict[str, Callable[[torch.Tensor], None]] | None = None,
+    revision: str | None = None,
 ) -> PreTrainedModel:
     """Build ``model_cls`` holding only the client-side weights of checkpoint ``model`` and join the swarm.
 
     ``fresh`` names weights a checkpoint may lack (e.g. a classification head) and how to initialise them.
+    From the hub (``revision``: a branch, tag or commit) only the shards holding those weights come, with
+    the config and the tokenizer's files.
     """
-    folder = resolve_checkpoint(model, need_weights=_client_side)
+    folder = resolve_checkpoint(model, need_weights=_client_side, revision=revision, tokenizer=True)
     shell = build_client_model(model_cls, folder, dtype, config_changes, fresh)
     key = model_key(client_config.model_name or default_model_name(model), shell.config)
     shell.model.layers.chain = RemoteChain(client_config, key, shell.config.num_hidden_layers)
@@ -187,6 +190,7 @@ class AutoDistributedModelForCausalLM:
         swarm_key: str | None = None,
         lan: bool = False,
         tls_ca: str | None = None,
+        revision: str | None = None,
     ) -> DistributedModelForCausalLM:
         """Load embeddings, final norm and LM head of ``model`` (never block weights) and join the swarm.
 
@@ -195,7 +199,8 @@ class AutoDistributedModelForCausalLM:
         ``swarm_key``: path of the key file of a private swarm.
         ``lan``: with no ``initial_peers``, find the swarm by listening for LAN announcements (opt-in).
         ``tls_ca``: path of the CA certificate of the swarm's TLS nodes (``swarm tls-cert``).
+        ``revision``: with a hub id, the branch, tag or commit to download (None: the default branch).
         """
         config = merge_client_config(client_config, initial_peers=initial_peers, model_name=model_name,
                                      swarm_key=swarm_key, lan=lan, tls_ca=tls_ca)
-        return load_distributed(DistributedModelForCausalLM, model, config, dtype)
+        return load_distributed(DistributedModelForCausalLM, model, config, dtype, revision=revision)

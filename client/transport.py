@@ -162,6 +162,12 @@ class Connections:
         """``error`` made a TLSHandshakeError if it is a failed TLS handshake (for errors raised elsewhere)."""
         return error if type(error) is not RemoteCallError else self.error(error.address, error.code, error.message)
 
+    async def keep_only(self, keep: set[tuple[str, bool]]) -> None:
+        """Close the channels of every (address, tls) not in ``keep`` (nodes that left the swarm)."""
+        for key in [k for k in self._channels if k not in keep]:
+            self._stubs.pop(key, None)
+            await self._channels.pop(key).close()
+
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()

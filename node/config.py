@@ -13,6 +13,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 @dataclass(frozen=True)
 class NodeConfig:
     model: str  # local Hugging Face checkpoint directory, or a hub id when the hub is reachable
+    revision: str | None = None  # with a hub id: branch, tag or commit to download (None: the default branch)
     blocks: Span | None = None  # blocks to host, half-open START:END (e.g. 0:12); or num_blocks instead
     num_blocks: int | None = None  # instead of blocks: host this many where the swarm is weakest (least throughput)
     initial_peers: tuple[str, ...] = ()  # multiaddrs of DHT peers to join (spaces or commas); none: a new swarm

@@ -111,7 +111,7 @@ class Node:
         sets the model key."""
         cfg, span = self.config, self.config.blocks
         wanted = tuple(f"{LAYER_PREFIX}{i}." for i in range(span.start, span.end)) if span else (LAYER_PREFIX,)
-        folder = resolve_checkpoint(cfg.model, need_weights=lambda name: name.startswith(wanted))
+        folder = resolve_checkpoint(cfg.model, need_weights=lambda name: name.startswith(wanted), revision=cfg.revision)
         model_config = load_config(folder)
         get_family(model_config)
         total = model_config.num_hidden_layers

@@ -6,7 +6,8 @@ final norm, LM head). Nobody materialises the whole model.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import torch
@@ -21,10 +22,22 @@ class CheckpointError(ValueError):
     """The checkpoint is missing, unreadable, or lacks tensors we need."""
 
 
-def resolve_checkpoint(model: str, *, need_weights: Callable[[str], bool] | None = None) -> Path:
+# what a tokenizer may need (transformers' file names); fetched only by callers that ask for the tokenizer
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "*.model", "chat_template.*", "generation_config.json")
+
+
+def no_weights(name: str) -> bool:
+    """``need_weights`` of a caller that reads only the config (and maybe the tokenizer): no shard at all."""
+    return False
+
+
+def resolve_checkpoint(model: str, *, need_weights: Callable[[str], bool] | None = None,
+                       revision: str | None = None, tokenizer: bool = False) -> Path:
     """A local checkpoint directory for ``model`` (a path, or a hub id when the hub is reachable).
 
-    For a hub id only config files and the safetensors shards holding wanted tensors are fetched.
+    For a hub id only config.json, the safetensors index, the shards holding tensors ``need_weights``
+    wants (None: all) and, with ``tokenizer``, the tokenizer's files are fetched (see ``download``).
     """
     path = Path(model).expanduser()
     if path.is_dir():
@@ -32,20 +45,57 @@ def resolve_checkpoint(model: str, *, need_weights: Callable[[str], bool] | None
     if path.exists() or model.startswith((".", "/", "~")):
         raise CheckpointError(f"checkpoint directory {model!r} does not exist")
     try:
-        from huggingface_hub import hf_hub_download, snapshot_download
-        from huggingface_hub.utils import EntryNotFoundError
-
-        folder = Path(snapshot_download(model, allow_patterns=["*.json", "*.model", "*.txt"]))
-        try:
-            index = json.loads(Path(hf_hub_download(model, INDEX_FILE)).read_text())
-            shards = {f for name, f in index["weight_map"].items() if need_weights is None or need_weights(name)}
-            for shard in sorted(shards):
-                hf_hub_download(model, shard)
-        except EntryNotFoundError:
-            hf_hub_download(model, SINGLE_FILE)
-        return folder
+        return download(model, need_weights, revision, tokenizer)
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"{model!r} is not a local checkpoint directory and the hub gave no copy: {e}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{model!r} is not a local checkpoint directory and the hub gave no copy: {first}") from e
+
+
+def download(model: str, need_weights: Callable[[str], bool] | None, revision: str | None, tokenizer: bool) -> Path:
+    """Fetch the parts of hub repository ``model`` a caller needs into the usual hub cache (huggingface_hub
+    reads HF_ENDPOINT, HF_TOKEN, HF_HOME and HF_HUB_OFFLINE); returns its snapshot folder. Every file
+    comes from one commit: the one ``revision`` (None: the default branch) named when config.json came."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    folder = Path(hf_hub_download(model, "config.json", revision=revision)).parent
+    commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision  # snapshots/<commit>/
+    try:
+        index = Path(hf_hub_download(model, INDEX_FILE, revision=commit))
+    except EntryNotFoundError:
+        index = None
+    if index is not None:
+        for shard in needed_shards(index, need_weights):
+            hf_hub_download(model, shard, revision=commit)
+    elif need_weights is not no_weights:  # one file holds everything: there is nothing smaller to fetch
+        hf_hub_download(model, SINGLE_FILE, revision=commit)
+    if tokenizer:
+        snapshot_download(model, revision=commit, allow_patterns=list(TOKENIZER_PATTERNS))
+    return folder
+
+
+def needed_shards(index: Path, need_weights: Callable[[str], bool] | None) -> list[str]:
+    """The shard files of a safetensors index that hold a wanted tensor (names checked before any download)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        wanted = {file for name, file in weight_map.items() if need_weights is None or need_weights(name)}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index.name} is not a safetensors index: {e}") from None
+    for file in wanted:
+        if not shard_name_ok(file):
+            raise CheckpointError(f"{index.name} names {file!r}: only .safetensors files inside the repository are read")
+    return sorted(wanted)
+
+
+def shard_name_ok(file: object) -> bool:
+    """Whether an index's shard name is a relative path to a .safetensors file below the checkpoint. Checked
+    on the name, not on the resolved path: the hub cache's snapshot files are symlinks into its blob store."""
+    if not isinstance(file, str) or not file.endswith(".safetensors") or "\\" in file or "\0" in file:
+        return False
+    parts = PurePosixPath(file).parts
+    return bool(parts) and not file.startswith("/") and ".." not in parts
 
 
 def load_config(folder: Path) -> PretrainedConfig:
@@ -58,9 +108,8 @@ def weight_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file that holds it (single file or sharded with an index)."""
     if (folder / INDEX_FILE).is_file():
         weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-        root = folder.resolve()
         for file in set(weight_map.values()):  # an index must not point outside its checkpoint
-            if not str(file).endswith(".safetensors") or not (folder / file).resolve().is_relative_to(root):
+            if not shard_name_ok(file):
                 raise CheckpointError(f"{folder / INDEX_FILE} names {file!r}: only .safetensors files inside the "
                                       "checkpoint directory are read")
         return {name: folder / file for name, file in weight_map.items()}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from swarm import lan
-from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
+from swarm.checkpoint import CheckpointError, load_config, no_weights, resolve_checkpoint
 from swarm.cliargs import fail, peers_list
 from swarm.dht import DHTStartError, SwarmDHT
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
@@ -33,7 +33,7 @@ def lan_model_key(args, swarm_key) -> str | None:
     if args.model is None:
         raise ValueError("--lan in an open swarm needs --model (announcements name the model, so other swarms "
                          "ignore them), or use --swarm-key")
-    config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
+    config = load_config(resolve_checkpoint(args.model, need_weights=no_weights))
     return model_key(args.model_name or default_model_name(args.model), config)
 
 
@@ -81,7 +81,7 @@ def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool
 
 async def status(args) -> int:
     try:
-        config = load_config(resolve_checkpoint(args.model, need_weights=lambda _: False))
+        config = load_config(resolve_checkpoint(args.model, need_weights=no_weights))
         key = model_key(args.model_name or default_model_name(args.model), config)
         swarm_key = load_optional(args.swarm_key)
         peers = await asyncio.get_running_loop().run_in_executor(

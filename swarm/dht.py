@@ -116,17 +116,23 @@ class SwarmDHT:
     async def fetch_servers(self, model: str, num_blocks: int) -> list[ServerInfo]:
         """Every node announced for ``model`` (any state), one entry per node, sorted by span start.
         One DHT lookup, whatever the number of blocks and nodes (see swarm.records)."""
+        return [info for info, _ in await self.fetch_records(model, num_blocks)]
+
+    async def fetch_records(self, model: str, num_blocks: int) -> list[tuple[ServerInfo, float]]:
+        """``fetch_servers`` with each record's expiration time (DHT time: ``get_dht_time()``); a record's
+        expiration moves forward at each heartbeat of its node (the monitor reads these)."""
         found = await self.node.get(self.dht_key(servers_key(model)), latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
-        servers = []
+        records = []
         for node_id, item in found.value.items():
             info = parse_record(node_id, getattr(item, "value", None), num_blocks=num_blocks)
-            if info is None or not isinstance(getattr(item, "expiration_time", None), (int, float)):
+            expiration = getattr(item, "expiration_time", None)
+            if info is None or not isinstance(expiration, (int, float)) or not math.isfinite(expiration):
                 log.debug("ignoring a malformed record from %r", node_id)
                 continue
-            servers.append(info)
-        return sorted(servers, key=lambda i: (i.span.start, i.node_id))
+            records.append((info, float(expiration)))
+        return sorted(records, key=lambda r: (r[0].span.start, r[0].node_id))
 
     async def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the DHT peer and its p2p daemon. A daemon that died or stopped answering must not hang

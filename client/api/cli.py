@@ -80,11 +80,11 @@ def build_state(args, api_keys: frozenset[str]):
     from client.api.models import Models
     from client.config import ClientConfig
     from client.model import AutoDistributedModelForCausalLM
-    from swarm.checkpoint import CheckpointError, resolve_checkpoint
+    from swarm.checkpoint import CheckpointError, no_weights, resolve_checkpoint
     from swarm.cliargs import peers_list
     from swarm.records import default_model_name
 
-    folder = resolve_checkpoint(args.model, need_weights=lambda _: False)
+    folder = resolve_checkpoint(args.model, need_weights=no_weights, tokenizer=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:

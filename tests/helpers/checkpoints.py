@@ -73,3 +73,34 @@ def build_checkpoint(
     if tokenizer:
         build_tokenizer(dest, vocab_size)
     return dest
+
+
+def shard_per_block(src: str | Path, dest: str | Path) -> Path:
+    """Copy checkpoint ``src`` (one model.safetensors) to ``dest`` sharded like a big hub model, but with a
+    known layout: ``model-block-NN.safetensors`` per block, ``model-embed.safetensors`` (embeddings) and
+    ``model-head.safetensors`` (final norm, LM head), with a safetensors index; other files copied."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src, dest = Path(src), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in src.iterdir():
+        if file.is_file() and file.suffix != ".safetensors":
+            shutil.copy(file, dest / file.name)
+    tensors = load_file(src / "model.safetensors")
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("model.layers."):
+            shard = f"model-block-{int(name.split('.')[2]):02d}.safetensors"
+        else:
+            shard = "model-embed.safetensors" if "embed_tokens" in name else "model-head.safetensors"
+        shards.setdefault(shard, {})[name] = tensor.contiguous()
+    for shard, part in shards.items():
+        save_file(part, dest / shard, metadata={"format": "pt"})
+    weight_map = {name: shard for shard, part in shards.items() for name in part}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (dest / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    return dest
