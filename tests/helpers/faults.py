@@ -3,7 +3,9 @@
 ``faulty(std)`` wraps a node's honest servicer (``Node(config, wrap_servicer=faulty(0.1))``): every
 tensor it answers with (Forward and inference-step outputs, Backward's input, LoRA and prefix gradients;
 with ``backward_only`` only the latter) gets seeded Gaussian noise of that standard deviation added
-before it leaves the node. Production code knows nothing about it.
+before it leaves the node; with ``consistent`` the noise depends only on the tensor's shape, so the same
+question always gets the same wrong answer (a colluding liar whose node ids agree with each other).
+Production code knows nothing about it.
 """
 from __future__ import annotations
 
@@ -18,14 +20,17 @@ from proto.tensors import FLOAT_DTYPES, deserialize, serialize
 
 
 class FaultyServicer(pb_grpc.NodeServicer):
-    def __init__(self, inner: pb_grpc.NodeServicer, std: float, backward_only: bool = False, seed: int = 0):
+    def __init__(self, inner: pb_grpc.NodeServicer, std: float, backward_only: bool = False, seed: int = 0,
+                 consistent: bool = False):
         if not std > 0:
             raise ValueError(f"std must be positive, got {std}")
-        self.inner, self.std, self.backward_only = inner, std, backward_only
+        self.inner, self.std, self.backward_only, self.seed, self.consistent = inner, std, backward_only, seed, consistent
         self._rng = torch.Generator().manual_seed(seed)
 
     def _perturb(self, msg: pb.Tensor) -> None:
         t = deserialize(msg, name="answer", allowed=FLOAT_DTYPES, max_bytes=len(msg.data))
+        if self.consistent:
+            self._rng.manual_seed(self.seed)
         noise = torch.randn(t.shape, generator=self._rng) * self.std
         msg.CopyFrom(serialize((t.float() + noise).to(t.dtype)))
 
@@ -55,9 +60,10 @@ class FaultyServicer(pb_grpc.NodeServicer):
             yield response
 
 
-def faulty(std: float, backward_only: bool = False) -> Callable[[pb_grpc.NodeServicer], FaultyServicer]:
+def faulty(std: float, backward_only: bool = False, consistent: bool = False
+           ) -> Callable[[pb_grpc.NodeServicer], FaultyServicer]:
     """What ``Node(..., wrap_servicer=)`` takes: a node perturbing its answers by noise of ``std``."""
-    return lambda inner: FaultyServicer(inner, std, backward_only)
+    return lambda inner: FaultyServicer(inner, std, backward_only, consistent=consistent)
 
 
 class RefusingServicer(pb_grpc.NodeServicer):
