@@ -96,3 +96,33 @@ class NaNServicer(FaultyServicer):
     def _perturb(self, msg: pb.Tensor) -> None:
         t = deserialize(msg, name="answer", allowed=FLOAT_DTYPES, max_bytes=len(msg.data))
         msg.CopyFrom(serialize(torch.full_like(t, float("nan"))))
+
+
+class HugeServicer(pb_grpc.NodeServicer):
+    """A node whose every Forward answer declares (and carries) ``nbytes`` of float32 outputs, far more than
+    any request can produce."""
+
+    def __init__(self, inner: pb_grpc.NodeServicer, nbytes: int):
+        self.inner, self.nbytes = inner, nbytes
+
+    async def Info(self, request, context):
+        return await self.inner.Info(request, context)
+
+    async def Forward(self, request, context):
+        return pb.ForwardResponse(hidden_states=self._huge(request.hidden_states))
+
+    async def Inference(self, requests, context):
+        async for response in self.inner.Inference(requests, context):
+            if response.HasField("hidden_states"):
+                response.hidden_states.CopyFrom(self._huge(response.hidden_states))
+            yield response
+
+    def _huge(self, like: pb.Tensor) -> pb.Tensor:
+        width = like.shape[-1]
+        rows = self.nbytes // (4 * width)
+        return pb.Tensor(dtype="float32", shape=[1, rows, width], data=bytes(rows * width * 4))
+
+
+def huge(nbytes: int) -> Callable[[pb_grpc.NodeServicer], HugeServicer]:
+    """What ``Node(..., wrap_servicer=)`` takes: a node answering Forward with ``nbytes`` of outputs."""
+    return lambda inner: HugeServicer(inner, nbytes)
