@@ -88,6 +88,7 @@ class InferenceSession:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.link, self.max_length, self.lora, self.prefix = link, max_length, lora, prefix
         self.batch_size: int | None = None
+        self._position_bytes = 0  # hidden size x element size, known with the first step
         # leading positions that are no tokens: prefix-tuning keys/values every node's cache starts with,
         # or prompt-tuning virtual tokens (set by the PEFT wrapper when it prepends them)
         self.virtual = prefix.num_virtual_tokens if prefix is not None else 0
@@ -107,6 +108,7 @@ class InferenceSession:
         batch, new = hidden.shape[:2]
         if self.batch_size is None:
             self.batch_size = batch
+            self._position_bytes = hidden.shape[-1] * hidden.element_size()  # bytes of one position's outputs
         if batch != self.batch_size:
             raise ValueError(f"this session runs batch size {self.batch_size}, got {batch}")
         if self.position + new > self.max_length:
@@ -232,7 +234,9 @@ class InferenceSession:
         """One stream per hop of ``route``; on a failure, none (those opened are closed) and what failed."""
         link, streams = self.link, []
         for hop in route:
-            stream = _Stream(hop, link.connections.stub(hop.server.address).Inference())
+            # an answer holds the outputs of one step message: at most max(step tokens, batch) positions
+            expected = max(link.max_step_tokens, self.batch_size) * self._position_bytes
+            stream = _Stream(hop, link.connections.stub(hop.server.address, expected=expected).Inference())
             try:
                 await stream.exchange(pb.InferenceRequest(open=self._session_options(hop, stream)), link.request_timeout)
             except RemoteCallError as failure:

@@ -41,11 +41,26 @@ CLIENT_FAULTS = frozenset({
 })
 
 
+OVERSIZED_ANSWER = "CLIENT: Received message larger"  # how grpcio reports an answer over our receive limit
+MIN_RECEIVE = 4 << 20  # bytes: the smallest receive limit of a channel
+RECEIVE_SLACK = 64 << 10  # bytes an answer may carry beyond its tensors (field tags, a token, a short error)
+
+
+def receive_limit(expected: int, cap: int) -> int:
+    """The gRPC receive limit for answers of at most ``expected`` bytes: a power of two at least
+    ``expected`` plus slack (so calls of similar sizes share a channel), at most ``cap``. gRPC refuses a
+    bigger answer from its declared length, before reading or allocating it (RESOURCE_EXHAUSTED)."""
+    want = max(MIN_RECEIVE, expected + RECEIVE_SLACK)
+    return min(cap, 1 << (want - 1).bit_length())
+
+
 class RemoteCallError(RuntimeError):
     """A node answered with an error status (or not at all)."""
 
     def __init__(self, address: str, code: grpc.StatusCode | None, message: str):
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in message:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and OVERSIZED_ANSWER in message:
+            message += " (an answer larger than the request can produce: refused unread, the node's fault)"
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in message:
             message += f" {MESSAGE_LIMIT_HINT}"
         super().__init__(f"node {address}: {code.name if code else 'ERROR'}: {message}")
         self.address, self.code, self.message = address, code, message
@@ -53,7 +68,7 @@ class RemoteCallError(RuntimeError):
     @property
     def client_fault(self) -> bool:
         # an answer over our receive limit is the node's doing: route around it
-        return self.code in CLIENT_FAULTS and "CLIENT: Received message larger" not in self.message
+        return self.code in CLIENT_FAULTS and OVERSIZED_ANSWER not in self.message
 
 
 class TLSHandshakeError(RemoteCallError):
@@ -111,12 +126,13 @@ class Connections:
         # largest message sent or received (None: unlimited); gRPC refuses bigger ones with RESOURCE_EXHAUSTED
         limit = -1 if max_message_mb is None else max_message_mb << 20
         self.options = [(k, limit if k in MESSAGE_LIMITS else v) for k, v in CHANNEL_OPTIONS]
+        self.max_receive = (2 << 30) - 1 if max_message_mb is None else max_message_mb << 20
         self.swarm_key = swarm_key  # with a key, every call carries a proof of it (a private swarm)
         self.tls_ca = str(tls_ca) if tls_ca is not None else None  # named in error messages
         self._roots = read_pem(tls_ca, "CA certificate") if tls_ca is not None else None
         self._tls: dict[str, bool] = {}  # address -> whether its node announces TLS (see learn)
-        self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
-        self._stubs: dict[tuple[str, bool], pb_grpc.NodeStub] = {}
+        self._channels: dict[tuple[str, bool, int], grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[str, bool, int], pb_grpc.NodeStub] = {}
         self.bytes_sent = 0  # serialized request bytes of successful calls (benchmarks read these)
         self.bytes_received = 0
 
@@ -129,21 +145,23 @@ class Connections:
         """Whether ``address`` is dialed over TLS: as its record says; unknown ones only with a tls_ca."""
         return self._tls.get(address, self.tls_ca is not None)
 
-    def stub(self, address: str, tls: bool | None = None) -> pb_grpc.NodeStub:
-        """The stub of the node at ``address``, over TLS when ``tls`` (None: ``uses_tls``).
+    def stub(self, address: str, tls: bool | None = None, expected: int | None = None) -> pb_grpc.NodeStub:
+        """The stub of the node at ``address``, over TLS when ``tls`` (None: ``uses_tls``), on a channel
+        that refuses answers over ``expected`` bytes (see ``receive_limit``; None: max_message_mb).
         TLSHandshakeError for a plaintext node when this client requires TLS."""
         tls = self.uses_tls(address) if tls is None else tls
         if not tls and self.tls_ca is not None:
             raise plaintext_refused(address, self.tls_ca)
-        key = (address, tls)
+        limit = self.max_receive if expected is None else receive_limit(expected, self.max_receive)
+        key = (address, tls, limit)
         if key not in self._stubs:
+            options = [(k, limit if k == "grpc.max_receive_message_length" else v) for k, v in self.options]
             interceptors = auth_interceptors(self.swarm_key, address)
             if tls:
                 credentials = grpc.ssl_channel_credentials(root_certificates=self._roots)
-                channel = grpc.aio.secure_channel(address, credentials, options=self.options,
-                                                  interceptors=interceptors)
+                channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
             else:
-                channel = grpc.aio.insecure_channel(address, options=self.options, interceptors=interceptors)
+                channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
             self._channels[key] = channel
             self._stubs[key] = pb_grpc.NodeStub(channel)
         return self._stubs[key]
@@ -208,7 +226,8 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
     """The outputs, and the token of activations the node kept when asked to (else "").
     ``tls``: dial over TLS or not (None: as the node's DHT record says, see Connections.uses_tls)."""
     try:
-        resp = await conns.stub(address, tls).Forward(req, timeout=timeout)
+        # the answer (outputs shaped like the inputs) is never larger than the request
+        resp = await conns.stub(address, tls, req.ByteSize()).Forward(req, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise conns.error(address, e.code(), e.details() or "", tls) from None
     conns.bytes_sent += req.ByteSize()
@@ -223,7 +242,8 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
     d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
     try:
         request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad), backward_token=token)
-        resp = await conns.stub(address, tls).Backward(request, timeout=timeout)
+        # gradients of the inputs, LoRA weights and prefix sent: never larger than the request
+        resp = await conns.stub(address, tls, request.ByteSize()).Backward(request, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise conns.error(address, e.code(), e.details() or "", tls) from None
     conns.bytes_sent += request.ByteSize()

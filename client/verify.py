@@ -6,9 +6,16 @@ that serves the same blocks. Two opinions that agree (within tolerance) are trus
 cannot say who is wrong, so more replicas are asked until two agree: that pair is the majority, its
 result is the one used, and every node that disagreed with it is banned for good and reported. When
 no two opinions agree, the result is not used: ``VerificationError`` names the nodes involved.
+
+Witnesses are counted by what one attacker cannot multiply for free (``witness``): a DHT peer can
+announce any number of node ids at one address, so two opinions are two witnesses only when they come
+from different endpoints (different hosts; on loopback, different ports) AND under different owner keys
+(the ``[owner:...]`` RSA key each record is signed with). Opinions of one witness never form a
+majority, so a liar with many ids can refuse a result (VerificationError) but never outvote anyone.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import time
@@ -22,6 +29,7 @@ from client.routing import Router
 from client.transport import RemoteCallError
 from swarm.routing import Hop
 from swarm.spans import NodeState, ServerInfo, Span
+from swarm.tls import host_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -65,6 +73,25 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | N
         return 0.0
     ratio = (a - b).norm(dim=-1) / torch.maximum(a.norm(dim=-1), b.norm(dim=-1)).clamp_min(1e-6)
     return float(ratio.max())
+
+
+def witness(server: ServerInfo) -> tuple[str, str]:
+    """(endpoint, owner key) of a node: two nodes sharing either may be one attacker. The endpoint is
+    the host; on a loopback host (every node on the client's own machine) it is host:port."""
+    host = host_of(server.address).lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    endpoint = server.address.lower() if loopback else host
+    owner = server.node_id.partition("[owner:")[2] or server.node_id
+    return endpoint, owner
+
+
+def independent(a: ServerInfo, b: ServerInfo) -> bool:
+    """Whether ``a`` and ``b`` are two witnesses: different endpoints and different owner keys."""
+    (endpoint_a, owner_a), (endpoint_b, owner_b) = witness(a), witness(b)
+    return endpoint_a != endpoint_b and owner_a != owner_b
 
 
 Gradients = tuple  # a Backward's (grad_inputs, {(block, module): (grad_a, grad_b)}, grad_prefix or None)
@@ -126,7 +153,7 @@ class Verifier:
                     self.router.ban(Hop(server, hop.span), e)
                 continue
             for earlier in opinions:
-                if self.agree(earlier, opinion, mask)[0]:
+                if independent(earlier[0], server) and self.agree(earlier, opinion, mask)[0]:
                     self.checks += 1
                     self._outvote(hop.span, opinions + [opinion], earlier, mask)
                     return earlier[1], earlier is not opinions[0]
@@ -141,12 +168,17 @@ class Verifier:
         raise VerificationError(hop.span, [s.address for s, _ in opinions], diff)
 
     async def _replicas(self, hop: Hop) -> list[ServerInfo]:
-        """Other live, unbanned nodes hosting all of the hop's blocks, in random order."""
+        """Other live, unbanned nodes hosting all of the hop's blocks, in random order, at most one per
+        witness and none sharing the hop's witness (asking one attacker twice proves nothing)."""
         banned = self.router.banned()
         servers = [s for s in await self.router.servers() if s.state is NodeState.ONLINE and s.span.covers(hop.span)
                    and s.node_id != hop.server.node_id and s.node_id not in banned]
         self._rng.shuffle(servers)
-        return servers
+        chosen: list[ServerInfo] = []
+        for server in servers:
+            if all(independent(server, other) for other in [hop.server] + chosen):
+                chosen.append(server)
+        return chosen
 
     def _outvote(self, span: Span, opinions: list, trusted: tuple[ServerInfo, torch.Tensor], mask) -> None:
         """Ban and report every node whose opinion disagrees with the trusted one."""

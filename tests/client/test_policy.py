@@ -9,10 +9,10 @@ import torch
 from client import ClientConfig
 from client.policy import FailurePolicy, PolicyConfig, Verdict
 from client.routing import Router
-from client.transport import RemoteCallError, TLSHandshakeError
+from client.transport import Connections, RemoteCallError, TLSHandshakeError, call_forward, forward_request
 from swarm.routing import Hop, NoRouteError
 from swarm.spans import NodeState, ServerInfo, Span
-from tests.helpers.faults import NaNServicer, RefusingServicer
+from tests.helpers.faults import NaNServicer, RefusingServicer, huge
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -157,3 +157,40 @@ def test_a_lying_node_gets_banned_not_the_honest_one(liar, start_nodes, open_cli
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(model.generate(ids, **kwargs), local_model.generate(ids, **kwargs))
     assert all(h.server.address != bad.address for h in model.chain.last_route)
+
+
+def test_an_oversized_answer_is_refused_unread_and_its_node_banned(start_nodes, open_client, tiny_path, bootstrap,
+                                                                   local_model):
+    """Issue 21: a node answering with far more bytes than the request can produce (here 48 MiB for a few
+    positions) is refused by gRPC from the declared length, before the answer is read or allocated; the node
+    is blamed (banned), and batch forward and generation go elsewhere."""
+    bad = start_nodes("0:3", throughput=1e9, wrap_servicer=huge(48 << 20), max_message_mb=1024)[0]
+    start_nodes("0:3", "3:6")  # every route needs a node for blocks 0:3, where the liar is the fastest
+
+    async def direct():
+        connections = Connections(max_message_mb=1024)
+        hidden = torch.randn(2, 5, 64)
+        try:
+            await call_forward(connections, bad.address, forward_request(bad.node.model_key, Span(0, 3), hidden,
+                                                                         None, None), hidden, 30.0)
+        finally:
+            await connections.close()
+
+    with pytest.raises(RemoteCallError) as raised:
+        asyncio.run(direct())
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not raised.value.client_fault
+    assert "larger than the request can produce" in str(raised.value) and len(str(raised.value)) < 500
+
+    ids = torch.randint(3, 256, (2, 7))
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), ban_seconds=60))
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(ids, **kwargs), local_model.generate(ids, **kwargs))  # the stream's answer
+    liar_id = next(s.node_id for s in model.chain.servers() if s.address == bad.address)
+    assert liar_id in model.chain.router.banned()
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), ban_seconds=60))
+    with torch.no_grad():
+        for _ in range(10):  # batch forward spreads over replicas by throughput: until the liar is drawn
+            assert torch.allclose(model(ids).logits, local_model(ids).logits, atol=1e-4)
+            if liar_id in model.chain.router.banned():
+                break
+    assert liar_id in model.chain.router.banned()

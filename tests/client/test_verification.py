@@ -5,13 +5,19 @@ The faulty node is a real in-process node whose servicer is wrapped to perturb i
 go through it.
 """
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 from peft import PrefixTuningConfig
 
 from client import ClientConfig, VerificationError, get_peft_model
-from client.verify import relative_difference, result_difference
+from client.verify import independent, relative_difference, result_difference
+from hivemind.utils import get_dht_time
+from swarm.dht import SwarmDHT
+from swarm.records import make_record, servers_key
+from swarm.spans import NodeState, ServerInfo, Span
+from tests.helpers.dht import store_raw
 from tests.client.test_generation import PAD, prompts
 from tests.helpers.faults import faulty as lying_node
 from tests.peft_reference import greedy_by_forward
@@ -203,3 +209,69 @@ def test_backward_checks_outvote_a_node_that_lies_only_in_its_gradients(start_no
     [suspect] = ours.base_model.suspicious_nodes  # honest replicas agreed with each other: no false positive
     assert (suspect.address, suspect.span.start, suspect.span.end, suspect.banned) == (faulty.address, 0, 3, True)
     assert faulty.node.dht.node_id in ours.base_model.chain.router.banned()
+
+
+@pytest.fixture
+def sybil_ids(dht_loop, bootstrap):
+    """``sybil_ids(liar, n)``: a second DHT peer of the liar announces ``n`` more node ids (signed by its own
+    key) pointing at the liar's address, as one attacker can; the records stay fresh during the test."""
+    peers = []
+
+    def announce(liar, n: int) -> list[str]:
+        dht = dht_loop.run(SwarmDHT.create(initial_peers=bootstrap))
+        peers.append(dht)
+        info = liar.node._announcer.info
+        ids = [dht.owned(f"sybil-{i}") for i in range(n)]
+        for node_id in ids:
+            record = make_record(replace(info, node_id=node_id, state=NodeState.ONLINE))
+            assert dht_loop.run(store_raw(dht, servers_key(liar.node.model_key), record, get_dht_time() + 120,
+                                          subkey=node_id))
+        return ids
+
+    try:
+        yield announce
+    finally:
+        for dht in peers:
+            dht_loop.run(dht.shutdown())
+
+
+def test_a_liar_with_three_ids_at_one_address_outvotes_nobody(start_nodes, monkeypatch, open_client, tiny_path,
+                                                              bootstrap, local_model, sybil_ids):
+    """Issue 21: one attacker announcing three node ids at one address once outvoted honest nodes, which were
+    banned for good, and the text differed from local. Witnesses are counted by endpoint and owner key."""
+    liar = start_nodes("0:3", throughput=1e6, wrap_servicer=lying_node(0.1, consistent=True))[0]
+    liar_ids = {liar.node.dht.node_id, *sybil_ids(liar, 2)}
+    honest = start_nodes("0:6", throughput=10.0)[0]
+    ids, mask = batch()
+
+    # one honest replica: the liar (one witness) and the honest node disagree; nobody is banned
+    model = client(open_client, tiny_path, bootstrap, verify_fraction=1.0)
+    for _ in range(3):  # the route starts at the liar or at the honest node: either way no ban
+        with pytest.raises(VerificationError), torch.no_grad():
+            model(ids, attention_mask=mask)
+    assert honest.node.dht.node_id not in model.chain.router.banned()
+    assert not model.chain.router.banned()
+
+    # two honest replicas: they outvote the liar; only liar ids are ever banned and the text equals local
+    second = start_nodes("0:6", throughput=10.0)[0]
+    model = client(open_client, tiny_path, bootstrap, verify_fraction=1.0)
+    tokens = model.generate(ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(tokens, local_model.generate(ids, attention_mask=mask, **GREEDY))
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    assert torch.allclose(logits, local_model(ids, attention_mask=mask).logits, atol=ATOL)
+    assert model.chain.router.banned() and model.chain.router.banned() <= liar_ids
+    assert {s.address for s in model.suspicious_nodes if s.banned} == {liar.address}
+    assert {honest.node.dht.node_id, second.node.dht.node_id}.isdisjoint(model.chain.router.banned())
+
+
+def test_witnesses_are_endpoints_and_owner_keys():
+    def server(address, node_id):
+        return ServerInfo(node_id, address, Span(0, 3), NodeState.ONLINE, 1.0, "v", "float32")
+
+    a = server("203.0.113.5:31330", "peerA[owner:KEY-A]")
+    assert not independent(a, server("203.0.113.5:31331", "peerB[owner:KEY-B]"))  # one public host, two ports
+    assert not independent(a, server("198.51.100.7:31330", "peerC[owner:KEY-A]"))  # one key, two hosts
+    assert independent(a, server("198.51.100.7:31330", "peerC[owner:KEY-C]"))
+    assert independent(server("127.0.0.1:5000", "p[owner:K1]"), server("127.0.0.1:5001", "q[owner:K2]"))  # loopback
+    assert not independent(server("127.0.0.1:5000", "p[owner:K1]"), server("127.0.0.1:5000", "q[owner:K2]"))

@@ -3,7 +3,9 @@
 ``faulty(std)`` wraps a node's honest servicer (``Node(config, wrap_servicer=faulty(0.1))``): every
 tensor it answers with (Forward and inference-step outputs, Backward's input, LoRA and prefix gradients;
 with ``backward_only`` only the latter) gets seeded Gaussian noise of that standard deviation added
-before it leaves the node. Production code knows nothing about it.
+before it leaves the node; with ``consistent`` the noise depends only on the tensor's shape, so the same
+question always gets the same wrong answer (a colluding liar whose node ids agree with each other).
+Production code knows nothing about it.
 """
 from __future__ import annotations
 
@@ -18,14 +20,17 @@ from proto.tensors import FLOAT_DTYPES, deserialize, serialize
 
 
 class FaultyServicer(pb_grpc.NodeServicer):
-    def __init__(self, inner: pb_grpc.NodeServicer, std: float, backward_only: bool = False, seed: int = 0):
+    def __init__(self, inner: pb_grpc.NodeServicer, std: float, backward_only: bool = False, seed: int = 0,
+                 consistent: bool = False):
         if not std > 0:
             raise ValueError(f"std must be positive, got {std}")
-        self.inner, self.std, self.backward_only = inner, std, backward_only
+        self.inner, self.std, self.backward_only, self.seed, self.consistent = inner, std, backward_only, seed, consistent
         self._rng = torch.Generator().manual_seed(seed)
 
     def _perturb(self, msg: pb.Tensor) -> None:
         t = deserialize(msg, name="answer", allowed=FLOAT_DTYPES, max_bytes=len(msg.data))
+        if self.consistent:
+            self._rng.manual_seed(self.seed)
         noise = torch.randn(t.shape, generator=self._rng) * self.std
         msg.CopyFrom(serialize((t.float() + noise).to(t.dtype)))
 
@@ -55,9 +60,10 @@ class FaultyServicer(pb_grpc.NodeServicer):
             yield response
 
 
-def faulty(std: float, backward_only: bool = False) -> Callable[[pb_grpc.NodeServicer], FaultyServicer]:
+def faulty(std: float, backward_only: bool = False, consistent: bool = False
+           ) -> Callable[[pb_grpc.NodeServicer], FaultyServicer]:
     """What ``Node(..., wrap_servicer=)`` takes: a node perturbing its answers by noise of ``std``."""
-    return lambda inner: FaultyServicer(inner, std, backward_only)
+    return lambda inner: FaultyServicer(inner, std, backward_only, consistent=consistent)
 
 
 class RefusingServicer(pb_grpc.NodeServicer):
@@ -90,3 +96,33 @@ class NaNServicer(FaultyServicer):
     def _perturb(self, msg: pb.Tensor) -> None:
         t = deserialize(msg, name="answer", allowed=FLOAT_DTYPES, max_bytes=len(msg.data))
         msg.CopyFrom(serialize(torch.full_like(t, float("nan"))))
+
+
+class HugeServicer(pb_grpc.NodeServicer):
+    """A node whose every Forward answer declares (and carries) ``nbytes`` of float32 outputs, far more than
+    any request can produce."""
+
+    def __init__(self, inner: pb_grpc.NodeServicer, nbytes: int):
+        self.inner, self.nbytes = inner, nbytes
+
+    async def Info(self, request, context):
+        return await self.inner.Info(request, context)
+
+    async def Forward(self, request, context):
+        return pb.ForwardResponse(hidden_states=self._huge(request.hidden_states))
+
+    async def Inference(self, requests, context):
+        async for response in self.inner.Inference(requests, context):
+            if response.HasField("hidden_states"):
+                response.hidden_states.CopyFrom(self._huge(response.hidden_states))
+            yield response
+
+    def _huge(self, like: pb.Tensor) -> pb.Tensor:
+        width = like.shape[-1]
+        rows = self.nbytes // (4 * width)
+        return pb.Tensor(dtype="float32", shape=[1, rows, width], data=bytes(rows * width * 4))
+
+
+def huge(nbytes: int) -> Callable[[pb_grpc.NodeServicer], HugeServicer]:
+    """What ``Node(..., wrap_servicer=)`` takes: a node answering Forward with ``nbytes`` of outputs."""
+    return lambda inner: HugeServicer(inner, nbytes)
