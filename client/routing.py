@@ -32,7 +32,8 @@ from swarm.spans import NodeState, ServerInfo, Span
 log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 2.0  # deadline of the Info call that checks a node is alive before its first use
-MAX_PROBE_ROUNDS = 64  # routes re-chosen per call after probes failed, before giving up on probing
+MAX_PROBE_ROUNDS = 16  # routes re-chosen per call after probes failed, before giving up on probing
+PROBE_BATCH = 16  # nodes probed at once (a route's new nodes and the likeliest replacements)
 
 
 class Router:
@@ -134,23 +135,32 @@ class Router:
             new = [hop for hop in route if hop.server.node_id not in self._alive]
             if self.connections is None or not new:
                 return route
-            failures = await asyncio.gather(*(self._probe(hop) for hop in new))
+            failures = await asyncio.gather(*(self._probe(s) for s in self._probe_batch(servers, new, exclude)))
             if not any(failures):
                 return route
         return self._pick(servers, span, spread, exclude)
 
-    async def _probe(self, hop: Hop) -> bool:
+    def _probe_batch(self, servers: list[ServerInfo], new: list[Hop], exclude: frozenset[str]) -> list[ServerInfo]:
+        """The new hops' nodes, plus other nodes never probed that could replace them (highest claims first,
+        PROBE_BATCH in all): a flood of dead records costs a few rounds of parallel probes, not one each."""
+        skip = self.banned() | exclude | self._alive | {hop.server.node_id for hop in new}
+        others = [s for s in servers if s.state is NodeState.ONLINE and s.node_id not in skip
+                  and any(s.span.start < hop.span.end and hop.span.start < s.span.end for hop in new)]
+        others.sort(key=lambda s: -s.throughput)
+        return [hop.server for hop in new] + others[:max(0, PROBE_BATCH - len(new))]
+
+    async def _probe(self, server: ServerInfo) -> bool:
         """Call Info on a node not used yet; ban it if it fails. Returns whether it failed."""
-        address = hop.server.address
+        hop = Hop(server, server.span)
         try:
-            await self.connections.stub(address).Info(pb.InfoRequest(), timeout=PROBE_SECONDS)
+            await self.connections.stub(server.address).Info(pb.InfoRequest(), timeout=PROBE_SECONDS)
         except grpc.aio.AioRpcError as e:
-            self.ban(hop, self.connections.error(address, e.code(), e.details() or ""))
+            self.ban(hop, self.connections.error(server.address, e.code(), e.details() or ""))
             return True
         except RemoteCallError as e:  # e.g. TLS required and the node speaks none
             self.ban(hop, e)
             return True
-        self._alive.add(hop.server.node_id)  # (its round trip is not a step's: rtt is left to real exchanges)
+        self._alive.add(server.node_id)  # (its round trip is not a step's: rtt is left to real exchanges)
         return False
 
     def believed(self, servers: list[ServerInfo]) -> dict[str, float]:
