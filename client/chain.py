@@ -6,6 +6,7 @@ hand a coroutine to the client's event loop thread and wait. Everything below th
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
@@ -154,10 +155,12 @@ class RemoteChain:
         if lora is not None and message is not None and message.modules:
             self._lora_sent[(address, lora.adapter.id)] = message.version
 
-    async def _call(self, hop: Hop, lora: LoraUse | None, send):
-        """``send(lora_message)`` to a hop; re-send the adapter's weights once if the node lost them."""
+    async def _call(self, hop: Hop, lora: LoraUse | None, send, tokens: int):
+        """``send(lora_message)`` to a hop; re-send the adapter's weights once if the node lost them. The
+        exchange of ``tokens`` (batch x positions; backward counts double) is timed for the router."""
         for resend in (False, True):
             message = self._lora_message(hop.server.address, hop.span, lora, resend)
+            started = time.monotonic()
             try:
                 result = await send(message)
             except RemoteCallError as e:
@@ -165,6 +168,7 @@ class RemoteChain:
                     continue
                 raise
             self._lora_delivered(hop.server.address, lora, message)
+            self.router.observe(hop, tokens, time.monotonic() - started)
             return result
         raise AssertionError("unreachable")
 
@@ -204,7 +208,7 @@ class RemoteChain:
             req.keep_for_backward = for_backward
             return await call_forward(self.connections, hop.server.address, req, hidden, self.config.request_timeout)
 
-        return await self._call(hop, lora, send)
+        return await self._call(hop, lora, send, hidden.shape[0] * hidden.shape[1])
 
     async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor, extra: Extras) -> torch.Tensor:
         for span, hidden, token in reversed(trace):
@@ -255,4 +259,4 @@ class RemoteChain:
             return await call_backward(self.connections, hop.server.address, req, grad,
                                        self.config.request_timeout, like, prefix_like, token)
 
-        return await self._call(hop, extra.lora, send)
+        return await self._call(hop, extra.lora, send, 2 * hidden.shape[0] * hidden.shape[1])

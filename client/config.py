@@ -25,6 +25,7 @@ class ClientConfig:
     tls_ca: str | None = None  # CA certificate (PEM, `swarm tls-cert`) of the swarm's nodes: only TLS nodes it signed are used
     verify_fraction: float = 0.0  # fraction of span computations re-run on another node serving them and compared
     verify_tolerance: float | None = None  # largest relative difference still agreeing; None: 1e-3, 0.05 with bfloat16
+    believe_claims: bool = False  # rank nodes by the throughput they announce, as given (every member trusted); default: by what this client measured
 
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):

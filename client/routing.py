@@ -4,7 +4,14 @@ the pure functions in swarm.routing.
 
 A node that fails TLS authentication (TLSHandshakeError) is not a dead node: it is never used again
 by this client, and when only such nodes serve some blocks, ``route`` raises that error at once
-(naming the node and the reason) instead of waiting ``max_wait`` for a node and raising NoRouteError."""
+(naming the node and the reason) instead of waiting ``max_wait`` for a node and raising NoRouteError.
+
+What a record claims is not what routes are chosen by: the Router times every exchange with every node
+(work per second, see ``observe``) and ranks nodes by what it believes (swarm.routing.believed_throughput:
+observations over claims, claims capped relative to peers). Before a node is used for the first time it is
+probed (an Info call with a short deadline, all of a route's new nodes at once): one that refuses the
+connection or does not answer is banned at once and another route is chosen, without using up the call's
+retries. So records pointing at dead addresses with huge throughputs cost a few quick probes, not the call."""
 from __future__ import annotations
 
 import asyncio
@@ -12,14 +19,21 @@ import logging
 import random
 import time
 
+import grpc
+
 from client.config import ClientConfig
 from client.policy import Attempts, FailurePolicy, PolicyConfig
-from client.transport import Connections, TLSHandshakeError, plaintext_refused
+from client.transport import Connections, RemoteCallError, TLSHandshakeError, plaintext_refused
+from proto import swarmlm_pb2 as pb
 from swarm.dht import SwarmDHT
-from swarm.routing import Hop, NoRouteError, choose_route, sample_route
+from swarm.routing import Hop, NoRouteError, believed_throughput, choose_route, sample_route
 from swarm.spans import NodeState, ServerInfo, Span
 
 log = logging.getLogger(__name__)
+
+PROBE_SECONDS = 2.0  # deadline of the Info call that checks a node is alive before its first use
+MAX_PROBE_ROUNDS = 16  # routes re-chosen per call after probes failed, before giving up on probing
+PROBE_BATCH = 16  # nodes probed at once (a route's new nodes and the likeliest replacements)
 
 
 class Router:
@@ -32,6 +46,8 @@ class Router:
         self._servers: list[ServerInfo] = []
         self._fetched_at = float("-inf")
         self.rtt: dict[str, float] = {}  # node id -> smoothed seconds per exchange, measured by sessions
+        self._work: dict[str, tuple[float, float]] = {}  # node id -> smoothed (tokens x blocks, seconds) per exchange
+        self._alive: set[str] = set()  # node ids that answered a probe or a call (not probed again)
         self._rng = random.Random()
 
     async def servers(self, refresh: bool = False) -> list[ServerInfo]:
@@ -56,8 +72,10 @@ class Router:
         nodes no longer announced are dropped too."""
         present = {s.node_id for s in servers}
         self.policy.forget_gone(present)
-        for node in [n for n in self.rtt if n not in present]:
-            del self.rtt[node]
+        for memory in (self.rtt, self._work):
+            for node in [n for n in memory if n not in present]:
+                del memory[node]
+        self._alive &= present
 
     def banned(self) -> frozenset[str]:
         return self.policy.banned()
@@ -88,9 +106,7 @@ class Router:
         while True:
             servers = await self.servers(refresh or attempt > 0)
             try:
-                if spread:
-                    return sample_route(servers, span, self._rng, exclude=self.banned() | exclude)
-                return choose_route(servers, span, rtt=self.rtt, exclude=self.banned() | exclude)
+                return await self._probed_route(servers, span, spread, exclude)
             except NoRouteError as e:
                 untrusted = self._untrusted_cause(servers, e.missing)
                 if untrusted is not None:
@@ -103,15 +119,78 @@ class Router:
                 await asyncio.sleep(min(left, self.policy.backoff(attempt)))
                 attempt += 1
 
+    def _pick(self, servers: list[ServerInfo], span: Span, spread: bool, exclude: frozenset[str]) -> list[Hop]:
+        excluded = self.banned() | exclude
+        believed = None if self.config.believe_claims else self.believed([s for s in servers if s.node_id not in excluded])
+        if spread:
+            return sample_route(servers, span, self._rng, exclude=excluded, throughput=believed)
+        return choose_route(servers, span, rtt=self.rtt, exclude=excluded, throughput=believed)
+
+    async def _probed_route(self, servers: list[ServerInfo], span: Span, spread: bool,
+                            exclude: frozenset[str]) -> list[Hop]:
+        """A route whose nodes all answered this client before (or a probe now); nodes that fail their probe
+        are banned and the route chosen again (NoRouteError when that leaves blocks bare)."""
+        for _ in range(MAX_PROBE_ROUNDS):
+            route = self._pick(servers, span, spread, exclude)
+            new = [hop for hop in route if hop.server.node_id not in self._alive]
+            if self.connections is None or not new:
+                return route
+            failures = await asyncio.gather(*(self._probe(s) for s in self._probe_batch(servers, new, exclude)))
+            if not any(failures):
+                return route
+        return self._pick(servers, span, spread, exclude)
+
+    def _probe_batch(self, servers: list[ServerInfo], new: list[Hop], exclude: frozenset[str]) -> list[ServerInfo]:
+        """The new hops' nodes, plus other nodes never probed that could replace them (highest claims first,
+        PROBE_BATCH in all): a flood of dead records costs a few rounds of parallel probes, not one each."""
+        skip = self.banned() | exclude | self._alive | {hop.server.node_id for hop in new}
+        others = [s for s in servers if s.state is NodeState.ONLINE and s.node_id not in skip
+                  and any(s.span.start < hop.span.end and hop.span.start < s.span.end for hop in new)]
+        others.sort(key=lambda s: -s.throughput)
+        return [hop.server for hop in new] + others[:max(0, PROBE_BATCH - len(new))]
+
+    async def _probe(self, server: ServerInfo) -> bool:
+        """Call Info on a node not used yet; ban it if it fails. Returns whether it failed."""
+        hop = Hop(server, server.span)
+        try:
+            await self.connections.stub(server.address).Info(pb.InfoRequest(), timeout=PROBE_SECONDS)
+        except grpc.aio.AioRpcError as e:
+            self.ban(hop, self.connections.error(server.address, e.code(), e.details() or ""))
+            return True
+        except RemoteCallError as e:  # e.g. TLS required and the node speaks none
+            self.ban(hop, e)
+            return True
+        self._alive.add(server.node_id)  # (its round trip is not a step's: rtt is left to real exchanges)
+        return False
+
+    def believed(self, servers: list[ServerInfo]) -> dict[str, float]:
+        """Node id -> the throughput this client believes (see swarm.routing.believed_throughput)."""
+        observed = {node: work / seconds for node, (work, seconds) in self._work.items() if seconds > 0}
+        return believed_throughput(servers, observed)
+
+    def observe(self, hop: Hop, tokens: int, seconds: float) -> None:
+        """A successful exchange moved ``tokens`` (batch x positions) through ``hop``'s blocks in ``seconds``
+        of wall time (round trip included): what this client will believe of the node's speed."""
+        node, work = hop.server.node_id, float(tokens * len(hop.span))
+        self._alive.add(node)
+        if node in self._work:
+            old_work, old_seconds = self._work[node]
+            work, seconds = 0.8 * old_work + 0.2 * work, 0.8 * old_seconds + 0.2 * seconds
+        self._work[node] = (work, seconds)
+
     def ban(self, hop: Hop, error: Exception, forever: bool = False) -> None:
         """Avoid a node (see FailurePolicy.ban)."""
         self.policy.ban(hop, error, forever)
 
-    def succeeded(self, hop: Hop, seconds: float) -> None:
-        """Record a good exchange: forgive past strikes and update the node's latency estimate."""
+    def succeeded(self, hop: Hop, seconds: float, tokens: int = 0) -> None:
+        """Record a good exchange (of ``tokens``, batch x positions): forgive past strikes, update the node's
+        latency and speed estimates."""
         node = hop.server.node_id
         self.policy.forgive(hop)
+        self._alive.add(node)
         self.rtt[node] = seconds if node not in self.rtt else 0.8 * self.rtt[node] + 0.2 * seconds
+        if tokens:
+            self.observe(hop, tokens, seconds)
 
     def _untrusted_cause(self, servers: list[ServerInfo], missing: list[int]) -> TLSHandshakeError | None:
         """When every missing block is served (ONLINE) by nodes that failed TLS authentication only: why."""

@@ -290,7 +290,7 @@ class InferenceSession:
                     request.reorder.extend(stream.reorder.tolist())
             started = time.monotonic()
             response = await stream.exchange(request, self.link.request_timeout)
-            self.link.router.succeeded(stream.hop, time.monotonic() - started)
+            self.link.router.succeeded(stream.hop, time.monotonic() - started, part[0].shape[0] * part[0].shape[1])
             stream.reorder, stream.drop = None, 0  # the node has applied them
             outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
             parts.append(part)

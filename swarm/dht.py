@@ -20,6 +20,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from swarm.keys import SwarmKey
 from swarm.records import make_record, parse_record, servers_key
 from swarm.spans import NodeState, ServerInfo, Span
+from swarm.storage import MAX_RECORDS_PER_KEY, MAX_RECORDS_PER_OWNER, install, owner_of
 from swarm.validator import MAX_RECORD_LIFETIME, MAX_VALUE_BYTES, make_validator
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class SwarmDHT:
         except Exception as e:  # hivemind raises P2PDaemonError / ValueError with multi-line texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DHTStartError(f"could not start a DHT peer (initial peers {list(initial_peers)}): {first}") from e
+        install(node.protocol)  # bounded records per key and per owner (swarm.storage)
         return cls(node, swarm_key, marker)
 
     def owned(self, name: str) -> str:
@@ -115,7 +117,9 @@ class SwarmDHT:
 
     async def fetch_servers(self, model: str, num_blocks: int) -> list[ServerInfo]:
         """Every node announced for ``model`` (any state), one entry per node, sorted by span start.
-        One DHT lookup, whatever the number of blocks and nodes (see swarm.records)."""
+        One DHT lookup, whatever the number of blocks and nodes (see swarm.records). What a reply holds is
+        bounded as a peer's storage is (swarm.storage), whoever answered: at most MAX_RECORDS_PER_OWNER
+        records of one owner key and MAX_RECORDS_PER_KEY in all."""
         return [info for info, _ in await self.fetch_records(model, num_blocks)]
 
     async def fetch_records(self, model: str, num_blocks: int) -> list[tuple[ServerInfo, float]]:
@@ -124,13 +128,17 @@ class SwarmDHT:
         found = await self.node.get(self.dht_key(servers_key(model)), latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
-        records = []
-        for node_id, item in found.value.items():
+        records, owners = [], {}
+        for node_id, item in sorted(found.value.items(), key=lambda entry: str(entry[0]))[:MAX_RECORDS_PER_KEY * 2]:
             info = parse_record(node_id, getattr(item, "value", None), num_blocks=num_blocks)
             expiration = getattr(item, "expiration_time", None)
             if info is None or not isinstance(expiration, (int, float)) or not math.isfinite(expiration):
                 log.debug("ignoring a malformed record from %r", node_id)
                 continue
+            owner = owner_of(node_id)
+            if owners.get(owner, 0) >= MAX_RECORDS_PER_OWNER or len(records) >= MAX_RECORDS_PER_KEY:
+                continue
+            owners[owner] = owners.get(owner, 0) + 1
             records.append((info, float(expiration)))
         return sorted(records, key=lambda r: (r[0].span.start, r[0].node_id))
 

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 from swarm.spans import NodeState, ServerInfo, Span
 
 DEFAULT_HOP_SECONDS = 0.005  # assumed round trip to a node whose latency was never measured
+CLAIM_CAP = 2.0  # a node not yet observed is believed at most this many times its measured (or typical) peers
 
 
 class NoRouteError(RuntimeError):
@@ -61,6 +62,37 @@ def usable_servers(servers: Iterable[ServerInfo], span: Span, exclude: frozenset
     return online
 
 
+def _median_low(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def believed_throughput(servers: Iterable[ServerInfo], observed: Mapping[str, float]) -> dict[str, float]:
+    """What a client believes each ONLINE server's throughput is (announced units: tokens/s per block), given
+    ``observed``: node id -> the work per second (tokens x blocks / s of wall time) it saw that node do.
+
+    A claim is believed only up to a bound: a node the client has used counts at what it was seen to do,
+    scaled into announced units so that the typical observed node (lower median) is worth the typical claim
+    (lower median of all claims); a node not used yet counts at its claim, but at most ``CLAIM_CAP`` times
+    the best observed node (or the typical claim, before any observation). So one absurd claim attracts a
+    few calls at most, and after them its measured speed is what counts. (Medians, so that a minority of
+    liars, in either direction, cannot move the scale.)"""
+    online = [s for s in servers if s.state is NodeState.ONLINE]
+    if not online:
+        return {}
+    typical = _median_low([s.throughput for s in online])
+    seen = {s.node_id: observed[s.node_id] for s in online if observed.get(s.node_id, 0.0) > 0}
+    belief: dict[str, float] = {}
+    if seen:
+        scale = typical / _median_low(list(seen.values()))
+        belief = {node: speed * scale for node, speed in seen.items()}
+    bound = CLAIM_CAP * (max(belief.values()) if belief else typical)
+    for s in online:
+        if s.node_id not in belief:
+            belief[s.node_id] = min(s.throughput, bound)
+    return belief
+
+
 def choose_route(
     servers: Iterable[ServerInfo],
     span: Span,
@@ -68,14 +100,17 @@ def choose_route(
     rtt: Mapping[str, float] | None = None,
     tokens: int = 1,
     exclude: frozenset[str] = frozenset(),
+    throughput: Mapping[str, float] | None = None,
 ) -> list[Hop]:
     """The cheapest chain of ONLINE servers covering ``span``.
 
     Cost of a hop = its round trip (measured ``rtt[node_id]`` or a default) plus
-    ``tokens * blocks / throughput``. Fewer hops win ties. ``exclude`` holds banned node ids.
+    ``tokens * blocks / throughput`` (``throughput[node_id]``, e.g. from believed_throughput, or else the
+    announced figure). Fewer hops win ties. ``exclude`` holds banned node ids.
     """
     online = usable_servers(servers, span, exclude)
     rtt = rtt or {}
+    throughput = throughput or {}
     # useful break points: where some server's span starts or ends, plus the target bounds
     points = sorted({span.start, span.end} | {p for s in online for p in (s.span.start, s.span.end)
                                               if span.start < p < span.end})
@@ -87,7 +122,7 @@ def choose_route(
         lo, hi = max(s.span.start, span.start), min(s.span.end, span.end)
         if lo >= hi:
             continue
-        entry = (rtt.get(s.node_id, DEFAULT_HOP_SECONDS), tokens / max(s.throughput, 1e-9),
+        entry = (rtt.get(s.node_id, DEFAULT_HOP_SECONDS), tokens / max(throughput.get(s.node_id, s.throughput), 1e-9),
                  bisect.bisect_left(points, hi), s)
         for i in range(bisect.bisect_left(points, lo), entry[2]):
             covering[i].append(entry)
@@ -124,15 +159,17 @@ def sample_route(
     rng: random.Random,
     *,
     exclude: frozenset[str] = frozenset(),
+    throughput: Mapping[str, float] | None = None,
 ) -> list[Hop]:
     """A route for training and batch forward that spreads load over replicas: at each position, a
-    server covering it is drawn with probability proportional to its throughput, and runs as far as
-    it can."""
+    server covering it is drawn with probability proportional to its throughput (``throughput[node_id]``,
+    e.g. from believed_throughput, or else the announced figure), and runs as far as it can."""
     online = usable_servers(servers, span, exclude)
+    throughput = throughput or {}
     route, pos = [], span.start
     while pos < span.end:
         here = [s for s in online if s.span.start <= pos < s.span.end]
-        pick = rng.choices(here, weights=[max(s.throughput, 1e-9) for s in here])[0]
+        pick = rng.choices(here, weights=[max(throughput.get(s.node_id, s.throughput), 1e-9) for s in here])[0]
         end = min(pick.span.end, span.end)
         route.append(Hop(pick, Span(pos, end)))
         pos = end

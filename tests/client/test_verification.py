@@ -1,8 +1,8 @@
 """Untrusted-node checks (ClientConfig.verify_fraction) against a deliberately faulty node.
 
 The faulty node is a real in-process node whose servicer is wrapped to perturb its answers
-(tests/helpers/faults.py); it announces a high throughput, so routes for both batch forward and inference
-go through it.
+(tests/helpers/faults.py); it announces a high throughput and the clients believe claims
+(ClientConfig.believe_claims), so routes for both batch forward and inference go through it.
 """
 import copy
 from dataclasses import replace
@@ -39,7 +39,8 @@ def start_faulty(start_nodes, monkeypatch, span: str = "0:3", std: float = 0.1, 
 
 
 def client(open_client, tiny_path, bootstrap, **fields):
-    return open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), **fields))
+    return open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), believe_claims=True,
+                                                             **fields))
 
 
 def run(model, local_model):

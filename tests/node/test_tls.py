@@ -143,7 +143,8 @@ def test_a_node_failing_tls_is_routed_around_when_a_trusted_one_serves_its_block
     (stranger,) = start_nodes(f"0:{NUM_LAYERS}", initial_peers=tuple(private_peers), swarm_key=str(key_path),
                               tls_cert=str(other_dir / "127.0.0.1.crt"), tls_key=str(other_dir / "127.0.0.1.key"),
                               throughput=1e9)  # drawn first almost always
-    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=str(tls_dir / CA_CERT)))
+    model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=str(tls_dir / CA_CERT),
+                                                               believe_claims=True))
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         for _ in range(3):

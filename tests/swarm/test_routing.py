@@ -3,7 +3,8 @@ from collections import Counter
 
 import pytest
 
-from swarm.routing import NoRouteError, choose_route, format_blocks, sample_route, uncovered_blocks
+from swarm.routing import (CLAIM_CAP, NoRouteError, believed_throughput, choose_route, format_blocks, sample_route,
+                           uncovered_blocks)
 from swarm.spans import NodeState, ServerInfo, Span
 
 
@@ -74,3 +75,33 @@ def test_spread_routes_use_partial_spans_and_raise_on_holes():
     assert route[0].span.start == 1 and route[-1].span.end == 5
     with pytest.raises(NoRouteError):
         sample_route([server("a", 0, 3)], Span(0, 5), random.Random(1))
+
+
+def test_an_absurd_claim_is_capped_before_use_and_measured_after():
+    honest, liar = server("honest", 0, 4, throughput=500.0), server("liar", 0, 4, throughput=1e6)
+    # never used: the liar counts at most CLAIM_CAP times the typical (lower median) claim
+    assert believed_throughput([honest, liar], {}) == {"honest": 500.0, "liar": CLAIM_CAP * 500.0}
+    # used once, seen doing what the honest node does: the typical observation is worth the typical claim
+    assert believed_throughput([honest, liar], {"liar": 80.0}) == {"liar": 500.0, "honest": 500.0}
+    both = believed_throughput([honest, liar], {"honest": 80.0, "liar": 80.0})
+    assert both == {"honest": 500.0, "liar": 500.0}
+    # a node really seen twice as fast counts twice as much, whatever it claims
+    assert believed_throughput([honest, liar], {"honest": 40.0, "liar": 80.0}) == {"honest": 500.0, "liar": 1000.0}
+    # routes follow the belief: the liar no longer takes every spread route, nor the cheapest one
+    rng = random.Random(0)
+    picks = Counter(sample_route([honest, liar], Span(0, 4), rng, throughput=both)[0].server.node_id
+                    for _ in range(400))
+    assert 150 < picks["honest"] < 250
+    assert spans(choose_route([honest, liar], Span(0, 4))) == [("liar", 0, 4)]  # the claim as given: captured
+    slow_liar = believed_throughput([honest, liar], {"honest": 80.0, "liar": 8.0})
+    assert spans(choose_route([honest, liar], Span(0, 4), tokens=64, throughput=slow_liar)) == [("honest", 0, 4)]
+
+
+def test_beliefs_ignore_offline_nodes_and_a_minority_of_liars():
+    nodes = [server(f"h{i}", 0, 4, throughput=500.0) for i in range(3)] + [
+        server("low", 0, 4, throughput=1.0), server("high", 0, 4, throughput=1e9),
+        server("gone", 0, 4, throughput=1e12, state=NodeState.OFFLINE)]
+    belief = believed_throughput(nodes, {"low": 80.0, "high": 80.0, "h0": 80.0})
+    assert "gone" not in belief
+    assert belief["low"] == belief["high"] == belief["h0"] == 500.0  # the scale is set by the median
+    assert belief["h1"] == 500.0 and believed_throughput([], {}) == {}
