@@ -32,7 +32,7 @@ class _Stream:
     """An open Inference stream to one node for one hop, and everything sent through it."""
 
     hop: Hop
-    call: grpc.aio.StreamStreamCall
+    call: grpc.aio.StreamStreamCall | None  # None until opened
     sent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     lora: pb.LoraAdapter | None = None  # the client-held adapter the session opened with, if any
     reorder: torch.Tensor | None = None  # beam search rows the node's cache must take before the next step
@@ -74,7 +74,16 @@ class _Stream:
         return response
 
     def close(self) -> None:
-        self.call.cancel()
+        if self.call is not None:
+            self.call.cancel()
+
+
+class _OpenFailed(Exception):
+    """Opening ``stream`` failed with ``error``."""
+
+    def __init__(self, stream: _Stream, error: RemoteCallError):
+        super().__init__(str(error))
+        self.stream, self.error = stream, error
 
 
 class InferenceSession:
@@ -234,17 +243,35 @@ class InferenceSession:
         """One stream per hop of ``route``; on a failure, none (those opened are closed) and what failed."""
         link, streams = self.link, []
         for hop in route:
-            # an answer holds the outputs of one step message: at most max(step tokens, batch) positions
-            expected = max(link.max_step_tokens, self.batch_size) * self._position_bytes
-            stream = _Stream(hop, link.connections.stub(hop.server.address, expected=expected).Inference())
             try:
-                await stream.exchange(pb.InferenceRequest(open=self._session_options(hop, stream)), link.request_timeout)
-            except RemoteCallError as failure:
-                for s in [*streams, stream]:
+                stream = await self._open_stream(hop)
+            except _OpenFailed as failed:
+                for s in [*streams, failed.stream]:
                     s.close()
-                return [], (hop, link.connections.classify(failure))  # a failed TLS handshake is no dead node
+                return [], (hop, link.connections.classify(failed.error))  # a failed TLS handshake is no dead node
             streams.append(stream)
         return streams, None
+
+    async def _open_stream(self, hop: Hop) -> _Stream:
+        """An open stream to ``hop``; once more if the node refused our proof for naming an older run of it
+        (a private swarm's node that restarted). _OpenFailed otherwise."""
+        link = self.link
+        link.connections.stub(hop.server.address)  # a node this client must not dial raises here, as before
+        for retry in (True, False):
+            stream = _Stream(hop, None)
+            first = pb.InferenceRequest(open=self._session_options(hop, stream))
+            try:
+                # an answer holds the outputs of one step message: at most max(step tokens, batch) positions
+                expected = max(link.max_step_tokens, self.batch_size) * self._position_bytes
+                stream.call = await link.connections.inference(hop.server.address, first, link.request_timeout,
+                                                               expected=expected)
+                await stream.exchange(first, link.request_timeout)
+                return stream
+            except RemoteCallError as error:
+                if not (retry and link.connections.learn_epoch(error)):
+                    raise _OpenFailed(stream, error) from None
+                stream.close()
+        raise AssertionError("unreachable")
 
     def _session_options(self, hop: Hop, stream: _Stream) -> pb.SessionOptions:
         opts = pb.SessionOptions(model=self.link.model, start=hop.span.start, end=hop.span.end,

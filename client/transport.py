@@ -12,7 +12,7 @@ from typing import Iterable
 import grpc
 import torch
 
-from client.auth import auth_interceptors
+from client.auth import auth_interceptors, learn_epoch, stream_metadata
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import FLOAT_DTYPES, TensorError, deserialize, serialize
@@ -133,6 +133,7 @@ class Connections:
         self._tls: dict[str, bool] = {}  # address -> whether its node announces TLS (see learn)
         self._channels: dict[tuple[str, bool, int], grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, bool, int], pb_grpc.NodeStub] = {}
+        self.epochs: dict[str, str] = {}  # address -> epoch of the node process there (private swarm proofs)
         self.bytes_sent = 0  # serialized request bytes of successful calls (benchmarks read these)
         self.bytes_received = 0
 
@@ -156,7 +157,7 @@ class Connections:
         key = (address, tls, limit)
         if key not in self._stubs:
             options = [(k, limit if k == "grpc.max_receive_message_length" else v) for k, v in self.options]
-            interceptors = auth_interceptors(self.swarm_key, address)
+            interceptors = auth_interceptors(self.swarm_key, address, self.epochs)
             if tls:
                 credentials = grpc.ssl_channel_credentials(root_certificates=self._roots)
                 channel = grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
@@ -165,6 +166,23 @@ class Connections:
             self._channels[key] = channel
             self._stubs[key] = pb_grpc.NodeStub(channel)
         return self._stubs[key]
+
+    async def inference(self, address: str, first: pb.InferenceRequest, timeout: float, expected: int | None = None):
+        """An Inference call to ``address`` whose first message must be ``first`` (the caller writes it): in a
+        private swarm its proof covers that message and the node's epoch (learned first with an Info call
+        when this client does not know it yet). ``expected``: the largest answer a step can produce (see stub)."""
+        stub = self.stub(address, expected=expected)
+        if self.swarm_key is not None and address not in self.epochs:
+            try:  # the proof interceptor learns the epoch from the node's refusal of the first proof
+                await stub.Info(pb.InfoRequest(), timeout=timeout)
+            except grpc.aio.AioRpcError:
+                pass  # the stream will fail with its own error
+        return stub.Inference(metadata=stream_metadata(self.swarm_key, address, first, self.epochs))
+
+    def learn_epoch(self, error: RemoteCallError) -> bool:
+        """True if ``error`` is a refusal naming a node epoch this client did not know (its node restarted):
+        a new proof will pass."""
+        return self.swarm_key is not None and learn_epoch(self.epochs, error.address, error.code, error.message)
 
     def error(self, address: str, code: grpc.StatusCode | None, details: str, tls: bool | None = None
               ) -> RemoteCallError:
@@ -182,7 +200,7 @@ class Connections:
 
     async def keep_only(self, keep: set[tuple[str, bool]]) -> None:
         """Close the channels of every (address, tls) not in ``keep`` (nodes that left the swarm)."""
-        for key in [k for k in self._channels if k not in keep]:
+        for key in [k for k in self._channels if k[:2] not in keep]:
             self._stubs.pop(key, None)
             await self._channels.pop(key).close()
 

@@ -2,9 +2,12 @@
 
 Purely an optimisation: a Backward whose token is unknown (evicted, expired, or sent to another
 node after a failover) recomputes from the inputs it carries, so nothing depends on this cache.
+Sizes are the bytes each pass really keeps (measured in node.blocks.forward_for_backward), and
+expired passes are dropped by a timer on the event loop, not only when the cache is next used.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -29,7 +32,20 @@ class ActivationCache:
         token = uuid.uuid4().hex
         self._items[token] = (time.monotonic() + self.ttl, saved)
         self.used += saved.nbytes
+        self._schedule_expiry()
         return token
+
+    def _schedule_expiry(self) -> None:
+        """Drop this entry when its time is up even if nothing else touches the cache (one timer per entry,
+        on the running loop; without one, expiry happens at the next put/pop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_later(self.ttl + 0.01, self._expire)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def pop(self, token: str) -> SavedPass | None:
         self._expire()

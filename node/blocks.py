@@ -179,10 +179,40 @@ class SavedPass:
     lora: Lora | None
     has_prefix: bool
 
+    nbytes: int = 0  # bytes of the storages this pass keeps alive (see KeptBytes), measured, not estimated
+
+
+class KeptBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Measures what autograd keeps for backward while it is active: the bytes of every distinct storage
+    saved by the graph, except the model's own weights (shared, not kept for this pass). Measured because
+    any estimate misses something: attention weights with a padding mask cost far more than the
+    activations (an 8,192-token pass estimated at 192 MB held 1.3 GB)."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude, self.storages = exclude, {}
+        super().__init__(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.exclude:
+            self.storages[ptr] = storage.nbytes()
+        return t
+
+    def add(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage too (kept by the pass whether or not autograd saved it)."""
+        self._pack(t)
+
     @property
-    def nbytes(self) -> int:
-        """A rough size of what the graph holds: activations of every block, a few per layer."""
-        return self.out.numel() * self.out.element_size() * len(self.span) * 12
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def weight_storages(blocks: SpanBlocks) -> set[int]:
+    """Data pointers of the storages of ``blocks``' parameters and buffers."""
+    tensors = [*blocks.layers.parameters(), *blocks.layers.buffers(), *blocks.rotary.parameters(),
+               *blocks.rotary.buffers()]
+    return {t.untyped_storage().data_ptr() for t in tensors}
 
 
 def forward_for_backward(
@@ -196,14 +226,17 @@ def forward_for_backward(
 ) -> SavedPass:
     """Forward over ``span`` with the graph kept for the gradients of input, LoRA weights and prefix."""
     leaf_lora = lora.for_span(span.start, span.end) if lora is not None else None
-    with torch.enable_grad(), active(leaf_lora):
+    kept = KeptBytes(weight_storages(blocks))
+    with torch.enable_grad(), active(leaf_lora), kept:
         x = hidden.to(blocks.dtype).detach().requires_grad_(True)
         leaf_prefix = prefix.detach().requires_grad_(True) if prefix is not None else None
         cache = prefixed_cache(blocks, span, leaf_prefix) if leaf_prefix is not None else None
         out = forward_span(blocks, span, x, attention_mask, position_ids, cache)
     keys = list(leaf_lora.weights) if leaf_lora is not None else []
     leaves = [x] + [t for k in keys for t in leaf_lora.weights[k]] + ([leaf_prefix] if prefix is not None else [])
-    return SavedPass(span, out, leaves, leaf_lora, prefix is not None)
+    for t in [out, *leaves]:
+        kept.add(t)
+    return SavedPass(span, out, leaves, leaf_lora, prefix is not None, kept.total)
 
 
 def backward_saved(saved: SavedPass, grad_outputs: torch.Tensor

@@ -4,9 +4,13 @@ A key file is a comment line and one line of base64 (32 random bytes), made by `
 Nothing uses the secret directly: separate subkeys are derived from it (HKDF-SHA256, RFC 5869) for
 RPC authentication, DHT record encryption, DHT key names and LAN discovery, so one use never weakens another.
 
-RPC proofs (``rpc_proof`` / ``check_proof``) travel in gRPC metadata: an HMAC over the method, the
-node address dialed, a timestamp, a random nonce and the SHA-256 of the request body (streams: a
-fixed marker; the stream is authenticated when it opens).
+RPC proofs (``rpc_proof`` / ``mac_matches``) travel in gRPC metadata: an HMAC over the method, the
+node address dialed, a timestamp, a random nonce, the node's epoch and the SHA-256 of the request body
+(streams: of the stream's first message). The body's hash travels in the proof itself, so a node checks
+the proof before it reads the body, then checks the body against the hash. The epoch is a random value
+each node process picks when it starts and tells every caller (in its refusals): a proof made for one
+run of a node is refused by the next, so a captured proof cannot be replayed after a restart, when the
+node's memory of used nonces is gone.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ KEY_BYTES = 32  # length of a new key's secret
 MIN_KEY_BYTES = 16  # shortest secret a key file may hold
 KEY_HEADER = "# swarmlm swarm key: every member of the swarm needs this file; keep it secret"
 AUTH_HEADER = "swarmlm-auth"  # gRPC metadata key carrying the proof
-PROOF_VERSION = "v1"
-STREAM_BODY = b"stream"  # what a stream's proof covers instead of a body hash
+PROOF_VERSION = "v2"
+NO_EPOCH = "-"  # the epoch of a proof made before the caller knows the node's (the node refuses it, saying its own)
+EPOCH_MARK = "node epoch "  # how a refusal names the node's current epoch: "... (node epoch 3f2a...)"
 _SALT = b"swarmlm swarm key v1"
 
 
@@ -104,27 +109,40 @@ def body_digest(body: bytes) -> bytes:
     return hashlib.sha256(body).digest()
 
 
-def _mac(key: SwarmKey, method: str, audience: str, stamp: str, nonce: str, digest: bytes) -> str:
-    message = "\0".join((PROOF_VERSION, method, audience, stamp, nonce)).encode() + b"\0" + digest
+def _mac(key: SwarmKey, method: str, audience: str, stamp: str, nonce: str, epoch: str, digest: str) -> str:
+    message = "\0".join((PROOF_VERSION, method, audience, stamp, nonce, epoch, digest)).encode()
     return hmac.new(key.rpc, message, hashlib.sha256).hexdigest()
 
 
-def rpc_proof(key: SwarmKey, method: str, audience: str, digest: bytes, now: float | None = None,
-              nonce: str | None = None) -> str:
-    """The metadata value proving the key for one call of ``method`` to the node at ``audience``."""
+def new_epoch() -> str:
+    """A node process's epoch: random, so no two runs of a node share one."""
+    return secrets.token_hex(16)
+
+
+def rpc_proof(key: SwarmKey, method: str, audience: str, digest: bytes, epoch: str = NO_EPOCH,
+              now: float | None = None, nonce: str | None = None) -> str:
+    """The metadata value proving the key for one call of ``method`` to the node at ``audience`` in its
+    ``epoch``, whose body (a stream: first message) has SHA-256 ``digest``."""
     stamp = str(int((time.time() if now is None else now) * 1000))
     nonce = nonce or secrets.token_hex(16)
-    return ".".join((PROOF_VERSION, stamp, nonce, _mac(key, method, audience, stamp, nonce, digest)))
+    body = digest.hex()
+    return ".".join((PROOF_VERSION, stamp, nonce, epoch, body, _mac(key, method, audience, stamp, nonce, epoch, body)))
 
 
 @dataclass(frozen=True)
 class Proof:
-    """A parsed proof: when it was made, its nonce, its MAC (still to be checked)."""
+    """A parsed proof: when it was made, its nonce, epoch and body hash, its MAC (still to be checked)."""
 
     timestamp: float  # seconds since the epoch, by the caller's clock
     nonce: str  # random hex chosen by the caller
     stamp: str  # the timestamp as sent (milliseconds)
+    epoch: str  # the node run it was made for (NO_EPOCH: the caller did not know it)
+    digest: str  # hex SHA-256 of the body it covers
     mac: str  # hex HMAC-SHA256
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def parse_proof(value: str | bytes | None) -> Proof:
@@ -134,15 +152,25 @@ def parse_proof(value: str | bytes | None) -> Proof:
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
     parts = value.split(".")
-    if len(parts) != 4 or parts[0] != PROOF_VERSION:
-        raise ValueError(f"malformed (expected {PROOF_VERSION}.<ms>.<nonce>.<mac>)")
-    _, stamp, nonce, mac = parts
-    if not (stamp.isdigit() and len(stamp) <= 16 and 16 <= len(nonce) <= 64 and len(mac) == 64):
+    if len(parts) != 6 or parts[0] != PROOF_VERSION:
+        raise ValueError(f"malformed (expected {PROOF_VERSION}.<ms>.<nonce>.<epoch>.<sha256>.<mac>)")
+    _, stamp, nonce, epoch, digest, mac = parts
+    if not (stamp.isdigit() and len(stamp) <= 16 and 16 <= len(nonce) <= 64 and len(mac) == 64
+            and len(digest) == 64 and (epoch == NO_EPOCH or 1 <= len(epoch) <= 64)):
         raise ValueError("malformed fields")
-    if not all(c in "0123456789abcdef" for c in nonce + mac):
+    if not _is_hex(nonce + mac + digest) or not (epoch == NO_EPOCH or _is_hex(epoch)):
         raise ValueError("malformed fields (not lowercase hex)")
-    return Proof(int(stamp) / 1000, nonce, stamp, mac)
+    return Proof(int(stamp) / 1000, nonce, stamp, epoch, digest, mac)
 
 
-def mac_matches(key: SwarmKey, proof: Proof, method: str, audience: str, digest: bytes) -> bool:
-    return hmac.compare_digest(proof.mac, _mac(key, method, audience, proof.stamp, proof.nonce, digest))
+def mac_matches(key: SwarmKey, proof: Proof, method: str, audience: str) -> bool:
+    """Whether ``proof`` was made with ``key`` for this method and node (its epoch and body hash included)."""
+    expected = _mac(key, method, audience, proof.stamp, proof.nonce, proof.epoch, proof.digest)
+    return hmac.compare_digest(proof.mac, expected)
+
+
+def epoch_in(message: str) -> str | None:
+    """The node epoch a refusal message names, if any (see EPOCH_MARK)."""
+    _, mark, rest = message.rpartition(EPOCH_MARK)
+    epoch = rest[:64].split(")")[0] if mark else ""
+    return epoch if epoch and _is_hex(epoch) else None

@@ -77,3 +77,69 @@ def test_private_swarm_from_the_command_line(tmp_path, tiny_path):
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def test_captured_proofs_are_refused_after_the_node_restarts(tmp_path, tiny_path):
+    """The node's memory of used nonces ends with its process; a Forward proof captured before a restart
+    (within the clock window) and a captured stream opening used to be accepted again after it. Proofs
+    now cover the node process's epoch."""
+    import grpc
+    import torch
+
+    from node.auth import DEFAULT_WINDOW
+    from proto import swarmlm_pb2 as pb
+    from proto import swarmlm_pb2_grpc as pb_grpc
+    from proto.tensors import serialize
+    from swarm.keys import AUTH_HEADER, body_digest, epoch_in, rpc_proof
+    from tests.helpers.network import free_port
+
+    keygen(tmp_path / "lab.key")
+    key, port = load_key(tmp_path / "lab.key"), free_port()
+    service = f"/{pb.DESCRIPTOR.services_by_name['Node'].full_name}"
+    boot = Proc([*command("swarm", True), "bootstrap", "--host", "127.0.0.1", "--swarm-key", str(tmp_path / "lab.key")])
+    procs = [boot]
+
+    def start_node():
+        procs.append(Proc([*command("node", True), "serve", "--model", str(tiny_path), "--blocks", "0:2", "--host",
+                           "127.0.0.1", "--port", str(port), "--initial-peers", peer, "--swarm-key",
+                           str(tmp_path / "lab.key"), "--shutdown-grace", "0"]))
+        return procs[-1].read_line(READY)
+
+    def proof(method, body, epoch):
+        return [(AUTH_HEADER, rpc_proof(key, service + method, address, body_digest(body), epoch))]
+
+    def refusal(call) -> str:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value.details()
+        return err.value.details()
+
+    try:
+        peer = boot.read_line(READY)
+        address = start_node()
+        with grpc.insecure_channel(address) as channel:
+            stub, info = pb_grpc.NodeStub(channel), pb.InfoRequest().SerializeToString()
+            epoch = epoch_in(refusal(lambda: stub.Info(pb.InfoRequest(), metadata=proof("/Info", info, "-"))))
+            model = stub.Info(pb.InfoRequest(), metadata=proof("/Info", info, epoch)).model
+            forward = pb.ForwardRequest(model=model, start=0, end=2, hidden_states=serialize(torch.randn(1, 3, 64)))
+            captured = proof("/Forward", forward.SerializeToString(), epoch)
+            assert stub.Forward(forward, metadata=captured, timeout=30).hidden_states.shape
+            opening = pb.InferenceRequest(open=pb.SessionOptions(model=model, start=0, end=2, batch_size=1,
+                                                                 max_length=8))
+            captured_open = proof("/Inference", opening.SerializeToString(), epoch)
+            (ack,) = stub.Inference(iter([opening]), metadata=captured_open, timeout=30)
+        procs.pop().stop()
+        assert start_node() == address  # the same node, at the same address, well within the window
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.NodeStub(channel)
+            assert "earlier run" in refusal(lambda: stub.Forward(forward, metadata=captured, timeout=30))
+            assert "earlier run" in refusal(lambda: list(stub.Inference(iter([opening]), metadata=captured_open,
+                                                                        timeout=30)))
+            fresh = epoch_in(refusal(lambda: stub.Forward(forward, metadata=captured, timeout=30)))
+            assert fresh != epoch
+            assert stub.Forward(forward, metadata=proof("/Forward", forward.SerializeToString(), fresh),
+                                timeout=30).hidden_states.shape
+        assert DEFAULT_WINDOW >= 60  # (the replays above were seconds old)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()

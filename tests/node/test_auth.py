@@ -12,11 +12,12 @@ import torch
 from client.transport import Connections, RemoteCallError, call_forward, forward_request
 from node.auth import AuthError, NonceCache
 from node.config import NodeConfig
+from node.requests import max_message_bytes
 from node.server import NodeThread
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
-from swarm.keys import AUTH_HEADER, STREAM_BODY, body_digest, generate_key_text, load_key, parse_key, rpc_proof
+from swarm.keys import AUTH_HEADER, body_digest, generate_key_text, load_key, parse_key, rpc_proof
 from swarm.spans import Span
 from tests.conftest import NUM_LAYERS
 
@@ -43,16 +44,18 @@ def node(private_node, key_path):
     key = load_key(key_path)
     channel = grpc.insecure_channel(private_node.address)
     stub = pb_grpc.NodeStub(channel)
-    model = stub.Info(pb.InfoRequest(), metadata=proof(key, private_node.address, INFO, pb.InfoRequest())).model
+    model = stub.Info(pb.InfoRequest(), metadata=proof(key, private_node, INFO, pb.InfoRequest())).model
     try:
         yield private_node, stub, key, model
     finally:
         channel.close()
 
 
-def proof(key, address, method, request=None, **kw):
-    digest = STREAM_BODY if request is None else body_digest(request.SerializeToString())
-    return [(AUTH_HEADER, rpc_proof(key, method, address, digest, **kw))]
+def proof(key, node, method, request, address=None, **kw):
+    """Metadata proving ``key`` for one call to ``node`` (a stream: ``request`` is its first message)."""
+    kw.setdefault("epoch", node.node.auth.epoch)
+    digest = body_digest(request.SerializeToString())
+    return [(AUTH_HEADER, rpc_proof(key, method, address or node.address, digest, **kw))]
 
 
 def forward_req(model, **changes):
@@ -74,8 +77,8 @@ def refused(call) -> str:
     return err.value.details()
 
 
-def cache_free(stub, key, address) -> int:
-    return stub.Info(pb.InfoRequest(), metadata=proof(key, address, INFO, pb.InfoRequest())).cache_tokens_free
+def cache_free(stub, key, node) -> int:
+    return stub.Info(pb.InfoRequest(), metadata=proof(key, node, INFO, pb.InfoRequest())).cache_tokens_free
 
 
 def test_calls_without_a_proof_are_refused_before_any_work(node):
@@ -92,43 +95,89 @@ def test_calls_without_a_proof_are_refused_before_any_work(node):
     refused(lambda: list(stub.Inference(iter([open_request(model)]), timeout=10)))
     assert (auth.accepted, auth.refused) == (accepted, refused_before + 4)
     assert servicer.open_sessions == 0 and servicer.in_flight == 0
-    assert cache_free(stub, key, handle.address) == CACHE
+    assert cache_free(stub, key, handle) == CACHE
 
 
 def test_a_wrong_key_is_refused(node):
     handle, stub, _, model = node
     wrong = parse_key(generate_key_text())
     req = forward_req(model)
-    message = refused(lambda: stub.Forward(req, metadata=proof(wrong, handle.address, FORWARD, req), timeout=10))
+    message = refused(lambda: stub.Forward(req, metadata=proof(wrong, handle, FORWARD, req), timeout=10))
     assert "does not match" in message
     refused(lambda: list(stub.Inference(iter([open_request(model)]), timeout=10,
-                                        metadata=proof(wrong, handle.address, INFERENCE))))
+                                        metadata=proof(wrong, handle, INFERENCE, open_request(model)))))
 
 
 def test_replayed_stale_and_misdirected_proofs_are_refused(node):
     handle, stub, key, model = node
-    req, address = forward_req(model), handle.address
-    metadata = proof(key, address, FORWARD, req)
+    req = forward_req(model)
+    metadata = proof(key, handle, FORWARD, req)
     assert list(stub.Forward(req, metadata=metadata, timeout=30).hidden_states.shape) == [1, 3, HIDDEN]
     assert "replayed" in refused(lambda: stub.Forward(req, metadata=metadata, timeout=10))
     for skew in (-120, 120):
-        stale = proof(key, address, FORWARD, req, now=time.time() + skew)
+        stale = proof(key, handle, FORWARD, req, now=time.time() + skew)
         assert "stale" in refused(lambda: stub.Forward(req, metadata=stale, timeout=10))
     other_body = forward_req(model, end=3)  # a proof covers exactly the bytes it was made for
-    for_req = proof(key, address, FORWARD, req)
-    assert "does not match" in refused(lambda: stub.Forward(other_body, metadata=for_req, timeout=10))
-    elsewhere = proof(key, "127.0.0.1:1", FORWARD, req)  # made for another node
+    for_req = proof(key, handle, FORWARD, req)
+    assert "SHA-256 differs" in refused(lambda: stub.Forward(other_body, metadata=for_req, timeout=10))
+    elsewhere = proof(key, handle, FORWARD, req, address="127.0.0.1:1")  # made for another node
     assert "does not match" in refused(lambda: stub.Forward(req, metadata=elsewhere, timeout=10))
-    info_proof = proof(key, address, INFO, req)  # made for another method
+    info_proof = proof(key, handle, INFO, req)  # made for another method
     refused(lambda: stub.Forward(req, metadata=info_proof, timeout=10))
-    unary_style = proof(key, address, INFERENCE, open_request(model))  # a stream proof covers no body
-    refused(lambda: list(stub.Inference(iter([open_request(model)]), metadata=unary_style, timeout=10)))
-    garbled = [(AUTH_HEADER, "v1.123.abc")]
+    other_run = proof(key, handle, FORWARD, req, epoch="ab" * 16)  # made for another run of the node
+    assert handle.node.auth.epoch in refused(lambda: stub.Forward(req, metadata=other_run, timeout=10))
+    garbled = [(AUTH_HEADER, "v2.123.abc")]
     assert "malformed" in refused(lambda: stub.Forward(req, metadata=garbled, timeout=10))
     # a fresh, proper proof still works afterwards, for streams too
-    assert stub.Forward(req, metadata=proof(key, address, FORWARD, req), timeout=30).hidden_states.shape
-    (ack,) = stub.Inference(iter([open_request(model)]), metadata=proof(key, address, INFERENCE), timeout=30)
+    assert stub.Forward(req, metadata=proof(key, handle, FORWARD, req), timeout=30).hidden_states.shape
+    opening = open_request(model)
+    (ack,) = stub.Inference(iter([opening]), metadata=proof(key, handle, INFERENCE, opening), timeout=30)
     assert ack.cache_length == 0
+
+
+def test_a_stream_proof_covers_its_own_first_message_only(node):
+    """A stream's proof used to cover a fixed marker: any captured opening proof opened any session."""
+    handle, stub, key, model = node
+    opening = open_request(model)
+    other = pb.InferenceRequest(open=pb.SessionOptions(model=model, start=0, end=2, batch_size=1, max_length=16))
+    metadata = proof(key, handle, INFERENCE, opening)
+    message = refused(lambda: list(stub.Inference(iter([other]), metadata=metadata, timeout=10)))
+    assert "first message" in message
+    assert handle.node.servicer.open_sessions == 0 and cache_free(stub, key, handle) == CACHE
+    # and the same opening sent again (a captured stream, replayed) is refused
+    (ack,) = stub.Inference(iter([opening]), metadata=proof(key, handle, INFERENCE, opening, nonce="cd" * 16),
+                            timeout=30)
+    assert ack.cache_length == 0
+    again = proof(key, handle, INFERENCE, opening, nonce="cd" * 16)
+    assert "replayed" in refused(lambda: list(stub.Inference(iter([opening]), metadata=again, timeout=10)))
+
+
+def test_a_keyless_call_with_a_big_body_is_refused_without_hashing_it(node):
+    """The proof is checked from the metadata: a caller without the key gets UNAUTHENTICATED and the node
+    never hashes (or parses) its body. Bodies used to be received and hashed first (100 concurrent 9 MB
+    calls took a node from 422 MB to 2.3 GB)."""
+    handle, stub, key, model = node
+    auth = handle.node.auth
+    body = bytes(max_message_bytes(handle.node.servicer.limits) - 1024)  # as big as the node takes (never parsed)
+    hashed = auth.hashed
+    fake = [(AUTH_HEADER, rpc_proof(parse_key(generate_key_text()), FORWARD, handle.address,
+                                    body_digest(b"x"), epoch=auth.epoch))]
+
+    async def many(n):
+        async with grpc.aio.insecure_channel(handle.address, options=[("grpc.max_send_message_length", -1)]) as ch:
+            call = ch.unary_unary(FORWARD)
+            results = await asyncio.gather(*(call(body, metadata=m, timeout=30) for m in [None, fake] * (n // 2)),
+                                           return_exceptions=True)
+        return [r.code() if isinstance(r, grpc.aio.AioRpcError) else r for r in results]
+
+    codes = asyncio.run(many(20))
+    assert auth.hashed == hashed  # not one body hashed
+    assert set(codes) <= {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL}
+    assert grpc.StatusCode.UNAUTHENTICATED in codes
+    assert auth.draining == 0
+    req = forward_req(model)  # members are still served, their body checked against the proof
+    assert stub.Forward(req, metadata=proof(key, handle, FORWARD, req), timeout=30).hidden_states.shape
+    assert auth.hashed == hashed + 1
 
 
 def test_members_get_the_same_results_as_local(private_node, private_peers, key_path, open_client, tiny_path,
