@@ -72,7 +72,9 @@ class LoraUse:
 class RemoteChain:
     """Routes over the nodes announced for one model; bans nodes that fail and retries elsewhere."""
 
-    def __init__(self, config: ClientConfig, model: str, num_blocks: int):
+    def __init__(self, config: ClientConfig, model: str, num_blocks: int, weights: dict[int, str] | None = None):
+        """``weights``: block -> hash of the model's weights there (swarm.identity); only nodes announcing
+        the matching digest are used. None: every node announced under ``model`` is."""
         self.config, self.model, self.num_blocks = config, model, num_blocks
         if not config.initial_peers and not config.lan:
             raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer (or lan=True)")
@@ -92,7 +94,7 @@ class RemoteChain:
             self._loop.close()
             raise
         self.connections = Connections(swarm_key, config.tls_ca, max_message_mb=config.max_message_mb)  # loop thread only
-        self.router = Router(self.dht, model, num_blocks, config, self.connections)
+        self.router = Router(self.dht, model, num_blocks, config, self.connections, weights)
         self.verifier = Verifier(self.router, config)  # re-runs a fraction of hops elsewhere (verify_fraction)
         self.link = SwarmLink(model, num_blocks, self.router, self.connections, self.verifier, config.request_timeout,
                               config.max_step_tokens, config.adapter, self.run, self.call_soon)

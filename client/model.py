@@ -1,6 +1,7 @@
 """The user's model: embeddings, final norm and LM head held locally; every block runs in the swarm."""
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import torch
@@ -16,7 +17,11 @@ from client.remote import RemoteBlocks
 from client.verify import Suspicion
 from swarm.arch import LAYER_PREFIX, get_family
 from swarm.checkpoint import CheckpointError, load_config, read_tensors, resolve_checkpoint
+from swarm.identity import MANIFEST, block_hashes
+from swarm.spans import Span
 from swarm.records import default_model_name, model_key
+
+log = logging.getLogger(__name__)
 
 
 class DistributedBaseModel(nn.Module):
@@ -134,7 +139,12 @@ def load_distributed(
     folder = resolve_checkpoint(model, need_weights=_client_side, revision=revision, tokenizer=True)
     shell = build_client_model(model_cls, folder, dtype, config_changes, fresh)
     key = model_key(client_config.model_name or default_model_name(model), shell.config)
-    shell.model.layers.chain = RemoteChain(client_config, key, shell.config.num_hidden_layers)
+    num_blocks = shell.config.num_hidden_layers
+    weights = block_hashes(folder, Span(0, num_blocks), get_family(shell.config).layer_prefix)
+    if weights is None:
+        log.warning("%s holds neither the block weights nor their hashes (%s): nodes serving other weights "
+                    "under this model's name cannot be told apart", folder, MANIFEST)
+    shell.model.layers.chain = RemoteChain(client_config, key, num_blocks, weights)
     return shell
 
 

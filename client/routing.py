@@ -26,6 +26,7 @@ from client.policy import Attempts, FailurePolicy, PolicyConfig
 from client.transport import Connections, RemoteCallError, TLSHandshakeError, plaintext_refused
 from proto import swarmlm_pb2 as pb
 from swarm.dht import SwarmDHT
+from swarm.identity import WeightsCheck
 from swarm.routing import Hop, NoRouteError, believed_throughput, choose_route, sample_route
 from swarm.spans import NodeState, ServerInfo, Span
 
@@ -38,8 +39,10 @@ PROBE_BATCH = 16  # nodes probed at once (a route's new nodes and the likeliest 
 
 class Router:
     def __init__(self, dht: SwarmDHT, model: str, num_blocks: int, config: ClientConfig,
-                 connections: Connections | None = None):
+                 connections: Connections | None = None, weights: dict[int, str] | None = None):
         self.dht, self.model, self.num_blocks, self.config = dht, model, num_blocks, config
+        self.weights = WeightsCheck(weights) if weights is not None else None  # None: no identity check
+        self.other_weights: list[ServerInfo] = []  # nodes of the last read announcing other weights: never used
         self.connections = connections  # told which nodes speak TLS whenever the swarm is read
         self.policy = FailurePolicy(PolicyConfig(config.max_retries, config.ban_seconds, config.max_wait))
         self._untrusted = self.policy.untrusted  # node id -> why TLS authentication failed
@@ -54,6 +57,10 @@ class Router:
         """The swarm as last read from the DHT (re-read when stale or asked to)."""
         if refresh or time.monotonic() - self._fetched_at > self.config.refresh_seconds:
             servers = await self.dht.fetch_servers(self.model, self.num_blocks)
+            if self.weights is not None:  # a node serving other weights under this name is never used
+                servers, self.other_weights = self.weights.split(servers)
+                for s in self.other_weights:
+                    self.weights.warn_once(s)
             if self.config.adapter:  # only nodes that host the chosen adapter can serve us
                 servers = [s for s in servers if self.config.adapter in s.adapters]
             if self.config.tls_ca is not None:  # TLS required: plaintext nodes are never dialed

@@ -28,6 +28,7 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__, lan
 from swarm.aio import LoopThread
 from swarm.dht import Announcer, DHTStartError, SwarmDHT
+from swarm.identity import block_hashes, span_digest
 from swarm.keys import load_optional
 from swarm.placement import choose_blocks, should_move
 from swarm.records import default_model_name, model_key
@@ -54,6 +55,15 @@ def measure_throughput(blocks: SpanBlocks, tokens: int = 32) -> float:
     log.info("measured throughput: %.0f tokens/s per block (timed runs spread %.0f%% around the median)",
              rate.median, 100 * rate.spread)
     return rate.median
+
+
+def weights_digest(folder: Path, model_config, span: Span) -> str:
+    """The digest of ``span``'s weights this node announces (swarm.identity), from the checkpoint's
+    manifest or hashed once now."""
+    hashes = block_hashes(folder, span, get_family(model_config).layer_prefix)
+    if hashes is None:
+        raise CheckpointError(f"checkpoint {folder} lacks the weights of some of blocks {span}")
+    return span_digest(hashes, span)
 
 
 def announced_address(announce: str | None, host: str, port: int) -> str:
@@ -97,9 +107,11 @@ class Node:
         dtype = getattr(torch, cfg.dtype)
         blocks = await asyncio.get_running_loop().run_in_executor(
             self._pool, load_span, folder, model_config, self.span, dtype)
+        weights = await asyncio.get_running_loop().run_in_executor(
+            self._pool, weights_digest, folder, model_config, self.span)
         self.servicer = self._servicer(blocks, model_config, dtype)
         self._listen(swarm_key, tls)
-        await self._go_online(tls is not None)
+        await self._go_online(tls is not None, weights)
         if cfg.rebalance_period:
             self._rebalancer = asyncio.create_task(self._rebalance(folder, model_config, dtype,
                                                                    model_config.num_hidden_layers))
@@ -192,12 +204,12 @@ class Node:
         if self.auth is not None:
             self.auth.audience = self.address  # proofs name the address clients dial
 
-    async def _go_online(self, tls: bool) -> None:
+    async def _go_online(self, tls: bool, weights: str) -> None:
         """Announce JOINING, measure throughput, start serving, announce ONLINE."""
         cfg, servicer = self.config, self.servicer
         info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=self.span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
-                          adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls)
+                          adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await asyncio.get_running_loop().run_in_executor(
@@ -222,7 +234,8 @@ class Node:
                 log.info("rebalancing: moving from blocks %s to %s", self.span, target)
                 # JOINING at the new span (clients stop routing here; other nodes see the weak place filling
                 # up and do not all move to it, see swarm.placement)
-                await self._announcer.move(target, NodeState.JOINING)
+                weights = await loop.run_in_executor(self._pool, weights_digest, folder, model_config, target)
+                await self._announcer.move(target, NodeState.JOINING, weights)
                 await asyncio.sleep(min(self.config.ttl, self.config.rebalance_period))
                 blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype)
                 if self.config.adapters:

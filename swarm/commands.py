@@ -11,7 +11,9 @@ from pathlib import Path
 from swarm import lan
 from swarm.checkpoint import CheckpointError, load_config, no_weights, resolve_checkpoint
 from swarm.cliargs import fail, peers_list
+from swarm.arch import get_family
 from swarm.dht import DHTStartError, SwarmDHT
+from swarm.identity import WeightsCheck, block_hashes
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
 from swarm.lan import LanAnnouncer
 from swarm.records import default_model_name, model_key
@@ -67,8 +69,10 @@ async def bootstrap(args) -> int:
     return 0
 
 
-def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool = False) -> str:
-    """One row per block: the nodes serving it with address (and TLS if they speak it), state and throughput."""
+def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool = False,
+                  other: list[ServerInfo] = ()) -> str:
+    """One row per block: the nodes serving it with address (and TLS if they speak it), state and throughput;
+    then, apart, the nodes in ``other`` (announcing other weights than the checkpoint's: never routed to)."""
     rows = [("block", "nodes (address state tokens/s)")]
     for block in range(num_blocks):
         here = [s for s in servers if block in s.span and (show_offline or s.state is not NodeState.OFFLINE)]
@@ -76,13 +80,21 @@ def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool
                          for s in here) or "-- UNCOVERED --"
         rows.append((str(block), cell))
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{a.rjust(width)}  {b}" for a, b in rows)
+    lines = [f"{a.rjust(width)}  {b}" for a, b in rows]
+    shown = [s for s in other if show_offline or s.state is not NodeState.OFFLINE]
+    if shown:
+        lines.append("other weights (same name and config, different tensors; never routed to):")
+        lines += [f"  {s.address} blocks {s.span} {s.state.value} {s.throughput:.0f}"
+                  f"{'' if s.weights else ' (announces no weights digest)'}" for s in shown]
+    return "\n".join(lines)
 
 
 async def status(args) -> int:
     try:
-        config = load_config(resolve_checkpoint(args.model, need_weights=no_weights))
+        folder = resolve_checkpoint(args.model, need_weights=no_weights)
+        config = load_config(folder)
         key = model_key(args.model_name or default_model_name(args.model), config)
+        hashes = block_hashes(folder, Span(0, config.num_hidden_layers), get_family(config).layer_prefix)
         swarm_key = load_optional(args.swarm_key)
         peers = await asyncio.get_running_loop().run_in_executor(
             None, lan.initial_peers, peers_list(args.initial_peers), args.lan, swarm_key, key)
@@ -93,8 +105,11 @@ async def status(args) -> int:
         servers = await dht.fetch_servers(key, config.num_hidden_layers)
     finally:
         await dht.shutdown()
+    other: list[ServerInfo] = []
+    if hashes is not None:
+        servers, other = WeightsCheck(hashes).split(servers)
     print(f"model {key}: {config.num_hidden_layers} blocks")
-    print(render_status(servers, config.num_hidden_layers, args.all))
+    print(render_status(servers, config.num_hidden_layers, args.all, other))
     missing = uncovered_blocks(servers, Span(0, config.num_hidden_layers))
     if missing:
         print(f"uncovered blocks: {format_blocks(missing)}", file=sys.stderr)

@@ -175,9 +175,10 @@ class Announcer:
         self.info = replace(self.info, **changes)
         await self._announce()
 
-    async def move(self, span: Span, state: NodeState) -> None:
-        """Serve a new span: publish it (it replaces this node's record of the old span)."""
-        self.info = replace(self.info, span=span, state=state)
+    async def move(self, span: Span, state: NodeState, weights: str | None = None) -> None:
+        """Serve a new span (whose weights digest is ``weights``, if given): publish it (it replaces this
+        node's record of the old span)."""
+        self.info = replace(self.info, span=span, state=state, **({"weights": weights} if weights is not None else {}))
         await self._announce()
 
     async def stop(self, final_state: NodeState | None = NodeState.OFFLINE) -> None:

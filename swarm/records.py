@@ -10,7 +10,8 @@ records: see the README's limits.)
 Optional fields appear only when they say something: ``"tls": True`` marks a node that serves gRPC
 over TLS. A plaintext node's record is what it always was, so every reader understands it; readers
 that predate a field find a record with it malformed and skip that node, which is right for TLS
-(they could not dial it).
+(they could not dial it). ``"weights"`` is the digest of the node's span's weights (swarm.identity):
+clients that know the model's weights route only to nodes announcing the digest they compute themselves.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ RECORD_FIELDS = {
 OPTIONAL_FIELDS = {
     "tls": True,  # present (and exactly True) only for a node serving gRPC over TLS
 }
+DIGEST_FIELD = "weights"  # optional: 64 lowercase hex digits, the digest of the span's weights
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
@@ -85,7 +87,13 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         "dtype": info.dtype,
         "adapters": list(info.adapters),
         **({"tls": True} if info.tls else {}),
+        **({DIGEST_FIELD: info.weights} if info.weights else {}),
     }
+
+
+def valid_digest(value: object) -> bool:
+    """A weights digest as announced: SHA-256 in lowercase hex."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _valid_address(address: str) -> bool:
@@ -98,9 +106,12 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
     return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
-    if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= set(RECORD_FIELDS) | set(OPTIONAL_FIELDS):
+    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD}
+    if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= allowed:
         return None
     if any(value[name] is not only for name, only in OPTIONAL_FIELDS.items() if name in value):
+        return None
+    if DIGEST_FIELD in value and not valid_digest(value[DIGEST_FIELD]):
         return None
     for field, kind in RECORD_FIELDS.items():
         item = value[field]
@@ -133,4 +144,5 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         dtype=value["dtype"],
         adapters=tuple(adapters),
         tls="tls" in value,
+        weights=value.get(DIGEST_FIELD, ""),
     )

@@ -60,3 +60,4 @@ class ServerInfo:
     dtype: str  # compute dtype of the node's blocks
     adapters: tuple[str, ...] = ()  # names of LoRA adapters the node hosts (node serve --adapters)
     tls: bool = False  # the node serves gRPC over TLS (node serve --tls-cert): dial it with a secure channel
+    weights: str = ""  # digest of the span's weights (swarm.identity.span_digest); "": not announced

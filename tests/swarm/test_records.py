@@ -63,3 +63,13 @@ def test_tls_is_an_optional_field_old_readers_skip():
 @pytest.mark.parametrize("value", [False, 1, "yes", None, [True]])
 def test_tls_field_must_be_exactly_true(value):
     assert parse_record("peerA", {**make_record(INFO), "tls": value}, block=3, num_blocks=8) is None
+
+
+def test_weights_digest_is_an_optional_strict_field():
+    info = ServerInfo("peerA", "127.0.0.1:5000", Span(2, 6), NodeState.ONLINE, 123.0, "0.1.0", "float32",
+                      weights="ab" * 32)
+    assert make_record(info)["weights"] == "ab" * 32
+    assert parse_record("peerA", make_record(info), block=3, num_blocks=8) == info
+    assert "weights" not in make_record(INFO)
+    for bad in ("AB" * 32, "ab" * 31, "zz" * 32, 5, None, ["ab" * 32]):
+        assert parse_record("peerA", {**make_record(info), "weights": bad}, block=3, num_blocks=8) is None
