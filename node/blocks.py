@@ -15,7 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from node import compat
-from swarm.arch import get_family, uses_sliding_window
+from swarm.arch import get_family, layer_type, uses_sliding_window
 from swarm.checkpoint import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
 from swarm.spans import Span
@@ -28,7 +28,7 @@ class SpanBlocks:
     config: Any  # transformers config of the whole model
     span: Span  # blocks hosted
     layers: nn.ModuleList  # layers[i - span.start] is block i
-    rotary: nn.Module  # rotary embedding shared by every block
+    rotary: nn.Module  # the family's rotary embedding (one (cos, sin) per attention layer type)
     dtype: torch.dtype  # compute dtype
 
     def layer(self, block: int) -> nn.Module:
@@ -40,7 +40,7 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> Span
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
-    compat.use_attention_kernel(config, "sdpa")  # the same kernel local transformers picks on CPU
+    compat.use_attention_kernel(config, compat.default_attention_kernel(family.causal_lm_cls))  # as local picks
     prefixes = tuple(f"{family.layer_prefix}{i}." for i in range(span.start, span.end))
     tensors = read_tensors(folder, lambda name: name.startswith(prefixes), dtype)
     layers = nn.ModuleList()
@@ -128,10 +128,11 @@ def forward_span(
         position_ids = default_position_ids(hidden.shape[1], past)
     x = hidden.to(blocks.dtype)
     masks = _masks(blocks, span, x, attention_mask, position_ids, cache)
-    cos, sin = blocks.rotary(x, position_ids)
-    for i in range(span.start, span.end):
+    kinds = [layer_type(blocks.config, i) for i in range(span.start, span.end)]
+    rotary = compat.rotary_embeddings(blocks.rotary, x, position_ids, set(kinds))
+    for i, kind in zip(range(span.start, span.end), kinds):
         x = compat.call_decoder_layer(blocks.layer(i), x, attention_mask=masks[uses_sliding_window(blocks.config, i)],
-                                      position_ids=position_ids, position_embeddings=(cos, sin), cache=cache)
+                                      position_ids=position_ids, position_embeddings=rotary[kind], cache=cache)
     return x
 
 

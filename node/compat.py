@@ -61,3 +61,21 @@ def use_attention_kernel(config: Any, kernel: str = "sdpa") -> None:
     ``config._attn_implementation`` when a layer runs; "sdpa" is what a local model picks on CPU, so
     outputs equal a local model's bit for bit."""
     config._attn_implementation = kernel
+
+
+def default_attention_kernel(causal_lm_cls: type) -> str:
+    """The kernel ``from_pretrained`` picks for a family when none is asked for (5.23, 5.24:
+    ``get_correct_attn_implementation``): "sdpa" when the class declares ``_supports_sdpa``, else
+    "eager" (Gemma 2, whose soft-capped attention sdpa cannot compute)."""
+    return "sdpa" if getattr(causal_lm_cls, "_supports_sdpa", False) else "eager"
+
+
+def rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      layer_types: set[str]) -> dict[str, Any]:
+    """(cos, sin) per attention layer type. Most families' rotary is ``rotary(x, position_ids)``, one for
+    every layer; Gemma 3's is ``rotary(x, position_ids, layer_type)``, a base frequency per type
+    (5.23, 5.24). Told apart by the signature of the rotary's forward."""
+    if "layer_type" in inspect.signature(type(rotary).forward).parameters:
+        return {kind: rotary(hidden, position_ids, layer_type=kind) for kind in layer_types}
+    shared = rotary(hidden, position_ids)
+    return {kind: shared for kind in layer_types}
