@@ -36,25 +36,27 @@ class SpanBlocks:
 
 
 def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> SpanBlocks:
-    """Build blocks ``span`` and fill them with their checkpoint tensors only."""
+    """Build blocks ``span`` and fill them with their checkpoint tensors only (converted as transformers
+    converts them when it loads the checkpoint)."""
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
-    compat.use_attention_kernel(config, compat.default_attention_kernel(family.causal_lm_cls))  # as local picks
     prefixes = tuple(f"{family.layer_prefix}{i}." for i in range(span.start, span.end))
     tensors = read_tensors(folder, lambda name: name.startswith(prefixes), dtype)
-    layers = nn.ModuleList()
+    skeleton = compat.build_skeleton(family.causal_lm_cls, config)  # on meta: no memory
     for i, prefix in zip(range(span.start, span.end), prefixes):
-        with torch.device("meta"):
-            layer = family.layer_cls(config, i)
-        state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-        if not state:
+        if not any(name.startswith(prefix) for name in tensors):
             raise CheckpointError(f"checkpoint {folder} has no weights for block {i} ({prefix}*)")
-        missing = set(layer.state_dict()) - set(state)
-        if missing:
-            raise CheckpointError(f"checkpoint {folder} lacks {sorted(missing)[:3]} for block {i}")
-        layer.load_state_dict(state, assign=True, strict=True)
-        layers.append(layer.eval().requires_grad_(False))
+    info = compat.load_converted(skeleton, tensors, dtype)
+    problems = sorted(k for k in info.missing_keys if k.startswith(prefixes)) + sorted(info.conversion_errors)
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} lacks or cannot convert {problems[:3]} for blocks {span}")
+    block_list = skeleton.get_submodule(family.layer_prefix.rstrip("."))
+    layers = nn.ModuleList(block_list[i] for i in range(span.start, span.end))
+    unset = [name for name, t in [*layers.named_parameters(), *layers.named_buffers()] if t.is_meta]
+    if unset:
+        raise CheckpointError(f"checkpoint {folder}: blocks {span} have no value for {unset[:3]}")
+    layers.eval().requires_grad_(False)
     install_hooks(layers, span.start)
     rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
     return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)

@@ -56,18 +56,30 @@ def call_decoder_layer(layer: nn.Module, hidden: torch.Tensor, *, attention_mask
     return out[0] if isinstance(out, tuple) else out
 
 
-def use_attention_kernel(config: Any, kernel: str = "sdpa") -> None:
-    """Pick the attention implementation blocks built from ``config`` use. transformers 5 reads
-    ``config._attn_implementation`` when a layer runs; "sdpa" is what a local model picks on CPU, so
-    outputs equal a local model's bit for bit."""
-    config._attn_implementation = kernel
+def build_skeleton(causal_lm_cls: type, config: Any) -> nn.Module:
+    """The family's whole causal LM on the meta device (no memory): what a span's layers are cut from.
+    Building it also makes the choices ``from_pretrained`` makes (5.23, 5.24: ``PreTrainedModel.__init__``
+    writes ``config._attn_implementation`` and ``config._experts_implementation``: "sdpa", or "eager"
+    where the family cannot use sdpa, e.g. Gemma 2's soft-capped attention; "grouped_mm" for MoE experts),
+    so blocks run the kernels a local model runs and outputs equal it bit for bit."""
+    with torch.device("meta"):
+        return causal_lm_cls(config)
 
 
-def default_attention_kernel(causal_lm_cls: type) -> str:
-    """The kernel ``from_pretrained`` picks for a family when none is asked for (5.23, 5.24:
-    ``get_correct_attn_implementation``): "sdpa" when the class declares ``_supports_sdpa``, else
-    "eager" (Gemma 2, whose soft-capped attention sdpa cannot compute)."""
-    return "sdpa" if getattr(causal_lm_cls, "_supports_sdpa", False) else "eager"
+def load_converted(skeleton: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
+    """Load checkpoint ``tensors`` (a subset, under their checkpoint names) into ``skeleton`` the way
+    ``from_pretrained`` does, with the family's conversions: renamings, per-expert MoE weights fused into
+    3-D expert tensors (5.23, 5.24: ``conversion_mapping.get_model_conversion_mapping`` and
+    ``core_model_loading.convert_and_load_state_dict_in_model``). Tensors not given stay on meta.
+    Returns transformers' LoadStateDictInfo (``missing_keys``, ``unexpected_keys``, ``conversion_errors``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    skeleton.to(dtype=dtype)  # on meta: only the dtype the loader casts to changes
+    load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(skeleton), dtype=dtype)
+    info, _ = convert_and_load_state_dict_in_model(skeleton, tensors, load_config)
+    return info
 
 
 def rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,

@@ -66,6 +66,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("phi3", "phi3", "Phi3"),  # fused qkv_proj and gate_up_proj, partial rotary
     Family("gemma2", "gemma2", "Gemma2", logit_softcap="final_logit_softcapping"),  # eager attention (soft-capped)
     Family("gemma3_text", "gemma3", "Gemma3", base="TextModel", logit_softcap="final_logit_softcapping"),
+    Family("mixtral", "mixtral", "Mixtral"),  # MoE: per-expert checkpoint tensors fused into 3-D on load
+    Family("qwen3_moe", "qwen3_moe", "Qwen3Moe"),  # MoE with q/k norms
 )}
 
 

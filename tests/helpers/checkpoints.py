@@ -21,6 +21,8 @@ small models are built here with a fixed seed so that every run sees the same we
 # Config fields that make a tiny checkpoint of a family exercise its quirks (with 4 blocks): a head
 # size that fits hidden 64, windows shorter than the test prompts, soft-caps that bend the numbers.
 FAMILY_QUIRKS: dict[str, dict] = {
+    "llama": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=16)),  # Llama 3 rope
     "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=2),  # q/k norms, mixed
     "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj / gate_up_proj, rotary on half of each head
     "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5, final_logit_softcapping=3.0,
@@ -28,6 +30,8 @@ FAMILY_QUIRKS: dict[str, dict] = {
     "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
                         layer_types=["sliding_attention", "full_attention"] * 2,
                         final_logit_softcapping=3.0),  # a rotary base per layer type, q/k norms
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # saved per expert, run fused
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
 }
 
 
