@@ -75,6 +75,20 @@ def init_layerless_cache(cache: Cache) -> None:
     Cache.__init__(cache, layers=[])
 
 
+def no_init_weights() -> Any:
+    """transformers' context that skips random init while modules are built (5.23, 5.24:
+    ``transformers.initialization.no_init_weights``): weights loaded right after need none."""
+    from transformers.initialization import no_init_weights as skip
+
+    return skip()
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """The final-logit soft-cap Gemma 2 / Gemma 3's *ForCausalLM.forward applies after the head
+    (``logits / cap``, ``tanh``, ``* cap``; 5.23, 5.24): inline code there, no module to call."""
+    return torch.tanh(logits / cap) * cap
+
+
 # Tied input/output embeddings are declared as {target: source} (transformers 5 form; 4.x used a list).
 TIED_WEIGHTS_KEYS = {"lm_head.weight": "model.embed_tokens.weight"}
 

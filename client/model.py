@@ -1,6 +1,7 @@
 """The user's model: embeddings, final norm and LM head held locally; every block runs in the swarm."""
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, Sequence
 
@@ -24,15 +25,25 @@ from swarm.records import default_model_name, model_key
 log = logging.getLogger(__name__)
 
 
+def client_modules(config: PretrainedConfig) -> tuple[nn.Module, nn.Module]:
+    """The family's own input embeddings (with their scaling, e.g. Gemma's sqrt(hidden_size)) and final
+    norm, made by transformers' base model class of the family built with no decoder layers. Built on
+    the CPU even inside a meta-device context (non-persistent buffers such as an embedding scale are not
+    in the checkpoint), without random init (the weights are loaded next)."""
+    layerless = copy.deepcopy(config)
+    layerless.num_hidden_layers = 0
+    with torch.device("cpu"), compat.no_init_weights():
+        base = get_family(config).base_model_cls(layerless)
+    return base.embed_tokens, base.norm
+
+
 class DistributedBaseModel(nn.Module):
     """Embeddings -> remote blocks -> final norm."""
 
     def __init__(self, config: PretrainedConfig, chain: RemoteChain):
         super().__init__()
-        family = get_family(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.embed_tokens, self.norm = client_modules(config)
         self.layers = RemoteBlocks(chain)
-        self.norm = family.norm_cls(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 cache: RemoteCache | None = None) -> torch.Tensor:
@@ -114,11 +125,18 @@ class DistributedModelForCausalLM(LeavesSwarm, RemoteGenerationMixin, PreTrained
             raise TypeError("the cache must be a RemoteCache (the nodes hold the keys and values)")
         hidden = self.model(input_ids, attention_mask, position_ids, inputs_embeds, remote)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = self.logits(hidden[:, keep, :])
         loss = None
         if labels is not None:
             loss = compat.causal_lm_loss(self, logits, labels, self.config.vocab_size)
         return compat.causal_lm_output(loss, logits, remote)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head and what the family's causal LM does after it (Gemma's final-logit soft-cap)."""
+        logits = self.lm_head(hidden)
+        field = get_family(self.config).logit_softcap
+        cap = getattr(self.config, field, None) if field else None
+        return compat.soft_cap(logits, cap) if cap is not None else logits
 
 
 def load_distributed(

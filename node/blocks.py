@@ -15,7 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from node import compat
-from swarm.arch import get_family, uses_sliding_window
+from swarm.arch import get_family, layer_type, uses_sliding_window
 from swarm.checkpoint import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
 from swarm.spans import Span
@@ -28,7 +28,7 @@ class SpanBlocks:
     config: Any  # transformers config of the whole model
     span: Span  # blocks hosted
     layers: nn.ModuleList  # layers[i - span.start] is block i
-    rotary: nn.Module  # rotary embedding shared by every block
+    rotary: nn.Module  # the family's rotary embedding (one (cos, sin) per attention layer type)
     dtype: torch.dtype  # compute dtype
 
     def layer(self, block: int) -> nn.Module:
@@ -36,25 +36,27 @@ class SpanBlocks:
 
 
 def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> SpanBlocks:
-    """Build blocks ``span`` and fill them with their checkpoint tensors only."""
+    """Build blocks ``span`` and fill them with their checkpoint tensors only (converted as transformers
+    converts them when it loads the checkpoint)."""
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
-    compat.use_attention_kernel(config, "sdpa")  # the same kernel local transformers picks on CPU
     prefixes = tuple(f"{family.layer_prefix}{i}." for i in range(span.start, span.end))
     tensors = read_tensors(folder, lambda name: name.startswith(prefixes), dtype)
-    layers = nn.ModuleList()
+    skeleton = compat.build_skeleton(family.causal_lm_cls, config)  # on meta: no memory
     for i, prefix in zip(range(span.start, span.end), prefixes):
-        with torch.device("meta"):
-            layer = family.layer_cls(config, i)
-        state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
-        if not state:
+        if not any(name.startswith(prefix) for name in tensors):
             raise CheckpointError(f"checkpoint {folder} has no weights for block {i} ({prefix}*)")
-        missing = set(layer.state_dict()) - set(state)
-        if missing:
-            raise CheckpointError(f"checkpoint {folder} lacks {sorted(missing)[:3]} for block {i}")
-        layer.load_state_dict(state, assign=True, strict=True)
-        layers.append(layer.eval().requires_grad_(False))
+    info = compat.load_converted(skeleton, tensors, dtype)
+    problems = sorted(k for k in info.missing_keys if k.startswith(prefixes)) + sorted(info.conversion_errors)
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} lacks or cannot convert {problems[:3]} for blocks {span}")
+    block_list = skeleton.get_submodule(family.layer_prefix.rstrip("."))
+    layers = nn.ModuleList(block_list[i] for i in range(span.start, span.end))
+    unset = [name for name, t in [*layers.named_parameters(), *layers.named_buffers()] if t.is_meta]
+    if unset:
+        raise CheckpointError(f"checkpoint {folder}: blocks {span} have no value for {unset[:3]}")
+    layers.eval().requires_grad_(False)
     install_hooks(layers, span.start)
     rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
     return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)
@@ -128,10 +130,11 @@ def forward_span(
         position_ids = default_position_ids(hidden.shape[1], past)
     x = hidden.to(blocks.dtype)
     masks = _masks(blocks, span, x, attention_mask, position_ids, cache)
-    cos, sin = blocks.rotary(x, position_ids)
-    for i in range(span.start, span.end):
+    kinds = [layer_type(blocks.config, i) for i in range(span.start, span.end)]
+    rotary = compat.rotary_embeddings(blocks.rotary, x, position_ids, set(kinds))
+    for i, kind in zip(range(span.start, span.end), kinds):
         x = compat.call_decoder_layer(blocks.layer(i), x, attention_mask=masks[uses_sliding_window(blocks.config, i)],
-                                      position_ids=position_ids, position_embeddings=(cos, sin), cache=cache)
+                                      position_ids=position_ids, position_embeddings=rotary[kind], cache=cache)
     return x
 
 

@@ -56,8 +56,38 @@ def call_decoder_layer(layer: nn.Module, hidden: torch.Tensor, *, attention_mask
     return out[0] if isinstance(out, tuple) else out
 
 
-def use_attention_kernel(config: Any, kernel: str = "sdpa") -> None:
-    """Pick the attention implementation blocks built from ``config`` use. transformers 5 reads
-    ``config._attn_implementation`` when a layer runs; "sdpa" is what a local model picks on CPU, so
-    outputs equal a local model's bit for bit."""
-    config._attn_implementation = kernel
+def build_skeleton(causal_lm_cls: type, config: Any) -> nn.Module:
+    """The family's whole causal LM on the meta device (no memory): what a span's layers are cut from.
+    Building it also makes the choices ``from_pretrained`` makes (5.23, 5.24: ``PreTrainedModel.__init__``
+    writes ``config._attn_implementation`` and ``config._experts_implementation``: "sdpa", or "eager"
+    where the family cannot use sdpa, e.g. Gemma 2's soft-capped attention; "grouped_mm" for MoE experts),
+    so blocks run the kernels a local model runs and outputs equal it bit for bit."""
+    with torch.device("meta"):
+        return causal_lm_cls(config)
+
+
+def load_converted(skeleton: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> Any:
+    """Load checkpoint ``tensors`` (a subset, under their checkpoint names) into ``skeleton`` the way
+    ``from_pretrained`` does, with the family's conversions: renamings, per-expert MoE weights fused into
+    3-D expert tensors (5.23, 5.24: ``conversion_mapping.get_model_conversion_mapping`` and
+    ``core_model_loading.convert_and_load_state_dict_in_model``). Tensors not given stay on meta.
+    Returns transformers' LoadStateDictInfo (``missing_keys``, ``unexpected_keys``, ``conversion_errors``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    skeleton.to(dtype=dtype)  # on meta: only the dtype the loader casts to changes
+    load_config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(skeleton), dtype=dtype)
+    info, _ = convert_and_load_state_dict_in_model(skeleton, tensors, load_config)
+    return info
+
+
+def rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                      layer_types: set[str]) -> dict[str, Any]:
+    """(cos, sin) per attention layer type. Most families' rotary is ``rotary(x, position_ids)``, one for
+    every layer; Gemma 3's is ``rotary(x, position_ids, layer_type)``, a base frequency per type
+    (5.23, 5.24). Told apart by the signature of the rotary's forward."""
+    if "layer_type" in inspect.signature(type(rotary).forward).parameters:
+        return {kind: rotary(hidden, position_ids, layer_type=kind) for kind in layer_types}
+    shared = rotary(hidden, position_ids)
+    return {kind: shared for kind in layer_types}

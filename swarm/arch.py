@@ -1,49 +1,104 @@
-"""The per-family seam: which transformers classes build a block, and which mask each layer uses.
+"""The architecture seam: what the swarm needs to know about one transformers model family.
 
-Adding a Llama-layout family (pre-norm decoder layers under ``model.layers.N.``, rotary positions)
-is one entry in FAMILIES.
+A family is described by where transformers keeps its pieces; the pieces themselves (decoder layer,
+rotary embedding, input embeddings with their scaling, final norm) are transformers' own classes, so
+a family's quirks (soft-capped attention, alternating sliding windows, a rotary per layer type, q/k
+norms, fused projections) run as transformers wrote them, not as we re-wrote them.
+
+Adding a family that transformers already has, with the Llama layout (decoder layers under
+``model.layers.N.``, ``model.embed_tokens``, ``model.norm``, ``lm_head``), is one entry in FAMILIES
+plus its equivalence test (tests/test_families.py). A model type outside FAMILIES is refused with one
+clear error rather than run with what might be the wrong numbers.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from transformers.models.llama import modeling_llama as llama
-from transformers.models.mistral import modeling_mistral as mistral
-from transformers.models.qwen2 import modeling_qwen2 as qwen2
 
 LAYER_PREFIX = "model.layers."  # where every supported family keeps its decoder layers
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names of the two causal layer types
 
 
 @dataclass(frozen=True)
 class Family:
-    layer_cls: type[nn.Module]  # decoder layer: (config, layer_idx) -> module
-    rotary_cls: type[nn.Module]  # rotary embedding: (config=...) -> module returning (cos, sin)
-    norm_cls: type[nn.Module]  # final norm held by the client: (hidden_size, eps=...)
+    """One family: its transformers module and class names, and what its causal-LM forward adds."""
+
+    model_type: str  # config.model_type
+    module: str  # transformers.models.<module>.modeling_<module>
+    prefix: str  # class name prefix there: <prefix>DecoderLayer, <prefix>RotaryEmbedding, <prefix>ForCausalLM
+    base: str = "Model"  # base model class <prefix><base>: builds the client's embeddings and final norm
+    logit_softcap: str | None = None  # config field of the final-logit soft-cap the *ForCausalLM forward applies
     layer_prefix: str = LAYER_PREFIX  # checkpoint key prefix of block i is f"{layer_prefix}{i}."
 
+    def _cls(self, name: str) -> type:
+        module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+        return getattr(module, name)
 
-FAMILIES: dict[str, Family] = {
-    "llama": Family(llama.LlamaDecoderLayer, llama.LlamaRotaryEmbedding, llama.LlamaRMSNorm),
-    "mistral": Family(mistral.MistralDecoderLayer, mistral.MistralRotaryEmbedding, mistral.MistralRMSNorm),
-    "qwen2": Family(qwen2.Qwen2DecoderLayer, qwen2.Qwen2RotaryEmbedding, qwen2.Qwen2RMSNorm),
-}
+    @property
+    def layer_cls(self) -> type[nn.Module]:
+        """The decoder layer: ``(config, layer_idx) -> module``."""
+        return self._cls(f"{self.prefix}DecoderLayer")
+
+    @property
+    def rotary_cls(self) -> type[nn.Module]:
+        """The rotary embedding: ``(config=...) -> module`` returning (cos, sin), per layer type for some."""
+        return self._cls(f"{self.prefix}RotaryEmbedding")
+
+    @property
+    def base_model_cls(self) -> type[nn.Module]:
+        """The base model (embeddings, layers, norm): the client builds it with no layers."""
+        return self._cls(f"{self.prefix}{self.base}")
+
+    @property
+    def causal_lm_cls(self) -> type[nn.Module]:
+        """The causal LM: which attention kernels the family supports."""
+        return self._cls(f"{self.prefix}ForCausalLM")
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family("llama", "llama", "Llama"),
+    Family("mistral", "mistral", "Mistral"),
+    Family("qwen2", "qwen2", "Qwen2"),
+    Family("qwen3", "qwen3", "Qwen3"),  # q/k RMS norms inside attention
+    Family("phi3", "phi3", "Phi3"),  # fused qkv_proj and gate_up_proj, partial rotary
+    Family("gemma2", "gemma2", "Gemma2", logit_softcap="final_logit_softcapping"),  # eager attention (soft-capped)
+    Family("gemma3_text", "gemma3", "Gemma3", base="TextModel", logit_softcap="final_logit_softcapping"),
+    Family("mixtral", "mixtral", "Mixtral"),  # MoE: per-expert checkpoint tensors fused into 3-D on load
+    Family("qwen3_moe", "qwen3_moe", "Qwen3Moe"),  # MoE with q/k norms
+)}
 
 
 def get_family(config: Any) -> Family:
+    """The family of a transformers config; ValueError naming the family and what is supported if unknown."""
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+        raise ValueError(f"model family {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))}); "
+                         "a family with the Llama layout (model.layers.N, model.embed_tokens, model.norm, lm_head) "
+                         "can be added in swarm/arch.py FAMILIES once its equivalence test passes")
+    for i in range(config.num_hidden_layers):
+        uses_sliding_window(config, i)  # every block's attention type is one the node runs
     return FAMILIES[model_type]
 
 
-def uses_sliding_window(config: Any, layer_idx: int) -> bool:
-    """Whether block ``layer_idx`` attends through a sliding window (Qwen2 layer types, Mistral)."""
+def layer_type(config: Any, layer_idx: int) -> str:
+    """The attention type of block ``layer_idx``: ``config.layer_types`` (Qwen2/3, Gemma 2/3, ...) or, for a
+    config without them (Mistral), sliding for every layer when ``sliding_window`` is set."""
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
-        return layer_types[layer_idx] == "sliding_attention"
-    return getattr(config, "sliding_window", None) is not None
+        return layer_types[layer_idx]
+    return SLIDING if getattr(config, "sliding_window", None) is not None else FULL
+
+
+def uses_sliding_window(config: Any, layer_idx: int) -> bool:
+    """Whether block ``layer_idx`` attends through a sliding window."""
+    kind = layer_type(config, layer_idx)
+    if kind not in (FULL, SLIDING):
+        raise ValueError(f"block {layer_idx} of {getattr(config, 'model_type', None)!r} has attention type {kind!r}; "
+                         f"only {FULL!r} and {SLIDING!r} are supported")
+    return kind == SLIDING
 
 
 def linear_shapes(layer: nn.Module) -> dict[str, tuple[int, int]]:

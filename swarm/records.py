@@ -43,20 +43,26 @@ MAX_STRING = 256
 MAX_NODE_ID = 1024  # a node id is its peer id plus its owner public key marker (see swarm.dht)
 MAX_RECORD_LIFETIME = 300.0  # seconds: no record may expire later than this from now (swarm.validator enforces it)
 
-# Config fields that define what a block computes; everything else (paths, dtype, generation
-# defaults, transformers' own bookkeeping) is left out so identical models fingerprint identically.
-FINGERPRINT_FIELDS = (
-    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "hidden_act", "attention_bias",
-    "mlp_bias", "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
-    "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
-)
+# The fingerprint covers every field a family's config class adds to PretrainedConfig's own (which
+# are bookkeeping: paths, labels, output switches), so it is family-neutral: Gemma's soft-caps or an
+# MoE's expert counts separate models as Llama's sizes do. Left out: private fields and those that
+# never change what a block computes (token ids, tying, cache switch, init scale).
+NOT_BLOCK_FIELDS = frozenset({"bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings", "use_cache",
+                              "initializer_range"})
+
+
+def fingerprint_fields(config: Any) -> dict[str, Any]:
+    """The block-defining fields of a transformers config (see NOT_BLOCK_FIELDS)."""
+    from transformers import PretrainedConfig
+
+    own = set(config.to_dict()) - set(PretrainedConfig().to_dict()) - NOT_BLOCK_FIELDS
+    fields = {name: getattr(config, name, None) for name in own if not name.startswith("_")}
+    return {"model_type": getattr(config, "model_type", None), **fields}
 
 
 def config_fingerprint(config: Any) -> str:
     """A short stable hash of the block-defining fields of a transformers config."""
-    fields = {name: getattr(config, name, None) for name in FINGERPRINT_FIELDS}
-    blob = json.dumps(fields, sort_keys=True, default=str).encode()
+    blob = json.dumps(fingerprint_fields(config), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -18,6 +18,23 @@ small models are built here with a fixed seed so that every run sees the same we
 """
 
 
+# Config fields that make a tiny checkpoint of a family exercise its quirks (with 4 blocks): a head
+# size that fits hidden 64, windows shorter than the test prompts, soft-caps that bend the numbers.
+FAMILY_QUIRKS: dict[str, dict] = {
+    "llama": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position_embeddings=16)),  # Llama 3 rope
+    "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=2),  # q/k norms, mixed
+    "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj / gate_up_proj, rotary on half of each head
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5, final_logit_softcapping=3.0,
+                   attn_logit_softcapping=5.0),  # alternating sliding/full layers, embedding scale
+    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5,
+                        layer_types=["sliding_attention", "full_attention"] * 2,
+                        final_logit_softcapping=3.0),  # a rotary base per layer type, q/k norms
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # saved per expert, run fused
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+}
+
+
 def build_tokenizer(dest: Path, vocab_size: int = 256):
     """A byte-level BPE tokenizer trained on the embedded corpus, saved as a fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -49,9 +66,11 @@ def build_checkpoint(
     tokenizer: bool = True,
     seed: int = 0,
     sliding_window: int | None = None,
+    overrides: dict | None = None,
 ) -> Path:
     """Write a randomly initialised (seeded) checkpoint to ``dest`` and return its path
-    (``sliding_window``: Mistral's attention window; None keeps the family's default)."""
+    (``sliding_window``: Mistral's attention window; None keeps the family's default; ``overrides``:
+    more config fields, e.g. ``FAMILY_QUIRKS[family]``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dest = Path(dest)
@@ -60,7 +79,7 @@ def build_checkpoint(
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **({"sliding_window": sliding_window} if sliding_window is not None else {}),
+        **({"sliding_window": sliding_window} if sliding_window is not None else {}), **(overrides or {}),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,171 @@
+"""Every family of swarm/arch.py beyond the Llama baseline, through three real nodes with uneven,
+overlapping spans, == local transformers (+ PEFT) in float32: logits of a left-padded batch, greedy
+batched generate(), a LoRA step on the family's attention projections, prompt tuning. Each family's
+checkpoint is tiny (hidden 64, 4 blocks) with the config quirks that make it differ from Llama
+(tests/helpers/checkpoints.py FAMILY_QUIRKS); one swarm per family serves all of its tests."""
+import asyncio
+import contextlib
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PromptTuningConfig
+from peft import get_peft_model as local_get_peft_model
+from transformers import AutoModelForCausalLM
+
+from client import AutoDistributedModelForCausalLM, ClientConfig, get_peft_model
+from node.cli import serve
+from node.config import NodeConfig
+from node.server import NodeThread
+from swarm.arch import FAMILIES, get_family
+from swarm.spans import Span
+from tests.helpers.checkpoints import FAMILY_QUIRKS, build_checkpoint
+
+ATOL = 1e-4
+PAD = 0
+SPANS = ("0:3", "1:2", "2:4")  # uneven and overlapping: routes mix them
+ATTENTION = {"phi3": ["qkv_proj"]}  # PEFT's names of the attention projections (default: q_proj, v_proj)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_QUIRKS))
+def family_swarm(request, tmp_path_factory, bootstrap):
+    """(family, checkpoint path, local transformers model, a new client joined to the three nodes serving it:
+    each test gets its own, so adapters attached by one test never reach another)."""
+    family = request.param
+    path = build_checkpoint(tmp_path_factory.mktemp(family) / f"tiny-{family}", family=family, num_layers=4,
+                            seed=1, overrides=FAMILY_QUIRKS[family])
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    nodes = [NodeThread(NodeConfig(model=str(path), blocks=Span.parse(s), initial_peers=tuple(bootstrap)))
+             for s in SPANS]
+    clients = []
+    no_retries = ClientConfig(initial_peers=tuple(bootstrap), max_retries=0)  # a failing node fails the test
+
+    def client():
+        clients.append(AutoDistributedModelForCausalLM.from_pretrained(str(path), client_config=no_retries))
+        return clients[-1]
+
+    try:
+        for node in nodes:
+            node.start()
+        yield family, path, local, client
+    finally:
+        for model in clients:
+            model.close()
+        for node in reversed(nodes):
+            with contextlib.suppress(Exception):
+                node.stop(grace=0.5)
+
+
+def left_padded(seed: int = 3):
+    """3 prompts of different lengths (longer than the tiny sliding windows), left-padded."""
+    torch.manual_seed(seed)
+    lengths = [9, 4, 13]
+    ids = torch.full((3, max(lengths)), PAD)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, 256, (n,))
+        mask[row, -n:] = 1
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def test_logits_and_loss_equal_local(family_swarm):
+    _, _, local, client = family_swarm
+    model = client()
+    ids, mask, labels = left_padded()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        ref = local(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.allclose(out.logits, ref.logits, atol=ATOL), (out.logits - ref.logits).abs().max()
+    assert torch.allclose(out.loss, ref.loss, atol=ATOL)
+
+
+def test_greedy_32_tokens_batched_padded_equal_local(family_swarm):
+    _, _, local, client = family_swarm
+    model = client()
+    ids, mask, _ = left_padded(seed=5)
+    kwargs = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    out = model.generate(ids, **kwargs)
+    assert out.shape == (3, ids.shape[1] + 32)
+    assert torch.equal(out, local.generate(ids, **kwargs))
+
+
+def test_lora_on_attention_equals_local_peft(family_swarm):
+    family, path, _, client = family_swarm
+    model = client()
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ATTENTION.get(family, ["q_proj", "v_proj"]))
+    ours = get_peft_model(model, copy.deepcopy(config))
+    with torch.no_grad():
+        for b in ours.adapter.lora_B:  # PEFT starts B at zero; make the adapter matter
+            b.normal_(0, 0.1)
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), copy.deepcopy(config))
+    state = ours.adapter.peft_state_dict()
+    with torch.no_grad():
+        for name, p in local.named_parameters():
+            if "lora_" in name:
+                p.copy_(state[name.replace(".default", "")])
+    ids, mask, labels = left_padded(seed=7)
+    out, ref = ours(input_ids=ids, attention_mask=mask, labels=labels), local(input_ids=ids, attention_mask=mask,
+                                                                              labels=labels)
+    assert torch.allclose(out.logits, ref.logits, atol=ATOL) and torch.allclose(out.loss, ref.loss, atol=ATOL)
+    out.loss.backward()
+    ref.loss.backward()
+    expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if "lora_" in n}
+    got = {}
+    for (block, proj), a, b in zip(ours.adapter.keys, ours.adapter.lora_A, ours.adapter.lora_B):
+        got[f"base_model.model.model.layers.{block}.{proj}.lora_A.weight"] = a.grad
+        got[f"base_model.model.model.layers.{block}.{proj}.lora_B.weight"] = b.grad
+    assert set(got) == set(expected) and len(got) == 4 * len(config.target_modules) * 2
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+
+
+def test_prompt_tuning_equals_local_peft(family_swarm):
+    _, path, _, client = family_swarm
+    model = client()
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ours = get_peft_model(model, copy.deepcopy(config))
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), copy.deepcopy(config))
+    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
+    ours.prompt.encoder.load_state_dict(weights)
+    ids, mask, labels = left_padded(seed=9)
+    out, ref = ours(input_ids=ids, attention_mask=mask, labels=labels), local(input_ids=ids, attention_mask=mask,
+                                                                              labels=labels)
+    assert out.logits.shape == ref.logits.shape == (3, 4 + ids.shape[1], 256)
+    assert torch.allclose(out.logits, ref.logits, atol=ATOL)
+    out.loss.backward()
+    ref.loss.backward()
+    for name, p in ours.prompt.encoder.named_parameters():
+        assert torch.allclose(p.grad, weights[name].grad, atol=1e-5), name
+
+
+def test_every_family_of_the_table_is_tested():
+    assert set(FAMILIES) - set(FAMILY_QUIRKS) == {"mistral", "qwen2"}  # tested by the rest of the suite
+
+
+@pytest.fixture(scope="module")
+def gpt2_path(tmp_path_factory):
+    """A family outside the table (GPT-2's layout: transformer.h.N, Conv1D, learned positions)."""
+    return build_checkpoint(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2", family="gpt2", num_layers=2,
+                            tokenizer=False, overrides=dict(n_embd=64, n_layer=2, n_head=4))
+
+
+def test_unsupported_family_is_refused_by_the_client(gpt2_path, bootstrap):
+    with pytest.raises(ValueError, match="model family 'gpt2' is not supported .*swarm/arch.py"):
+        AutoDistributedModelForCausalLM.from_pretrained(str(gpt2_path), initial_peers=bootstrap)
+
+
+def test_unsupported_family_is_one_line_at_node_serve(gpt2_path, capsys):
+    """What `node serve` does with the parsed flags (in-process: the same path as the console script's)."""
+    code = asyncio.run(serve(NodeConfig(model=str(gpt2_path), blocks=Span(0, 1))))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    assert "model family 'gpt2' is not supported" in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+
+
+def test_unsupported_layer_type_is_refused():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen3", num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
+    with pytest.raises(ValueError, match="block 1 of 'qwen3' has attention type 'linear_attention'"):
+        get_family(config)
