@@ -6,6 +6,7 @@ hand a coroutine to the client's event loop thread and wait. Everything below th
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
@@ -89,6 +90,13 @@ class RemoteChain:
             raise
         self.connections = Connections(swarm_key, config.tls_ca, max_message_mb=config.max_message_mb)  # loop thread only
         self.router = Router(self.dht, model, num_blocks, config, self.connections)
+        if config.metrics_port is not None:
+            try:
+                log.info("client metrics at %s", self.router.metrics.serve(config.metrics_host, config.metrics_port).url)
+            except BaseException:
+                self._loop.run(self.dht.shutdown())
+                self._loop.close()
+                raise
         self.verifier = Verifier(self.router, config)  # re-runs a fraction of hops elsewhere (verify_fraction)
         self.link = SwarmLink(model, num_blocks, self.router, self.connections, self.verifier, config.request_timeout,
                               config.max_step_tokens, config.adapter, self.run, self.call_soon)
@@ -124,6 +132,7 @@ class RemoteChain:
         return self.run(self.router.servers(refresh))
 
     def close(self) -> None:
+        self.router.metrics.close()
         try:
             self.run(self.connections.close())
             self.run(self.dht.shutdown())
@@ -143,10 +152,12 @@ class RemoteChain:
         if lora is not None and message is not None and message.modules:
             self._lora_sent[(address, lora.adapter.id)] = message.version
 
-    async def _call(self, hop: Hop, lora: LoraUse | None, send):
-        """``send(lora_message)`` to a hop; re-send the adapter's weights once if the node lost them."""
+    async def _call(self, hop: Hop, lora: LoraUse | None, send, kind: str = "forward"):
+        """``send(lora_message)`` (a ``kind`` call: forward or backward) to a hop; re-send the adapter's
+        weights once if the node lost them."""
         for resend in (False, True):
             message = self._lora_message(hop.server.address, hop.span, lora, resend)
+            started = time.monotonic()
             try:
                 result = await send(message)
             except RemoteCallError as e:
@@ -154,6 +165,7 @@ class RemoteChain:
                     continue
                 raise
             self._lora_delivered(hop.server.address, lora, message)
+            self.router.metrics.exchange(kind, hop.server.address, time.monotonic() - started)
             return result
         raise AssertionError("unreachable")
 
@@ -244,4 +256,4 @@ class RemoteChain:
             return await call_backward(self.connections, hop.server.address, req, grad,
                                        self.config.request_timeout, like, prefix_like, token)
 
-        return await self._call(hop, extra.lora, send)
+        return await self._call(hop, extra.lora, send, "backward")

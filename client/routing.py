@@ -13,6 +13,7 @@ import random
 import time
 
 from client.config import ClientConfig
+from client.metrics import ClientMetrics
 from client.policy import Attempts, FailurePolicy, PolicyConfig
 from client.transport import Connections, TLSHandshakeError, plaintext_refused
 from swarm.dht import SwarmDHT
@@ -27,7 +28,9 @@ class Router:
                  connections: Connections | None = None):
         self.dht, self.model, self.num_blocks, self.config = dht, model, num_blocks, config
         self.connections = connections  # told which nodes speak TLS whenever the swarm is read
-        self.policy = FailurePolicy(PolicyConfig(config.max_retries, config.ban_seconds, config.max_wait))
+        self.metrics = ClientMetrics()  # served over HTTP with config.metrics_port (see RemoteChain)
+        self.policy = FailurePolicy(PolicyConfig(config.max_retries, config.ban_seconds, config.max_wait),
+                                    on_ban=self.metrics.banned, on_retry=self.metrics.retried)
         self._untrusted = self.policy.untrusted  # node id -> why TLS authentication failed
         self._servers: list[ServerInfo] = []
         self._fetched_at = float("-inf")

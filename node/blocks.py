@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,19 +35,21 @@ class SpanBlocks:
         return self.layers[block - self.span.start]
 
 
-def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> SpanBlocks:
-    """Build blocks ``span`` and fill them with their checkpoint tensors only."""
+def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
+              progress: Callable[[int], None] | None = None) -> SpanBlocks:
+    """Build blocks ``span`` and fill them with their checkpoint tensors only, one block at a time
+    (``progress(block)`` after each: the node's progress bar)."""
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
     compat.use_attention_kernel(config, "sdpa")  # the same kernel local transformers picks on CPU
     prefixes = tuple(f"{family.layer_prefix}{i}." for i in range(span.start, span.end))
-    tensors = read_tensors(folder, lambda name: name.startswith(prefixes), dtype)
     layers = nn.ModuleList()
     for i, prefix in zip(range(span.start, span.end), prefixes):
         with torch.device("meta"):
             layer = family.layer_cls(config, i)
-        state = {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
+        tensors = read_tensors(folder, lambda name: name.startswith(prefix), dtype)
+        state = {name[len(prefix):]: t for name, t in tensors.items()}
         if not state:
             raise CheckpointError(f"checkpoint {folder} has no weights for block {i} ({prefix}*)")
         missing = set(layer.state_dict()) - set(state)
@@ -55,6 +57,8 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> Span
             raise CheckpointError(f"checkpoint {folder} lacks {sorted(missing)[:3]} for block {i}")
         layer.load_state_dict(state, assign=True, strict=True)
         layers.append(layer.eval().requires_grad_(False))
+        if progress is not None:
+            progress(i)
     install_hooks(layers, span.start)
     rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
     return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)
