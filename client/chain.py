@@ -95,6 +95,13 @@ class RemoteChain:
             raise
         self.connections = Connections(swarm_key, config.tls_ca, max_message_mb=config.max_message_mb)  # loop thread only
         self.router = Router(self.dht, model, num_blocks, config, self.connections, weights)
+        if config.metrics_port is not None:
+            try:
+                log.info("client metrics at %s", self.router.metrics.serve(config.metrics_host, config.metrics_port).url)
+            except BaseException:
+                self._loop.run(self.dht.shutdown())
+                self._loop.close()
+                raise
         self.verifier = Verifier(self.router, config)  # re-runs a fraction of hops elsewhere (verify_fraction)
         self.link = SwarmLink(model, num_blocks, self.router, self.connections, self.verifier, config.request_timeout,
                               config.max_step_tokens, config.adapter, self.run, self.call_soon)
@@ -138,6 +145,7 @@ class RemoteChain:
         if self.closed:
             return
         self.closed = True
+        self.router.metrics.close()
         try:
             self._loop.run(self.connections.close())
             self._loop.run(self.dht.shutdown())
@@ -157,9 +165,10 @@ class RemoteChain:
         if lora is not None and message is not None and message.modules:
             self._lora_sent[(address, lora.adapter.id)] = message.version
 
-    async def _call(self, hop: Hop, lora: LoraUse | None, send, tokens: int):
-        """``send(lora_message)`` to a hop; re-send the adapter's weights once if the node lost them. The
-        exchange of ``tokens`` (batch x positions; backward counts double) is timed for the router."""
+    async def _call(self, hop: Hop, lora: LoraUse | None, send, tokens: int, kind: str = "forward"):
+        """``send(lora_message)`` (a ``kind`` call: forward or backward) to a hop; re-send the adapter's weights
+        once if the node lost them. The exchange of ``tokens`` (batch x positions; backward counts double) is
+        timed for the router."""
         for resend in (False, True):
             message = self._lora_message(hop.server.address, hop.span, lora, resend)
             started = time.monotonic()
@@ -171,6 +180,7 @@ class RemoteChain:
                 raise
             self._lora_delivered(hop.server.address, lora, message)
             self.router.observe(hop, tokens, time.monotonic() - started)
+            self.router.metrics.exchange(kind, hop.server.address, time.monotonic() - started)
             return result
         raise AssertionError("unreachable")
 
@@ -261,4 +271,4 @@ class RemoteChain:
             return await call_backward(self.connections, hop.server.address, req, grad,
                                        self.config.request_timeout, like, prefix_like, token)
 
-        return await self._call(hop, extra.lora, send, 2 * hidden.shape[0] * hidden.shape[1])
+        return await self._call(hop, extra.lora, send, 2 * hidden.shape[0] * hidden.shape[1], "backward")

@@ -26,6 +26,8 @@ class ClientConfig:
     verify_fraction: float = 0.0  # fraction of span computations re-run on another node serving them and compared
     verify_tolerance: float | None = None  # largest relative difference still agreeing; None: 1e-3, 0.05 with bfloat16
     believe_claims: bool = False  # rank nodes by the throughput they announce, as given (every member trusted); default: by what this client measured
+    metrics_port: int | None = None  # port of this client's Prometheus metrics endpoint (HTTP); None: off; 0 picks one
+    metrics_host: str = "127.0.0.1"  # interface the metrics endpoint listens on
 
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):
@@ -40,6 +42,8 @@ class ClientConfig:
             raise TypeError(f"tls_ca must be the path of a CA certificate file, got {type(self.tls_ca).__name__}")
         if not 1 <= self.max_message_mb < 2048:
             raise ValueError(f"max_message_mb must be in 1..2047 (gRPC's limit is 2 GiB), got {self.max_message_mb}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
         if self.verify_tolerance is not None and not self.verify_tolerance >= 0:

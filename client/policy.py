@@ -18,6 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 
@@ -49,8 +50,11 @@ class PolicyConfig:
 class FailurePolicy:
     """Decisions about failures, and the bans they lead to (node id -> until when)."""
 
-    def __init__(self, config: PolicyConfig, clock=time.monotonic):
+    def __init__(self, config: PolicyConfig, clock=time.monotonic,
+                 on_ban: Callable[[bool], None] | None = None, on_retry: Callable[[str], None] | None = None):
+        """``on_ban(forever)`` and ``on_retry(verdict value)``: told of each ban and each retry (metrics)."""
         self.config, self._clock = config, clock
+        self.on_ban, self.on_retry = on_ban, on_retry
         self._banned_until: dict[str, float] = {}
         self._strikes: dict[str, int] = {}
         self.untrusted: dict[str, TLSHandshakeError] = {}  # node id -> why TLS authentication failed
@@ -88,6 +92,8 @@ class FailurePolicy:
         strikes = self._strikes[node] = self._strikes.get(node, 0) + 1
         seconds = math.inf if forever else self.config.ban_seconds * min(2 ** (strikes - 1), MAX_BAN_FACTOR)
         self._banned_until[node] = self._clock() + seconds
+        if self.on_ban is not None:
+            self.on_ban(forever)
         log.warning("avoiding node %s %s: %s", hop.server.address, "for good" if forever else f"for {seconds:.0f}s",
                     error)
 
@@ -142,6 +148,8 @@ class Attempts:
         if verdict is Verdict.RAISE:
             raise error
         self.number += 1
+        if self.policy.on_retry is not None:
+            self.policy.on_retry(verdict.value)
         if verdict is Verdict.ELSEWHERE:
             self.avoid |= {hop.server.node_id}
             self.refusal = error

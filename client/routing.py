@@ -22,6 +22,7 @@ import time
 import grpc
 
 from client.config import ClientConfig
+from client.metrics import ClientMetrics
 from client.policy import Attempts, FailurePolicy, PolicyConfig
 from client.transport import Connections, RemoteCallError, TLSHandshakeError, plaintext_refused
 from proto import swarmlm_pb2 as pb
@@ -44,7 +45,9 @@ class Router:
         self.weights = WeightsCheck(weights) if weights is not None else None  # None: no identity check
         self.other_weights: list[ServerInfo] = []  # nodes of the last read announcing other weights: never used
         self.connections = connections  # told which nodes speak TLS whenever the swarm is read
-        self.policy = FailurePolicy(PolicyConfig(config.max_retries, config.ban_seconds, config.max_wait))
+        self.metrics = ClientMetrics()  # served over HTTP with config.metrics_port (see RemoteChain)
+        self.policy = FailurePolicy(PolicyConfig(config.max_retries, config.ban_seconds, config.max_wait),
+                                    on_ban=self.metrics.banned, on_retry=self.metrics.retried)
         self._untrusted = self.policy.untrusted  # node id -> why TLS authentication failed
         self._servers: list[ServerInfo] = []
         self._fetched_at = float("-inf")

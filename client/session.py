@@ -295,6 +295,8 @@ class InferenceSession:
                     hidden, mask, positions = failed.history()
                     for current in streams:
                         hidden = await self._send(current, hidden, mask, positions)
+                    self.link.router.metrics.replay_positions.inc(positions.shape[1])
+                self.link.router.metrics.failovers.inc()
                 return streams
             except RemoteCallError as e:
                 for s in streams:
@@ -317,7 +319,9 @@ class InferenceSession:
                     request.reorder.extend(stream.reorder.tolist())
             started = time.monotonic()
             response = await stream.exchange(request, self.link.request_timeout)
-            self.link.router.succeeded(stream.hop, time.monotonic() - started, part[0].shape[0] * part[0].shape[1])
+            seconds = time.monotonic() - started
+            self.link.router.succeeded(stream.hop, seconds, part[0].shape[0] * part[0].shape[1])
+            self.link.router.metrics.exchange("inference", stream.hop.server.address, seconds)
             stream.reorder, stream.drop = None, 0  # the node has applied them
             outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
             parts.append(part)

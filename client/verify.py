@@ -146,6 +146,7 @@ class Verifier:
         ``rerun(server)`` computes the same thing on another node; ``mask`` selects compared positions."""
         opinions = [(hop.server, out)]
         for server in await self._replicas(hop):
+            self.router.metrics.verifications.inc()
             try:
                 opinion = (server, await rerun(server))
             except RemoteCallError as e:  # a checker that fails is just not a witness

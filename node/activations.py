@@ -20,6 +20,8 @@ class ActivationCache:
         self.max_bytes, self.ttl = max_bytes, ttl
         self._items: OrderedDict[str, tuple[float, SavedPass]] = OrderedDict()
         self.used = 0
+        self.hits = 0  # backward tokens found (metrics)
+        self.misses = 0  # backward tokens not found (evicted, expired, or kept by another node): recomputed
 
     def put(self, saved: SavedPass) -> str | None:
         """Keep ``saved``; returns its token, or None when it alone exceeds the budget."""
@@ -51,7 +53,9 @@ class ActivationCache:
         self._expire()
         item = self._items.pop(token, None)
         if item is None:
+            self.misses += 1
             return None
+        self.hits += 1
         self.used -= item[1].nbytes
         return item[1]
 

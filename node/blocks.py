@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -35,18 +35,24 @@ class SpanBlocks:
         return self.layers[block - self.span.start]
 
 
-def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype) -> SpanBlocks:
+def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
+              progress: Callable[[int], None] | None = None) -> SpanBlocks:
     """Build blocks ``span`` and fill them with their checkpoint tensors only (converted as transformers
-    converts them when it loads the checkpoint)."""
+    converts them when it loads the checkpoint), read one block at a time (``progress(block)`` after each:
+    the node's progress bar)."""
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
     prefixes = tuple(f"{family.layer_prefix}{i}." for i in range(span.start, span.end))
-    tensors = read_tensors(folder, lambda name: name.startswith(prefixes), dtype)
-    skeleton = compat.build_skeleton(family.causal_lm_cls, config)  # on meta: no memory
+    tensors: dict[str, torch.Tensor] = {}
     for i, prefix in zip(range(span.start, span.end), prefixes):
-        if not any(name.startswith(prefix) for name in tensors):
+        block = read_tensors(folder, lambda name, prefix=prefix: name.startswith(prefix), dtype)
+        if not block:
             raise CheckpointError(f"checkpoint {folder} has no weights for block {i} ({prefix}*)")
+        tensors.update(block)
+        if progress is not None:
+            progress(i)
+    skeleton = compat.build_skeleton(family.causal_lm_cls, config)  # on meta: no memory
     info = compat.load_converted(skeleton, tensors, dtype)
     problems = sorted(k for k in info.missing_keys if k.startswith(prefixes)) + sorted(info.conversion_errors)
     if problems:

@@ -46,6 +46,8 @@ class NodeConfig:
     swarm_key: str | None = None  # swarm key file (`swarm keygen`): a private swarm, calls without its proof refused
     tls_cert: str | None = None  # PEM certificate (chain) naming the announced host (`swarm tls-cert`): serve TLS
     tls_key: str | None = None  # PEM private key of tls_cert
+    metrics_port: int | None = None  # port of the Prometheus metrics endpoint (HTTP /metrics); None: off; 0 picks one
+    metrics_host: str = "127.0.0.1"  # interface the metrics endpoint listens on (0.0.0.0: any; it is unauthenticated)
 
     def __post_init__(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -56,8 +58,8 @@ class NodeConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
-        for name in ("port", "dht_port"):
-            if not 0 <= getattr(self, name) < 65536:
+        for name in ("port", "dht_port", "metrics_port"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")
         if self.lan_timeout <= 0:
             raise ValueError(f"lan_timeout must be positive, got {self.lan_timeout}")

@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 import grpc
@@ -27,6 +27,19 @@ from swarm import __version__
 from swarm.spans import NodeState
 
 log = logging.getLogger(__name__)
+TOKEN_KINDS = ("prefill", "decode", "forward", "backward")  # what swarmlm_node_tokens_total counts, by kind
+
+
+@dataclass
+class ServedCounts:
+    """What the node computed and refused since it started (read by node.metrics on each scrape)."""
+
+    tokens: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TOKEN_KINDS, 0))  # batch x positions
+    refused: dict[str, int] = field(default_factory=dict)  # sessions refused, by RequestError.reason
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
 
 @dataclass(frozen=True)
 class SessionPolicy:
@@ -55,6 +68,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.open_sessions = 0
         self.in_flight = 0  # unary calls being computed
         self.state = NodeState.JOINING  # Info reports it; OFFLINE once the node starts shutting down
+        self.counts = ServedCounts()
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -74,9 +88,11 @@ class NodeServicer(pb_grpc.NodeServicer):
             saved = await self._compute(context, forward_for_backward, self.blocks, x.span, x.hidden,
                                         x.attention_mask, x.position_ids, x.lora, x.prefix)
             token = self.activations.put(saved)
+            self._count("forward", x.hidden)
             return pb.ForwardResponse(hidden_states=serialize(saved.out.detach().to(x.hidden.dtype)),
                                       backward_token=token or "")
         out = await self._compute(context, self._forward, x)
+        self._count("forward", x.hidden)
         return pb.ForwardResponse(hidden_states=serialize(out))
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
@@ -90,6 +106,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             out = out.to(x.hidden.dtype)
         else:  # stateless: recompute the forward pass from the inputs the client sent again
             out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
+        self._count("backward", x.hidden)
         response = pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
             pb.LoraModule(block=block, module=name, a=serialize(ga), b=serialize(gb))
             for (block, name), (ga, gb) in lora_grads.items()])
@@ -103,6 +120,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             self.clients.acquire(client)
         except RequestError as e:
+            self.counts.refuse(e.reason)
             # refuse after the first message: a status sent while the client is still writing it reaches
             # gRPC clients as a local INTERNAL write failure (looks like a broken node), not as this reason
             await self._next(requests, context)
@@ -122,11 +140,13 @@ class NodeServicer(pb_grpc.NodeServicer):
             return
         try:
             if self.state is NodeState.OFFLINE:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "this node is shutting down; use another")
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "this node is shutting down; use another",
+                                   reason="shutting_down")
             span, batch, max_length, lora, prefix = parse_open(first, self.limits, self.policy.max_length,
                                                                self.adapters)
             await self.budget.reserve(batch * max_length, self.policy.alloc_timeout)
         except RequestError as e:
+            self.counts.refuse(e.reason)
             await context.abort(e.code, str(e))
         self.open_sessions += 1
         try:
@@ -145,6 +165,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                         await context.abort(e.code, str(e))
                     session.computed += step.hidden.shape[1]
                     out = await self._compute(context, self._step, session, step)
+                    self._count("decode" if step.hidden.shape[1] == 1 else "prefill", step.hidden)
                     yield pb.InferenceResponse(hidden_states=serialize(out), cache_length=session.length)
                 request = await self._next(requests, context)
         finally:
@@ -178,6 +199,11 @@ class NodeServicer(pb_grpc.NodeServicer):
         out, lora_grads, grad_prefix = backward_span(self.blocks, x.span, x.hidden, grad, x.attention_mask,
                                                      x.position_ids, x.lora, x.prefix)
         return out.to(x.hidden.dtype), lora_grads, grad_prefix
+
+    def _count(self, kind: str, hidden: torch.Tensor) -> None:
+        """Tokens computed (batch x positions); prefill: inference steps of more than one new position
+        (prompts, replayed histories, assisted-decoding drafts), decode: steps of one."""
+        self.counts.tokens[kind] += hidden.shape[0] * hidden.shape[1]
 
     @property
     def busy(self) -> bool:

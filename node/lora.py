@@ -91,6 +91,8 @@ class LoraCache:
     def __init__(self, max_adapters: int = 32, max_bytes: int = 1 << 30):
         self.max_adapters, self.max_bytes = max_adapters, max_bytes
         self._items: OrderedDict[str, Lora] = OrderedDict()
+        self.hits = 0  # requests that named a cached adapter without its weights (metrics)
+        self.misses = 0  # requests that did so for weights not cached here (the client must re-send them)
 
     def get(self, adapter_id: str, version: int) -> Lora | None:
         lora = self._items.get(adapter_id)

@@ -15,9 +15,10 @@ from swarm.spans import Span
 
 
 class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "invalid"):
         super().__init__(message)
         self.code = code
+        self.reason = reason  # why a session was refused, for the metrics (swarmlm_node_sessions_refused_total)
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,11 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
     if not msg.modules:
         cached = cache.get(msg.id, msg.version)
         if cached is None or not set(range(span.start, span.end)) <= cached.blocks:
+            cache.misses += 1
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"adapter {msg.id!r} version {msg.version} is not cached here for blocks {span}; "
                                "send its weights")
+        cache.hits += 1
         return cached
     weights = {}
     for m in msg.modules:

@@ -20,6 +20,8 @@ from swarm.arch import LAYER_PREFIX, get_family
 from node.handler import NodeServicer, SessionPolicy
 from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
 from node.lora import load_adapter_dir
+from node.metrics import NodeMetrics
+from node.progress import LoadProgress
 from swarm.arch import linear_shapes
 from node.requests import Limits, max_message_bytes
 from node.throughput import measure_rate
@@ -95,6 +97,7 @@ class Node:
         self._rebalancer: asyncio.Task | None = None
         self.auth: AuthInterceptor | None = None  # checks swarm key proofs in a private swarm
         self._lan: lan.LanAnnouncer | None = None  # multicasts our DHT peer on the LAN (config.lan)
+        self.metrics = NodeMetrics() if config.metrics_port is not None else None  # --metrics-port
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
@@ -102,14 +105,22 @@ class Node:
         swarm_key = load_optional(cfg.swarm_key)
         tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
         folder, model_config = self._checkpoint()
+        if self.metrics is not None:  # first: a port in use fails before anything heavy
+            log.info("metrics at %s", self.metrics.serve(cfg.metrics_host, cfg.metrics_port).url)
         await self._join(swarm_key)
         self.span = await self._placement(model_config.num_hidden_layers)
         dtype = getattr(torch, cfg.dtype)
-        blocks = await asyncio.get_running_loop().run_in_executor(
-            self._pool, load_span, folder, model_config, self.span, dtype)
+        progress = LoadProgress(self.span)
+        try:
+            blocks = await asyncio.get_running_loop().run_in_executor(
+                self._pool, load_span, folder, model_config, self.span, dtype, progress)
+        finally:
+            progress.close()
         weights = await asyncio.get_running_loop().run_in_executor(
             self._pool, weights_digest, folder, model_config, self.span)
         self.servicer = self._servicer(blocks, model_config, dtype)
+        if self.metrics is not None:
+            self.metrics.watch(self.servicer)
         self._listen(swarm_key, tls)
         await self._go_online(tls is not None, weights)
         if cfg.rebalance_period:
@@ -146,6 +157,8 @@ class Node:
                 log.warning("%s; starting a new swarm", lan.nothing_found(swarm_key, cfg.lan_timeout))
         self.dht = await SwarmDHT.create(peers, host=cfg.host, port=cfg.dht_port,
                                          nat_port_map=cfg.nat_port_map, swarm_key=swarm_key)
+        log.info("joined the DHT as %s (%s)", self.dht.peer_id,
+                 f"{len(peers)} initial peers" if peers else "a new swarm")
         if not peers:  # nobody to join: say so, and how others reach this one
             log.warning("no --initial-peers: this node starts a new swarm; others join it with --initial-peers %s",
                         " ".join(await self.dht.visible_maddrs()))
@@ -186,7 +199,9 @@ class Node:
         cfg, limits = self.config, self.servicer.limits
         msg_limit = cfg.max_message_mb << 20 if cfg.max_message_mb else max_message_bytes(limits)
         self.auth = AuthInterceptor(swarm_key) if swarm_key is not None else None
-        self._server = grpc.aio.server(interceptors=[self.auth] if self.auth else None, options=[
+        # metrics first: calls the swarm key check refuses are counted too
+        interceptors = [i for i in (self.metrics and self.metrics.interceptor, self.auth) if i is not None]
+        self._server = grpc.aio.server(interceptors=interceptors or None, options=[
             ("grpc.max_receive_message_length", msg_limit),
             ("grpc.max_send_message_length", msg_limit),
             *SERVER_KEEPALIVE_OPTIONS,
@@ -217,7 +232,7 @@ class Node:
         await self._server.start()
         servicer.state = NodeState.ONLINE
         await self._announcer.set_state(NodeState.ONLINE, throughput=servicer.throughput)
-        log.info("serving blocks %s of %s at %s", self.span, self.model_key, self.address)
+        log.info("ONLINE: serving blocks %s of %s at %s", self.span, self.model_key, self.address)
 
     async def _rebalance(self, folder, model_config, dtype, total: int) -> None:
         """Every rebalance_period: move to a clearly weaker part of the swarm, if that never uncovers a

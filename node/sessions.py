@@ -52,14 +52,15 @@ class CacheBudget:
         if tokens > self.capacity:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"a session of {tokens} cache tokens (batch x max_length) can never fit: "
-                               f"this node's cache holds {self.capacity}")
+                               f"this node's cache holds {self.capacity}", reason="cache_too_small")
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= tokens), timeout)
             except asyncio.TimeoutError:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"no room for {tokens} cache tokens after waiting {timeout:g}s "
-                                   f"({self.free} of {self.capacity} free); try later or another node") from None
+                                   f"({self.free} of {self.capacity} free); try later or another node",
+                                   reason="cache_full") from None
             self.used += tokens
 
     async def release(self, tokens: int) -> None:
@@ -106,7 +107,7 @@ class ClientSessions:
         if self._open.get(client, 0) >= self.max_per_client:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"client {client} already has {self.max_per_client} inference sessions open on "
-                               f"this node (its limit per client); close one first")
+                               f"this node (its limit per client); close one first", reason="client_limit")
         self._open[client] = self._open.get(client, 0) + 1
 
     def release(self, client: str) -> None:
