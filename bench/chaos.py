@@ -38,7 +38,8 @@ class SoakConfig:
     pause_seconds: float = 6.0  # a SIGSTOPped node stays stopped, a blackholed link dead, this long (> keepalive)
     hang_bound: float = 120.0  # a request taking longer than this counts as a hang
     extra_nodes: int = 2  # nodes the nemesis may start with --num-blocks beyond the initial ones
-    node_args: tuple[str, ...] = ("--ttl", "4", "--shutdown-grace", "3", "--step-timeout", "20")
+    # a fixed --throughput skips each node's start-up measurement (placement quality is not what this tests)
+    node_args: tuple[str, ...] = ("--ttl", "4", "--shutdown-grace", "3", "--step-timeout", "20", "--throughput", "1000")
 
 
 def initial_spans(num_layers: int, n: int) -> list[str]:
@@ -90,7 +91,7 @@ class Swarm:
     @staticmethod
     def _await_ready(node: SoakNode) -> None:
         try:
-            node.proc.read_line(180)
+            node.proc.read_line(300)
         except Exception as e:  # noqa: BLE001 - a node that failed to start is reported, not raised
             log(f"  a node did not start: {e}")
             node.state = "dead"
@@ -281,7 +282,7 @@ def run_soak(model: Path, num_layers: int, config: SoakConfig) -> SoakResult:
         for blocks in initial_spans(num_layers, config.nodes):
             swarm.start_node(("--blocks", blocks))
         workers = start_workers(swarm, config)  # they load while the nodes do; their warm-up waits for routes
-        if not wait_for(lambda: all(n.state == "up" for n in swarm.nodes), timeout=240, interval=0.5):
+        if not wait_for(lambda: all(n.state == "up" for n in swarm.nodes), timeout=330, interval=0.5):
             raise RuntimeError("the soak's nodes did not all start")
         for w in workers:
             if (line := w.read_line(300)) != "ready":
@@ -299,11 +300,21 @@ def run_soak(model: Path, num_layers: int, config: SoakConfig) -> SoakResult:
         log(f"soak: clients done {time.monotonic() - until:.0f}s after the nemesis stopped")
         nodes = settle(swarm, config)
         return SoakResult(config.seconds, results, nemesis.events, hung, nodes, config.hang_bound,
-                          time.monotonic() - t0)
+                          time.monotonic() - t0, os.getloadavg()[1])
     finally:
         for w in workers:
             w.stop()
         swarm.stop()
+        keep_logs(workers)
+
+
+def keep_logs(workers: list[Proc]) -> None:
+    """Each client's stderr (tracebacks of failed requests) in bench/work/chaos-client-N.log."""
+    from bench.common import WORK
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    for i, w in enumerate(workers):
+        (WORK / f"chaos-client-{i}.log").write_text("\n".join(w.stderr_lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     text = args.out.read_text() if args.out.exists() else ""
     args.out.write_text(replace_section(text, "chaos", markdown(result, config, TINY.name)))
     print(markdown(result, config, TINY.name))
+    for problem in result.problems():
+        log(f"soak problem: {problem}")
     return 0 if result.passed() else 1
 
 

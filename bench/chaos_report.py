@@ -1,6 +1,7 @@
 """What a chaos soak (bench/chaos.py) found: counts, recoveries, the checks, and its bench/README.md table."""
 from __future__ import annotations
 
+import os
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class SoakResult:
     nodes: list[dict]  # per live node after the soak: blocks, cache_used, baseline_mib, after_mib
     hang_bound: float
     wall: float  # seconds for the whole run, start-up included
+    load: float  # the machine's 5-minute load average at the end (2 cores: above 2, processes waited for a CPU)
 
     def wrong(self) -> list[dict]:
         """Results that differ from local transformers/PEFT."""
@@ -43,12 +45,15 @@ class SoakResult:
         return out
 
     def memory_ok(self, node: dict) -> bool:
+        """Back near its level before the nemesis (nodes started during the soak have no such level)."""
+        if not node["baseline_mib"]:
+            return True
         return node["after_mib"] <= node["baseline_mib"] * (1 + MEMORY_SLACK_SHARE) + MEMORY_SLACK_MIB
 
     def problems(self) -> list[str]:
         """Every way the soak failed its promises (empty: it passed)."""
         found = [f"{len(self.wrong())} results differ from local"] if self.wrong() else []
-        found += [f"{len(self.errors())} requests failed: {self.errors()[0]['error']}"] if self.errors() else []
+        found += [f"{len(self.errors())} requests failed, e.g. {e['kind']}: {e['error']}" for e in self.errors()[:1]]
         found += [f"{self.hangs()} requests hung past {self.hang_bound:.0f}s"] if self.hangs() else []
         found += [f"node {n['blocks']} still holds {n['cache_used']} cache tokens" for n in self.nodes if n["cache_used"]]
         found += [f"node {n['blocks']} RSS {n['after_mib']:.0f} MiB vs {n['baseline_mib']:.0f} before"
@@ -68,7 +73,8 @@ def markdown(result: SoakResult, config, model_name: str) -> str:
     return "\n".join([
         f"## Chaos soak, {model_name}\n",
         f"`python -m bench.chaos --minutes {config.seconds / 60:g} --nodes {config.nodes} --clients {config.clients} "
-        f"--seed {config.seed}` ({result.wall / 60:.1f} min in all). {config.nodes} `node serve` processes (halves "
+        f"--seed {config.seed}` ({result.wall / 60:.1f} min in all; load average {result.load:.1f} on "
+        f"{os.cpu_count()} cores at the end). {config.nodes} `node serve` processes (halves "
         "served twice, the whole model, a middle span), each behind a relay on 127.0.0.1, and "
         f"{config.clients} client processes running greedy and seeded-sampling generation, two-turn inference "
         "sessions, beam search and LoRA forward+backward back to back, each result compared with local "
@@ -79,7 +85,8 @@ def markdown(result: SoakResult, config, model_name: str) -> str:
         "blocks others still serve). *recovery*: per fault, the longest wait from the fault to the next token "
         "of the generations it interrupted. *hang*: a request over "
         f"{result.hang_bound:.0f} s. After the nemesis stops every node's cache must be free and its RSS within "
-        f"{MEMORY_SLACK_SHARE:.0%} + {MEMORY_SLACK_MIB:.0f} MiB of its level before the soak.\n",
+        f"{MEMORY_SLACK_SHARE:.0%} + {MEMORY_SLACK_MIB:.0f} MiB of its level before the soak (nodes started "
+        "before it).\n",
         "| requests (greedy / sample / session / beam / lora) | faults (kill / stop / blackhole / term) "
         "| restarts / joins | recovery median / max ms | wrong results | failed requests | hangs "
         "| caches freed | RSS after / before (max) |",
