@@ -12,6 +12,7 @@ from swarm import lan
 from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
 from swarm.cliargs import fail, peers_list
 from swarm.dht import DHTStartError, SwarmDHT
+from swarm.directory import explain_missing
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
 from swarm.lan import LanAnnouncer
 from swarm.records import default_model_name, model_key
@@ -91,8 +92,11 @@ async def status(args) -> int:
         return fail("swarm", str(e))
     try:
         servers = await dht.fetch_servers(key, config.num_hidden_layers)
+        hint = "" if servers else await explain_missing(dht, key, peers)
     finally:
         await dht.shutdown()
+    if hint:
+        print(f"swarm: no record of {key}: {hint}", file=sys.stderr)
     print(f"model {key}: {config.num_hidden_layers} blocks")
     print(render_status(servers, config.num_hidden_layers, args.all))
     missing = uncovered_blocks(servers, Span(0, config.num_hidden_layers))

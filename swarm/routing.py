@@ -20,9 +20,9 @@ DEFAULT_HOP_SECONDS = 0.005  # assumed round trip to a node whose latency was ne
 class NoRouteError(RuntimeError):
     """Some blocks have no ONLINE node; ``missing`` lists them."""
 
-    def __init__(self, missing: list[int]):
-        self.missing = missing
-        super().__init__(f"no ONLINE node serves block(s) {format_blocks(missing)}")
+    def __init__(self, missing: list[int], hint: str = ""):
+        self.missing, self.hint = missing, hint  # hint: why, when known (swarm.directory.explain_missing)
+        super().__init__(f"no ONLINE node serves block(s) {format_blocks(missing)}" + (f"; {hint}" if hint else ""))
 
 
 @dataclass(frozen=True)

@@ -258,3 +258,10 @@ def test_finetune_interrupted_before_its_first_checkpoint_does_not_offer_resume(
     assert wait_for(lambda: any("interrupted" in line for line in proc.stderr_lines), 5), proc.stderr_lines
     said = " ".join(proc.stderr_lines)
     assert "nothing was saved" in said and "--resume" not in said and "Traceback" not in said, said
+
+
+def test_status_with_a_wrong_model_name_suggests_the_served_one(lone_node, tiny_path):
+    _, _, maddr, _ = lone_node
+    result = run("swarm", "status", "--initial-peers", maddr, "--model", str(tiny_path), "--model-name", "tiny-lama")
+    assert result.returncode == 1
+    assert "did you mean --model-name tiny-llama?" in result.stderr, result.stderr
