@@ -92,7 +92,8 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--lan", action="store_true", help=LAN_LISTEN_HELP)
     ft.add_argument("--model", required=True, help="checkpoint directory or hub id (with its tokenizer)")
     ft.add_argument("--model-name", default=None, help="name in the DHT (default: checkpoint dir name)")
-    ft.add_argument("--data", required=True, help='.jsonl (a "text" field per line) or .txt (one example a line)')
+    ft.add_argument("--data", required=True, help='.jsonl (per line: "text", or "prompt" + "completion" (loss on the completion only), '
+                    'or chat "messages") or .txt (one example a line)')
     ft.add_argument("--output", required=True, help="adapter directory (PEFT format) and its checkpoints")
     ft.add_argument("--steps", type=int, default=100, help="optimizer steps in total (default 100)")
     ft.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
@@ -169,7 +170,19 @@ def finetune(args) -> int:
             TLSConfigError) as e:
         return fail("swarm", str(e))
     except KeyboardInterrupt:
-        return fail("swarm", "interrupted (use --resume to continue from the latest checkpoint)", 130)
+        return fail("swarm", interrupted_message(args.output), 130)
+
+
+def interrupted_message(output: str) -> str:
+    """What an interrupted `swarm finetune` says: how to resume only if a checkpoint was saved."""
+    from pathlib import Path
+
+    from client.finetune import latest_checkpoint
+
+    saved = latest_checkpoint(Path(output))
+    if saved is None:
+        return "interrupted before the first checkpoint: nothing was saved (--save-every N saves every N steps)"
+    return f"interrupted (use --resume to continue from the latest checkpoint, step {saved[1]} in {saved[0]})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """`swarm finetune`: train a LoRA adapter through the swarm on a text file, with checkpoints and resume.
 
 The client holds every trainable weight (the adapter) and the optimizer; the nodes apply the adapter
-and return its gradients. Data: ``.jsonl`` (one JSON object per line with a "text" field) or ``.txt``
-(one example per line). Output, in PEFT's own format (``peft.PeftModel.from_pretrained`` loads it)::
+and return its gradients. Data: ``.jsonl`` (one JSON object per line: a "text", a "prompt" and a
+"completion" (loss on the completion only), or chat "messages") or ``.txt`` (one example per line). Output, in PEFT's own format (``peft.PeftModel.from_pretrained`` loads it)::
 
     OUTPUT/adapter_config.json, adapter_model.safetensors      the final adapter
     OUTPUT/optimizer.safetensors, trainer_state.json            what --resume needs
@@ -75,15 +75,21 @@ class FinetuneOptions:
             raise FinetuneError("--lora-dropout must be in [0, 1)")
 
 
-# ---- data ---------------------------------------------------------------------------------------
-def read_texts(path: str | Path) -> list[str]:
-    """Examples from a .jsonl ("text" field per line) or .txt (one per line) file; blank lines skipped."""
+# ---- data ----------------------------------------------------------------------------------------
+BAD_RECORD = ('expected an object with a string "text" field, string "prompt" and "completion" fields, '
+              'or a "messages" list of {"role", "content"} strings')
+
+
+def read_texts(path: str | Path) -> list[str | dict]:
+    """Examples from a .jsonl or .txt (one per line) file; blank lines skipped. A .jsonl line holds a
+    "text" (trained on whole; returned as the string), a "prompt" and a "completion" (loss on the completion
+    only) or chat "messages" (rendered with the tokenizer's chat template; returned as dicts)."""
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"data file {path} does not exist")
     if path.suffix not in (".jsonl", ".txt"):
         raise FinetuneError(f"data file {path} must end in .jsonl or .txt")
-    texts = []
+    texts: list[str | dict] = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -95,22 +101,28 @@ def read_texts(path: str | Path) -> list[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise FinetuneError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise FinetuneError(f"{path}:{number}: expected an object with a string \"text\" field")
-            texts.append(record["text"])
+            texts.append(_example(record, f"{path}:{number}"))
     return texts
 
 
+def _example(record, where: str) -> str | dict:
+    """One .jsonl record as an example; FinetuneError naming ``where`` if it is none of the three shapes."""
+    if isinstance(record, dict) and isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return {"prompt": record["prompt"], "completion": record["completion"]}
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    raise FinetuneError(f"{where}: {BAD_RECORD}")
+
+
 def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
+    from client.commands import load_tokenizer as checkpoint_tokenizer
 
-    from swarm.checkpoint import CheckpointError, no_weights, resolve_checkpoint
-
-    folder = resolve_checkpoint(model_path, need_weights=no_weights, tokenizer=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise CheckpointError(f"{model_path} has no usable tokenizer: {str(e).splitlines()[0]}") from None
+    tokenizer = checkpoint_tokenizer(model_path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise FinetuneError(f"the tokenizer of {model_path} has neither a pad nor an EOS token")
@@ -118,10 +130,31 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per example, truncated; examples under 2 tokens (nothing to predict) are dropped."""
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return [x for x in ids if len(x) >= 2]
+def tokenize(tokenizer, texts: list[str | dict], max_length: int) -> list[tuple[list[int], int]]:
+    """(token ids, how many leading ones carry no loss) per example, truncated to ``max_length``: a prompt's
+    tokens carry none; a completion ends with the EOS token (so the model learns to stop); chat messages go
+    through the tokenizer's chat template. Examples with nothing left to predict are dropped."""
+    out = []
+    for example in texts:
+        if isinstance(example, str):
+            ids, masked = tokenizer(example, truncation=True, max_length=max_length)["input_ids"], 0
+        elif "messages" in example:
+            ids, masked = _chat_ids(tokenizer, example["messages"])[:max_length], 0
+        else:
+            prompt = tokenizer(example["prompt"])["input_ids"]
+            completion = tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            ids, masked = (prompt + completion + eos)[:max_length], len(prompt)
+        if len(ids) >= 2 and len(ids) > max(masked, 1):
+            out.append((ids, masked))
+    return out
+
+
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise FinetuneError('the data has "messages" but the model\'s tokenizer has no chat template')
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -135,9 +168,14 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def collate(tokenizer, examples: list[list[int]]) -> dict[str, torch.Tensor]:
-    batch = tokenizer.pad({"input_ids": examples}, padding=True, return_tensors="pt")
+def collate(tokenizer, examples: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+    """A padded batch; labels are -100 on padding and on each example's leading no-loss (prompt) tokens."""
+    batch = tokenizer.pad({"input_ids": [ids for ids, _ in examples]}, padding=True, return_tensors="pt")
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    width = labels.shape[1]
+    for row, (ids, masked) in enumerate(examples):
+        start = width - len(ids) if tokenizer.padding_side == "left" else 0
+        labels[row, start:start + masked] = -100
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 

@@ -27,6 +27,7 @@ from client.policy import Attempts, FailurePolicy, PolicyConfig
 from client.transport import Connections, RemoteCallError, TLSHandshakeError, plaintext_refused
 from proto import swarmlm_pb2 as pb
 from swarm.dht import SwarmDHT
+from swarm.directory import explain_missing
 from swarm.identity import WeightsCheck
 from swarm.routing import Hop, NoRouteError, believed_throughput, choose_route, sample_route
 from swarm.spans import NodeState, ServerInfo, Span
@@ -112,7 +113,7 @@ class Router:
         ``config.max_wait`` seconds (``wait``) for missing blocks to reappear, then raises NoRouteError
         naming them."""
         deadline = time.monotonic() + (self.config.max_wait if wait else 0.0)
-        attempt = 0
+        attempt, hint = 0, ""
         while True:
             servers = await self.servers(refresh or attempt > 0)
             try:
@@ -121,11 +122,14 @@ class Router:
                 untrusted = self._untrusted_cause(servers, e.missing)
                 if untrusted is not None:
                     raise untrusted from e
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise
+                if attempt == 0 and not servers:  # nothing at all under our key: say why, if the DHT tells
+                    hint = await explain_missing(self.dht, self.model, self.config.initial_peers)
+                if deadline - time.monotonic() <= 0:
+                    raise NoRouteError(e.missing, hint) from None
                 if attempt == 0:
-                    log.warning("%s; waiting up to %.0fs for a node to appear", e, self.config.max_wait)
+                    log.warning("%s; waiting up to %.0fs for a node to appear", NoRouteError(e.missing, hint),
+                                self.config.max_wait)
+                left = deadline - time.monotonic()
                 await asyncio.sleep(min(left, self.policy.backoff(attempt)))
                 attempt += 1
 

@@ -14,6 +14,7 @@ from swarm.cliargs import fail, peers_list
 from swarm.arch import get_family
 from swarm.dht import DHTStartError, SwarmDHT
 from swarm.identity import WeightsCheck, block_hashes
+from swarm.directory import explain_missing
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
 from swarm.lan import LanAnnouncer
 from swarm.records import default_model_name, model_key
@@ -103,11 +104,14 @@ async def status(args) -> int:
         return fail("swarm", str(e))
     try:
         servers = await dht.fetch_servers(key, config.num_hidden_layers)
+        hint = "" if servers else await explain_missing(dht, key, peers)
     finally:
         await dht.shutdown()
     other: list[ServerInfo] = []
     if hashes is not None:
         servers, other = WeightsCheck(hashes).split(servers)
+    if hint:
+        print(f"swarm: no record of {key}: {hint}", file=sys.stderr)
     print(f"model {key}: {config.num_hidden_layers} blocks")
     print(render_status(servers, config.num_hidden_layers, args.all, other))
     missing = uncovered_blocks(servers, Span(0, config.num_hidden_layers))

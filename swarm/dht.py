@@ -17,6 +17,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from swarm.directory import announce_model
 from swarm.keys import SwarmKey
 from swarm.records import make_record, parse_record, servers_key
 from swarm.spans import NodeState, ServerInfo, Span
@@ -193,6 +194,7 @@ class Announcer:
         try:
             if not await self.dht.announce(self.model, self.info, self.ttl):
                 log.warning("DHT did not accept the announcement of %s", self.info.address)
+            await announce_model(self.dht, self.model, self.ttl)  # the directory behind "did you mean ...?"
         except Exception as e:  # a flaky DHT must not kill the node; the next heartbeat retries
             log.warning("announcing to the DHT failed: %s", e)
 

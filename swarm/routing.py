@@ -21,9 +21,9 @@ CLAIM_CAP = 2.0  # a node not yet observed is believed at most this many times i
 class NoRouteError(RuntimeError):
     """Some blocks have no ONLINE node; ``missing`` lists them."""
 
-    def __init__(self, missing: list[int]):
-        self.missing = missing
-        super().__init__(f"no ONLINE node serves block(s) {format_blocks(missing)}")
+    def __init__(self, missing: list[int], hint: str = ""):
+        self.missing, self.hint = missing, hint  # hint: why, when known (swarm.directory.explain_missing)
+        super().__init__(f"no ONLINE node serves block(s) {format_blocks(missing)}" + (f"; {hint}" if hint else ""))
 
 
 @dataclass(frozen=True)

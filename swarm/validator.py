@@ -152,3 +152,9 @@ def make_validator(key: SwarmKey | None, owner: RSAPrivateKey) -> tuple[Composit
     """The validator a SwarmDHT peer uses, and the ``[owner:...]`` marker its own records carry."""
     signer = _Signer(owner)
     return CompositeValidator([_Decodable(), signer, SwarmRecordValidator(key)]), signer.local_public_key.decode()
+
+
+def looks_sealed(value: bytes) -> bool:
+    """Whether a stored value is sealed with some swarm key (what a reader without that key sees: bytes
+    it cannot open). Used to tell a user "records present but not readable with this key"."""
+    return len(value) > 3 + len(_MAGIC) and value[0] == 0xC5 and value[3:3 + len(_MAGIC)] == _MAGIC

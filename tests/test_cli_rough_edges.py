@@ -102,21 +102,28 @@ def test_generate_prints_decoded_text_equal_to_local(lone_node, tiny_path, local
     assert result.stdout.rstrip("\n") == tokenizer.decode(local[0], skip_special_tokens=True)
 
 
-def test_generate_chat_and_a_local_adapter_folder_equal_local(lone_node, tiny_path, tmp_path):
-    """--chat wraps the prompt in the tokenizer's chat template and prints only the reply; --adapter DIR
-    applies a PEFT LoRA adapter folder (saved by PEFT itself) as local PEFT does."""
+def with_chat_template(tiny_path, folder):
+    """A copy of the tiny checkpoint (same folder name: the same DHT key) whose tokenizer has a chat template."""
     import json
     import shutil
 
+    chat_model = folder / tiny_path.name
+    shutil.copytree(tiny_path, chat_model)
+    settings = json.loads((chat_model / "tokenizer_config.json").read_text())
+    settings["chat_template"] = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                                "{% if add_generation_prompt %}assistant:{% endif %}"
+    (chat_model / "tokenizer_config.json").write_text(json.dumps(settings))
+    return chat_model
+
+
+def test_generate_chat_and_a_local_adapter_folder_equal_local(lone_node, tiny_path, tmp_path):
+    """--chat wraps the prompt in the tokenizer's chat template and prints only the reply; --adapter DIR
+    applies a PEFT LoRA adapter folder (saved by PEFT itself) as local PEFT does."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    chat_model = tmp_path / "tiny-llama"  # the same name: the same DHT key
-    shutil.copytree(tiny_path, chat_model)
-    settings = json.loads((chat_model / "tokenizer_config.json").read_text())
-    settings["chat_template"] = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
-    (chat_model / "tokenizer_config.json").write_text(json.dumps(settings))
+    chat_model = with_chat_template(tiny_path, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(chat_model)
     torch.manual_seed(0)
     local = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
@@ -192,3 +199,69 @@ def test_incremental_printer_shows_each_token_and_no_special_tokens(tiny_path):
         assert out.getvalue() == so_far or so_far.endswith("\ufffd"), (k, out.getvalue(), so_far)
     printer.end()
     assert out.getvalue() == "swarms run models, façade\n"
+
+
+def test_finetune_trains_on_completions_and_chat_messages(lone_node, tiny_path, local_model, tmp_path):
+    """A .jsonl mixing "text", "prompt"/"completion" and "messages" lines: the first step's loss (the adapter
+    starts as the identity) is local transformers' mean token loss over the text, the completion (+ EOS) only,
+    and the whole chat-template rendering."""
+    import json
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    model = with_chat_template(tiny_path, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    messages = [{"role": "user", "content": "who serves?"}, {"role": "assistant", "content": "the nodes"}]
+    lines = [{"text": "the swarm runs a model"}, {"prompt": "q: who keeps the head?", "completion": " the client"},
+             {"messages": messages}]
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prompt = tokenizer("q: who keeps the head?")["input_ids"]
+    chat = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    sequences = [(tokenizer("the swarm runs a model")["input_ids"], 0),
+                 (prompt + tokenizer(" the client", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id],
+                  len(prompt)), (chat, 0)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, masked in sequences:
+            logits = local_model(input_ids=torch.tensor([ids])).logits[0, :-1]
+            targets = torch.tensor(ids[1:])
+            keep = torch.arange(1, len(ids)) >= masked
+            total += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    _, _, maddr, ca = lone_node
+    result = run("swarm", "finetune", "--initial-peers", maddr, "--tls-ca", ca, "--model", str(model),
+                 "--data", str(tmp_path / "mixed.jsonl"), "--output", str(tmp_path / "out"), "--steps", "1",
+                 "--batch-size", "3")
+    assert result.returncode == 0, result.stderr
+    loss = float(re.search(r"^step 1/1 loss (\d+\.\d+)$", result.stdout, re.M)[1])
+    assert loss == pytest.approx(total / count, abs=2e-4)
+
+
+def test_finetune_interrupted_before_its_first_checkpoint_does_not_offer_resume(lone_node, tiny_path, tmp_path):
+    import json
+    import signal
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "the swarm runs a model"}) + "\n")
+    _, _, maddr, ca = lone_node
+    proc = Proc([*command("swarm", use_scripts=True), "finetune", "--initial-peers", maddr, "--tls-ca", ca,
+                 "--model", str(tiny_path), "--data", str(tmp_path / "train.jsonl"), "--output", str(tmp_path / "out"),
+                 "--steps", "100000", "--batch-size", "1"])
+    try:
+        while not proc.read_line(READY).startswith("step 1/"):
+            pass
+        proc.popen.send_signal(signal.SIGINT)
+        assert proc.popen.wait(60) == 130
+    finally:
+        proc.stop()
+    assert wait_for(lambda: any("interrupted" in line for line in proc.stderr_lines), 5), proc.stderr_lines
+    said = " ".join(proc.stderr_lines)
+    assert "nothing was saved" in said and "--resume" not in said and "Traceback" not in said, said
+
+
+def test_status_with_a_wrong_model_name_suggests_the_served_one(lone_node, tiny_path):
+    _, _, maddr, _ = lone_node
+    result = run("swarm", "status", "--initial-peers", maddr, "--model", str(tiny_path), "--model-name", "tiny-lama")
+    assert result.returncode == 1
+    assert "did you mean --model-name tiny-llama?" in result.stderr, result.stderr
