@@ -1,8 +1,15 @@
-"""The monitor's view of a node and of a model's blocks (client/monitor/status.py): pure functions."""
+"""The monitor's view of a node and of a model's blocks (client/monitor/status.py): the pure functions, and
+one look at a real private swarm (in-process node, real DHT)."""
 from __future__ import annotations
 
 from client.monitor.app import STATIC
-from client.monitor.status import FAILED, Heartbeats, Probe, coverage, shown_state
+from client.monitor.cli import watched_models
+from client.monitor.status import FAILED, Heartbeats, Probe, SwarmWatcher, coverage, shown_state
+from client.transport import Connections
+from node.config import NodeConfig
+from node.server import NodeThread
+from swarm.dht import SwarmDHT
+from swarm.keys import generate_key_text, load_key
 from swarm.spans import NodeState, ServerInfo, Span
 
 KEY = "tiny/0123456789abcdef"
@@ -48,3 +55,34 @@ def test_the_page_inserts_peer_strings_as_text_only():
     script = (STATIC / "monitor.js").read_text()
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script
+
+
+def test_a_private_swarm_is_watched_with_its_key(tiny_path, dht_loop, tmp_path):
+    """The monitor's Info calls carry the swarm key's proof; without it the node refuses them: FAILED."""
+    key_file = tmp_path / "lab.key"
+    key_file.write_text(generate_key_text())
+    key = load_key(key_file)
+    boot = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=key))
+    peers = dht_loop.run(boot.visible_maddrs())
+    node = NodeThread(NodeConfig(model=str(tiny_path), blocks=Span(0, 6), cache_tokens=512, initial_peers=tuple(peers),
+                                 swarm_key=str(key_file)))
+    node.start()
+
+    async def look() -> list[list[dict]]:
+        dht = await SwarmDHT.create(peers, client_mode=True, swarm_key=key)
+        views = []
+        for conns in (Connections(key), Connections(None)):
+            watcher = SwarmWatcher(dht, watched_models([str(tiny_path)]), conns)
+            views.append((await watcher.refresh())["models"][0]["nodes"])
+            await conns.close()
+        await dht.shutdown()
+        return views
+
+    try:
+        with_key, without_key = dht_loop.run(look(), timeout=60)
+    finally:
+        node.stop(0.5)
+        dht_loop.run(boot.shutdown())
+    assert [(n["address"], n["state"]) for n in with_key] == [(node.address, "ONLINE")]
+    assert with_key[0]["rtt_ms"] > 0 and with_key[0]["cache_tokens"] == 512
+    assert without_key[0]["state"] == FAILED and "UNAUTHENTICATED" in without_key[0]["error"], without_key[0]
