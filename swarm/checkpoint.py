@@ -41,6 +41,9 @@ def resolve_checkpoint(model: str, *, need_weights: Callable[[str], bool] | None
     """
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"a revision ({revision!r}) picks a version of a hub repository; {model!r} is a "
+                                  "local directory")
         return path
     if path.exists() or model.startswith((".", "/", "~")):
         raise CheckpointError(f"checkpoint directory {model!r} does not exist")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from swarm.checkpoint import CheckpointError, resolve_checkpoint
 from tests.helpers.checkpoints import shard_per_block
 from tests.helpers.hub_server import HubRepo, HubServer
 from tests.helpers.launch import LocalSwarm, Proc, command, wait_for
@@ -93,3 +94,8 @@ def run_client(peers: list[str], hub: HubServer, tmp_path) -> torch.Tensor:
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     return load_file(out)["logits"]
+
+
+def test_a_revision_of_a_local_directory_is_refused(tiny_path):
+    with pytest.raises(CheckpointError, match="local directory"):
+        resolve_checkpoint(str(tiny_path), revision="v1")
