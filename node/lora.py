@@ -85,31 +85,27 @@ def active(lora: Lora | None) -> Iterator[None]:
 
 
 class LoraCache:
-    """The latest weights of recently used adapters, so an unchanged adapter is not re-sent. Bounded in
-    count and bytes (least recently used first out), so clients cannot pile up weights in a node's memory."""
+    """Recently used client adapters' weights, so an unchanged adapter is not re-sent. Keyed by the SHA-256
+    of the weights (proto.tensors.lora_digest), never by the client-chosen id and version: anyone can claim
+    an id, so weights sent under a victim's id only make an entry of their own. Bounded in count and bytes
+    (least recently used first out), so clients cannot pile up weights in a node's memory."""
 
     def __init__(self, max_adapters: int = 32, max_bytes: int = 1 << 30):
         self.max_adapters, self.max_bytes = max_adapters, max_bytes
         self._items: OrderedDict[str, Lora] = OrderedDict()
 
-    def get(self, adapter_id: str, version: int) -> Lora | None:
-        lora = self._items.get(adapter_id)
-        if lora is None or lora.version != version:
-            return None
-        self._items.move_to_end(adapter_id)
+    def get(self, digest: str) -> Lora | None:
+        lora = self._items.get(digest)
+        if lora is not None:
+            self._items.move_to_end(digest)
         return lora
 
-    def put(self, lora: Lora) -> Lora:
-        """Store ``lora``; weights for other blocks of the same version are kept beside it."""
-        old = self._items.get(lora.id)
-        if old is not None and old.version == lora.version:
-            lora.weights = {**old.weights, **lora.weights}
-            lora.blocks = old.blocks | lora.blocks
+    def put(self, digest: str, lora: Lora) -> Lora:
+        """Keep ``lora``, whose weights hash to ``digest``; nothing is merged into other entries."""
         if lora.nbytes > self.max_bytes:  # too big to keep: used by this request only, others stay
-            self._items.pop(lora.id, None)
             return lora
-        self._items[lora.id] = lora
-        self._items.move_to_end(lora.id)
+        self._items[digest] = lora
+        self._items.move_to_end(digest)
         while len(self._items) > self.max_adapters or self.nbytes > self.max_bytes:
             self._items.popitem(last=False)
         return lora

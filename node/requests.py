@@ -3,13 +3,13 @@ anything is allocated. Raises RequestError carrying the gRPC status to answer wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
 
 from proto import swarmlm_pb2 as pb
-from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize
+from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize, lora_digest
 from node.lora import MAX_RANK, Lora, LoraCache
 from swarm.spans import Span
 
@@ -49,13 +49,14 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
         raise RequestError(bad, "lora.id must be 1..128 characters")
     if not math.isfinite(msg.scaling) or not 0 <= msg.dropout < 1:
         raise RequestError(bad, "lora.scaling must be finite and lora.dropout in [0, 1)")
-    if not msg.modules:
-        cached = cache.get(msg.id, msg.version)
+    if not msg.modules:  # the weights named by their hash; scaling, dropout and seed are this request's
+        cached = cache.get(msg.digest) if len(msg.digest) == 64 else None
         if cached is None or not set(range(span.start, span.end)) <= cached.blocks:
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"adapter {msg.id!r} version {msg.version} is not cached here for blocks {span}; "
                                "send its weights")
-        return cached
+        return replace(cached, id=msg.id, version=msg.version, scaling=msg.scaling, dropout=msg.dropout,
+                       seed=msg.dropout_seed)
     weights = {}
     for m in msg.modules:
         if m.block not in span or m.module not in shapes:
@@ -75,7 +76,7 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
         weights[(m.block, m.module)] = (a, b)
     lora = Lora(msg.id, msg.version, msg.scaling, msg.dropout, msg.dropout_seed, weights,
                 frozenset(range(span.start, span.end)))
-    return cache.put(lora)
+    return cache.put(lora_digest(msg.modules), lora)  # the hash we computed, never one the sender claims
 
 
 def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int) -> torch.Tensor:

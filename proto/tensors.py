@@ -1,8 +1,10 @@
 """Tensor <-> protobuf codec with size checks done BEFORE anything is allocated."""
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Collection
+import struct
+from typing import Collection, Iterable
 
 import torch
 
@@ -67,3 +69,18 @@ def deserialize(
         return torch.empty(shape, dtype=DTYPES[msg.dtype])
     raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
     return raw.view(DTYPES[msg.dtype]).reshape(shape)
+
+
+def lora_digest(modules: Iterable[pb.LoraModule]) -> str:
+    """SHA-256 (hex) of LoRA module weights as sent (block, module name, then each of A and B: dtype, shape and
+    bytes), in (block, module) order. Nodes cache client adapters under it: a cached adapter is named by
+    its content, so whoever sends other weights makes another entry and nobody's weights change."""
+    h = hashlib.sha256()
+    for m in sorted(modules, key=lambda m: (m.block, m.module)):
+        name = m.module.encode()
+        h.update(struct.pack(">QI", m.block, len(name)) + name)
+        for t in (m.a, m.b):
+            dtype = t.dtype.encode()
+            h.update(struct.pack(">II", len(dtype), len(t.shape)) + dtype)
+            h.update(struct.pack(f">{len(t.shape)}q", *t.shape) + struct.pack(">Q", len(t.data)) + t.data)
+    return h.hexdigest()

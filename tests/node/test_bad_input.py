@@ -7,7 +7,7 @@ import torch
 from node.requests import max_message_bytes, Limits
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
-from proto.tensors import serialize
+from proto.tensors import lora_digest, serialize
 from swarm.spans import Span
 
 HIDDEN = 64
@@ -128,7 +128,9 @@ def test_lora_weights_a_node_keeps_are_bounded(start_nodes):
         for lora in (small, huge):  # both work when their weights come along
             assert stub.Forward(with_lora(lora), timeout=30).hidden_states.shape[1] == 5
         assert handle.node.servicer.adapters.cache.nbytes <= 1 << 20
-        assert stub.Forward(with_lora(pb.LoraAdapter(id="small", version=1, scaling=1.0)), timeout=30)
+        named = {lora.id: lora_digest(lora.modules) for lora in (small, huge)}  # cached weights go by their hash
+        assert stub.Forward(with_lora(pb.LoraAdapter(id="small", version=1, scaling=1.0, digest=named["small"])),
+                            timeout=30)
         with pytest.raises(grpc.RpcError) as err:  # the huge one was not kept
-            stub.Forward(with_lora(pb.LoraAdapter(id="huge", version=1, scaling=1.0)), timeout=30)
+            stub.Forward(with_lora(pb.LoraAdapter(id="huge", version=1, scaling=1.0, digest=named["huge"])), timeout=30)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "send its weights" in err.value.details()
