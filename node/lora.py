@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from proto.tensors import shape_text
+
 _active = threading.local()
 MAX_RANK = 256
 
@@ -136,8 +138,24 @@ def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, t
             weights.setdefault((block, path), [None, None])[0 if which == "A" else 1] = f.get_tensor(name).float()
     if any(a is None or b is None for a, b in weights.values()):
         raise ValueError(f"{directory}: some modules have lora_A without lora_B or the other way round")
+    check_adapter_weights(directory, r, weights, shapes)
     return Lora(directory.name, 0, scaling, 0.0, 0, {k: (a, b) for k, (a, b) in weights.items()},
                 frozenset(range(first, end)))
+
+
+def check_adapter_weights(directory: Path, r: int, weights: dict, shapes: dict[str, tuple[int, int]]) -> None:
+    """ValueError unless every module's A is [r, in] and B [out, r] for this model's projection, with
+    0 < r <= MAX_RANK, and all weights are finite: a bad adapter is refused at start, not on every request."""
+    if not 0 < r <= MAX_RANK:
+        raise ValueError(f"--adapters {directory}: rank r={r} is outside 1..{MAX_RANK}")
+    for (block, path), (a, b) in sorted(weights.items()):
+        fan_in, fan_out = shapes[path]
+        if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
+            raise ValueError(f"--adapters {directory}: {path} of block {block} has lora_A {shape_text(a.shape)} "
+                             f"and lora_B {shape_text(b.shape)}; this model with r={r} needs [{r}, {fan_in}] and "
+                             f"[{fan_out}, {r}] (an adapter of another model?)")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"--adapters {directory}: {path} of block {block} contains NaN or infinity")
 
 
 def load_adapter_dir(root: Path, first: int, end: int, shapes: dict[str, tuple[int, int]]) -> dict[str, Lora]:

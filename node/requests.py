@@ -9,14 +9,22 @@ import grpc
 import torch
 
 from proto import swarmlm_pb2 as pb
-from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize, lora_digest
+from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize, lora_digest, shape_text
 from node.lora import MAX_RANK, Lora, LoraCache
 from swarm.spans import Span
 
 
+MAX_ERROR_CHARS = 1000  # an error message never echoes more of a (possibly huge) input than this
+
+
+def capped(message: str) -> str:
+    """``message``, cut to MAX_ERROR_CHARS characters."""
+    return message if len(message) <= MAX_ERROR_CHARS else f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters)"
+
+
 class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
+        super().__init__(capped(message))
         self.code = code
 
 
@@ -90,10 +98,10 @@ def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int) -> to
 def _check_shape_budget(msg: pb.Tensor, limits: Limits, name: str) -> None:
     shape = list(msg.shape)
     if len(shape) != 3:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: expected [batch, seq, hidden], got {shape}")
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: expected [batch, seq, hidden], got {shape_text(shape)}")
     batch, seq, hidden = shape
     if batch < 1 or seq < 1:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: empty batch or sequence in shape {shape}")
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: empty batch or sequence in shape {shape_text(shape)}")
     if hidden != limits.hidden_size:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{name}: hidden size {hidden} does not match the model's {limits.hidden_size}")
@@ -160,7 +168,7 @@ def _parse_prefix(msg: pb.Tensor, limits: Limits, span: Span, batch: int) -> tor
     if len(shape) != 6 or any(e is not None and s != e for s, e in zip(shape, expected)) \
             or not 0 < shape[4] <= limits.max_prefix:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"prefix shape {shape} does not fit [blocks={len(span)}, 2, batch={batch}, "
+                           f"prefix shape {shape_text(shape)} does not fit [blocks={len(span)}, 2, batch={batch}, "
                            f"kv_heads={limits.kv_heads}, 1..{limits.max_prefix}, head_dim={limits.head_dim}]")
     budget = len(span) * 2 * batch * limits.kv_heads * limits.max_prefix * limits.head_dim * 4
     prefix = _tensor(msg, "prefix", FLOAT_DTYPES, budget, 6)

@@ -25,6 +25,14 @@ MASK_DTYPES = frozenset({"int64", "int32", "bool"})
 MAX_NDIM = 8
 
 
+def shape_text(shape, limit: int = MAX_NDIM) -> str:
+    """A shape for an error message: at most ``limit`` sizes, so a hostile million-entry shape is not echoed."""
+    sizes = list(shape)
+    if len(sizes) <= limit:
+        return str(sizes)
+    return f"[{', '.join(map(str, sizes[:limit]))}, ... ({len(sizes)} dimensions)]"
+
+
 class TensorError(ValueError):
     """An incoming tensor message is malformed or over a limit; the message says what is wrong."""
 
@@ -56,15 +64,15 @@ def deserialize(
         raise TensorError(f"{name}: dtype {msg.dtype} not allowed here; expected one of {sorted(allowed)}")
     shape = list(msg.shape)
     if len(shape) > MAX_NDIM or (ndim is not None and len(shape) != ndim):
-        raise TensorError(f"{name}: expected {ndim} dimensions, got shape {shape}")
+        raise TensorError(f"{name}: expected {ndim if ndim is not None else f'at most {MAX_NDIM}'} dimensions, got shape {shape_text(shape)}")
     if any(s < 0 for s in shape):
-        raise TensorError(f"{name}: negative size in shape {shape}")
+        raise TensorError(f"{name}: negative size in shape {shape_text(shape)}")
     itemsize = torch.empty((), dtype=DTYPES[msg.dtype]).element_size()
     nbytes = math.prod(shape) * itemsize
     if nbytes > max_bytes:
-        raise TensorError(f"{name}: shape {shape} ({msg.dtype}) is {nbytes} bytes, over the limit of {max_bytes}")
+        raise TensorError(f"{name}: shape {shape_text(shape)} ({msg.dtype}) is {nbytes} bytes, over the limit of {max_bytes}")
     if len(msg.data) != nbytes:
-        raise TensorError(f"{name}: shape {shape} ({msg.dtype}) needs {nbytes} bytes, got {len(msg.data)}")
+        raise TensorError(f"{name}: shape {shape_text(shape)} ({msg.dtype}) needs {nbytes} bytes, got {len(msg.data)}")
     if nbytes == 0:
         return torch.empty(shape, dtype=DTYPES[msg.dtype])
     raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)

@@ -134,3 +134,17 @@ def test_lora_weights_a_node_keeps_are_bounded(start_nodes):
         with pytest.raises(grpc.RpcError) as err:  # the huge one was not kept
             stub.Forward(with_lora(pb.LoraAdapter(id="huge", version=1, scaling=1.0, digest=named["huge"])), timeout=30)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "send its weights" in err.value.details()
+
+
+@pytest.mark.parametrize("field", ["hidden_states", "attention_mask", "prefix"])
+def test_error_messages_do_not_echo_huge_shapes(node, field):
+    """Issue 21: a shape with many entries was echoed whole in the error message (3 MB for a million)."""
+    handle, stub = node
+    model = stub.Info(pb.InfoRequest()).model
+    hostile = pb.Tensor(dtype="int64" if field == "attention_mask" else "float32", shape=[1] * 200_000, data=b"\0" * 8)
+    req = good_request(model, **{field: hostile})
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Forward(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()[:200]
+    assert "200000 dimensions" in err.value.details() and len(err.value.details()) < 1000, err.value.details()[:200]
+    assert stub.Forward(good_request(model), timeout=30).hidden_states.shape[1] == 5  # still serving
