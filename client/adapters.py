@@ -16,7 +16,7 @@ from torch import nn
 from client.lora_config import check_exact
 from swarm.arch import projection_shapes
 from proto import swarmlm_pb2 as pb
-from proto.tensors import serialize
+from proto.tensors import lora_digest, serialize
 from swarm.spans import Span
 
 PEFT_PREFIX = "base_model.model.model.layers"
@@ -71,6 +71,7 @@ class RemoteLora(nn.Module):
         self.dropout_seed = 0  # seeds of LoRA dropout masks so far; save it to resume training exactly
         self._version = 0
         self._snapshot: list[torch.Tensor] | None = None
+        self._digests: dict[tuple[int, Span], str] = {}  # (version, span) -> lora_digest of those weights
 
     def version(self) -> int:
         """A number that changes whenever any weight changes. Compared by content: tensor version
@@ -87,13 +88,20 @@ class RemoteLora(nn.Module):
 
     def message(self, span: Span, with_weights: bool, dropout_seed: int = 0, version: int | None = None
                 ) -> pb.LoraAdapter:
-        """The adapter for blocks ``span``; with_weights=False names only its id and version."""
-        msg = pb.LoraAdapter(id=self.id, version=self.version() if version is None else version, scaling=self.scaling,
+        """The adapter for blocks ``span``; with_weights=False names only its id, version and the digest
+        (SHA-256) of its weights in ``span``, under which a node that was sent them keeps them."""
+        version = self.version() if version is None else version
+        msg = pb.LoraAdapter(id=self.id, version=version, scaling=self.scaling,
                              dropout=self.dropout if self.training else 0.0, dropout_seed=dropout_seed)
-        if with_weights:
-            for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B):
-                if block in span:
-                    msg.modules.add(block=block, module=path, a=serialize(a.detach()), b=serialize(b.detach()))
+        if with_weights or (version, span) not in self._digests:
+            modules = [pb.LoraModule(block=block, module=path, a=serialize(a.detach()), b=serialize(b.detach()))
+                       for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B) if block in span]
+            if any(v != version for v, _ in self._digests):  # only the current version's are ever named
+                self._digests.clear()
+            self._digests[(version, span)] = lora_digest(modules)
+            if with_weights:
+                msg.modules.extend(modules)
+        msg.digest = self._digests[(version, span)]
         return msg
 
     def shapes(self, span: Span) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:

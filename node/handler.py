@@ -17,7 +17,7 @@ from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_
                          new_cache, prefixed_cache, torch_threads)
 from node.lora import LoraCache, active
 from swarm.arch import linear_shapes
-from node.requests import (Adapters, Limits, RequestError, Step, parse_backward, parse_forward, parse_open,
+from node.requests import (Adapters, Limits, RequestError, capped, Step, parse_backward, parse_forward, parse_open,
                            parse_step)
 from node.sessions import CacheBudget, ClientSessions, Session, client_of, run_step
 from proto import swarmlm_pb2 as pb
@@ -40,6 +40,7 @@ class ServedCounts:
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
+REFUSAL_WAIT = 1.0  # seconds a refused stream's first message is awaited before the refusal is sent anyway
 
 @dataclass(frozen=True)
 class SessionPolicy:
@@ -122,8 +123,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         except RequestError as e:
             self.counts.refuse(e.reason)
             # refuse after the first message: a status sent while the client is still writing it reaches
-            # gRPC clients as a local INTERNAL write failure (looks like a broken node), not as this reason
-            await self._next(requests, context)
+            # gRPC clients as a local INTERNAL write failure (looks like a broken node), not as this reason;
+            # but wait for it only briefly, so a client that sends nothing yet still hears why at once
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(requests.__anext__(), min(REFUSAL_WAIT, self.policy.step_timeout))
             await context.abort(e.code, str(e))
         try:
             async with contextlib.aclosing(self._session(requests, context)) as responses:
@@ -182,7 +185,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"session idle for more than {self.policy.step_timeout:g}s; closed")
         except DecodeError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed stream message: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, capped(f"malformed stream message: {e}"))
 
     def _step(self, session: Session, step: Step) -> torch.Tensor:
         small = step.hidden.shape[0] * step.hidden.shape[1] <= self.policy.small_step_tokens
@@ -215,7 +218,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except Exception as e:  # a bug or an OOM in one request must not take the node down
             log.exception("request failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            await context.abort(grpc.StatusCode.INTERNAL, capped(f"{type(e).__name__}: {e}"))
         finally:
             self.in_flight -= 1
 

@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from proto.tensors import shape_text
+
 _active = threading.local()
 MAX_RANK = 256
 
@@ -85,8 +87,10 @@ def active(lora: Lora | None) -> Iterator[None]:
 
 
 class LoraCache:
-    """The latest weights of recently used adapters, so an unchanged adapter is not re-sent. Bounded in
-    count and bytes (least recently used first out), so clients cannot pile up weights in a node's memory."""
+    """Recently used client adapters' weights, so an unchanged adapter is not re-sent. Keyed by the SHA-256
+    of the weights (proto.tensors.lora_digest), never by the client-chosen id and version: anyone can claim
+    an id, so weights sent under a victim's id only make an entry of their own. Bounded in count and bytes
+    (least recently used first out), so clients cannot pile up weights in a node's memory."""
 
     def __init__(self, max_adapters: int = 32, max_bytes: int = 1 << 30):
         self.max_adapters, self.max_bytes = max_adapters, max_bytes
@@ -94,24 +98,18 @@ class LoraCache:
         self.hits = 0  # requests that named a cached adapter without its weights (metrics)
         self.misses = 0  # requests that did so for weights not cached here (the client must re-send them)
 
-    def get(self, adapter_id: str, version: int) -> Lora | None:
-        lora = self._items.get(adapter_id)
-        if lora is None or lora.version != version:
-            return None
-        self._items.move_to_end(adapter_id)
+    def get(self, digest: str) -> Lora | None:
+        lora = self._items.get(digest)
+        if lora is not None:
+            self._items.move_to_end(digest)
         return lora
 
-    def put(self, lora: Lora) -> Lora:
-        """Store ``lora``; weights for other blocks of the same version are kept beside it."""
-        old = self._items.get(lora.id)
-        if old is not None and old.version == lora.version:
-            lora.weights = {**old.weights, **lora.weights}
-            lora.blocks = old.blocks | lora.blocks
+    def put(self, digest: str, lora: Lora) -> Lora:
+        """Keep ``lora``, whose weights hash to ``digest``; nothing is merged into other entries."""
         if lora.nbytes > self.max_bytes:  # too big to keep: used by this request only, others stay
-            self._items.pop(lora.id, None)
             return lora
-        self._items[lora.id] = lora
-        self._items.move_to_end(lora.id)
+        self._items[digest] = lora
+        self._items.move_to_end(digest)
         while len(self._items) > self.max_adapters or self.nbytes > self.max_bytes:
             self._items.popitem(last=False)
         return lora
@@ -142,8 +140,24 @@ def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, t
             weights.setdefault((block, path), [None, None])[0 if which == "A" else 1] = f.get_tensor(name).float()
     if any(a is None or b is None for a, b in weights.values()):
         raise ValueError(f"{directory}: some modules have lora_A without lora_B or the other way round")
+    check_adapter_weights(directory, r, weights, shapes)
     return Lora(directory.name, 0, scaling, 0.0, 0, {k: (a, b) for k, (a, b) in weights.items()},
                 frozenset(range(first, end)))
+
+
+def check_adapter_weights(directory: Path, r: int, weights: dict, shapes: dict[str, tuple[int, int]]) -> None:
+    """ValueError unless every module's A is [r, in] and B [out, r] for this model's projection, with
+    0 < r <= MAX_RANK, and all weights are finite: a bad adapter is refused at start, not on every request."""
+    if not 0 < r <= MAX_RANK:
+        raise ValueError(f"--adapters {directory}: rank r={r} is outside 1..{MAX_RANK}")
+    for (block, path), (a, b) in sorted(weights.items()):
+        fan_in, fan_out = shapes[path]
+        if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
+            raise ValueError(f"--adapters {directory}: {path} of block {block} has lora_A {shape_text(a.shape)} "
+                             f"and lora_B {shape_text(b.shape)}; this model with r={r} needs [{r}, {fan_in}] and "
+                             f"[{fan_out}, {r}] (an adapter of another model?)")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"--adapters {directory}: {path} of block {block} contains NaN or infinity")
 
 
 def load_adapter_dir(root: Path, first: int, end: int, shapes: dict[str, tuple[int, int]]) -> dict[str, Lora]:

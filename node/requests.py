@@ -3,20 +3,28 @@ anything is allocated. Raises RequestError carrying the gRPC status to answer wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import torch
 
 from proto import swarmlm_pb2 as pb
-from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize
+from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize, lora_digest, shape_text
 from node.lora import MAX_RANK, Lora, LoraCache
 from swarm.spans import Span
 
 
+MAX_ERROR_CHARS = 1000  # an error message never echoes more of a (possibly huge) input than this
+
+
+def capped(message: str) -> str:
+    """``message``, cut to MAX_ERROR_CHARS characters."""
+    return message if len(message) <= MAX_ERROR_CHARS else f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters)"
+
+
 class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, reason: str = "invalid"):
-        super().__init__(message)
+        super().__init__(capped(message))
         self.code = code
         self.reason = reason  # why a session was refused, for the metrics (swarmlm_node_sessions_refused_total)
 
@@ -50,15 +58,16 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
         raise RequestError(bad, "lora.id must be 1..128 characters")
     if not math.isfinite(msg.scaling) or not 0 <= msg.dropout < 1:
         raise RequestError(bad, "lora.scaling must be finite and lora.dropout in [0, 1)")
-    if not msg.modules:
-        cached = cache.get(msg.id, msg.version)
+    if not msg.modules:  # the weights named by their hash; scaling, dropout and seed are this request's
+        cached = cache.get(msg.digest) if len(msg.digest) == 64 else None
         if cached is None or not set(range(span.start, span.end)) <= cached.blocks:
             cache.misses += 1
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"adapter {msg.id!r} version {msg.version} is not cached here for blocks {span}; "
                                "send its weights")
         cache.hits += 1
-        return cached
+        return replace(cached, id=msg.id, version=msg.version, scaling=msg.scaling, dropout=msg.dropout,
+                       seed=msg.dropout_seed)
     weights = {}
     for m in msg.modules:
         if m.block not in span or m.module not in shapes:
@@ -78,7 +87,7 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
         weights[(m.block, m.module)] = (a, b)
     lora = Lora(msg.id, msg.version, msg.scaling, msg.dropout, msg.dropout_seed, weights,
                 frozenset(range(span.start, span.end)))
-    return cache.put(lora)
+    return cache.put(lora_digest(msg.modules), lora)  # the hash we computed, never one the sender claims
 
 
 def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int) -> torch.Tensor:
@@ -92,10 +101,10 @@ def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int) -> to
 def _check_shape_budget(msg: pb.Tensor, limits: Limits, name: str) -> None:
     shape = list(msg.shape)
     if len(shape) != 3:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: expected [batch, seq, hidden], got {shape}")
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: expected [batch, seq, hidden], got {shape_text(shape)}")
     batch, seq, hidden = shape
     if batch < 1 or seq < 1:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: empty batch or sequence in shape {shape}")
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: empty batch or sequence in shape {shape_text(shape)}")
     if hidden != limits.hidden_size:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{name}: hidden size {hidden} does not match the model's {limits.hidden_size}")
@@ -162,7 +171,7 @@ def _parse_prefix(msg: pb.Tensor, limits: Limits, span: Span, batch: int) -> tor
     if len(shape) != 6 or any(e is not None and s != e for s, e in zip(shape, expected)) \
             or not 0 < shape[4] <= limits.max_prefix:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"prefix shape {shape} does not fit [blocks={len(span)}, 2, batch={batch}, "
+                           f"prefix shape {shape_text(shape)} does not fit [blocks={len(span)}, 2, batch={batch}, "
                            f"kv_heads={limits.kv_heads}, 1..{limits.max_prefix}, head_dim={limits.head_dim}]")
     budget = len(span) * 2 * batch * limits.kv_heads * limits.max_prefix * limits.head_dim * 4
     prefix = _tensor(msg, "prefix", FLOAT_DTYPES, budget, 6)

@@ -59,20 +59,22 @@ class LoraModule(_message.Message):
     def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class LoraAdapter(_message.Message):
-    __slots__ = ("id", "version", "scaling", "dropout", "dropout_seed", "modules")
+    __slots__ = ("id", "version", "scaling", "dropout", "dropout_seed", "modules", "digest")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCALING_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     scaling: float
     dropout: float
     dropout_seed: int
     modules: _containers.RepeatedCompositeFieldContainer[LoraModule]
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., scaling: _Optional[float] = ..., dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
+    digest: str
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., scaling: _Optional[float] = ..., dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids", "lora", "adapter_name", "prefix", "keep_for_backward")

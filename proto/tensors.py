@@ -1,8 +1,10 @@
 """Tensor <-> protobuf codec with size checks done BEFORE anything is allocated."""
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Collection
+import struct
+from typing import Collection, Iterable
 
 import torch
 
@@ -21,6 +23,14 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 INDEX_DTYPES = frozenset({"int64", "int32"})
 MASK_DTYPES = frozenset({"int64", "int32", "bool"})
 MAX_NDIM = 8
+
+
+def shape_text(shape, limit: int = MAX_NDIM) -> str:
+    """A shape for an error message: at most ``limit`` sizes, so a hostile million-entry shape is not echoed."""
+    sizes = list(shape)
+    if len(sizes) <= limit:
+        return str(sizes)
+    return f"[{', '.join(map(str, sizes[:limit]))}, ... ({len(sizes)} dimensions)]"
 
 
 class TensorError(ValueError):
@@ -54,16 +64,31 @@ def deserialize(
         raise TensorError(f"{name}: dtype {msg.dtype} not allowed here; expected one of {sorted(allowed)}")
     shape = list(msg.shape)
     if len(shape) > MAX_NDIM or (ndim is not None and len(shape) != ndim):
-        raise TensorError(f"{name}: expected {ndim} dimensions, got shape {shape}")
+        raise TensorError(f"{name}: expected {ndim if ndim is not None else f'at most {MAX_NDIM}'} dimensions, got shape {shape_text(shape)}")
     if any(s < 0 for s in shape):
-        raise TensorError(f"{name}: negative size in shape {shape}")
+        raise TensorError(f"{name}: negative size in shape {shape_text(shape)}")
     itemsize = torch.empty((), dtype=DTYPES[msg.dtype]).element_size()
     nbytes = math.prod(shape) * itemsize
     if nbytes > max_bytes:
-        raise TensorError(f"{name}: shape {shape} ({msg.dtype}) is {nbytes} bytes, over the limit of {max_bytes}")
+        raise TensorError(f"{name}: shape {shape_text(shape)} ({msg.dtype}) is {nbytes} bytes, over the limit of {max_bytes}")
     if len(msg.data) != nbytes:
-        raise TensorError(f"{name}: shape {shape} ({msg.dtype}) needs {nbytes} bytes, got {len(msg.data)}")
+        raise TensorError(f"{name}: shape {shape_text(shape)} ({msg.dtype}) needs {nbytes} bytes, got {len(msg.data)}")
     if nbytes == 0:
         return torch.empty(shape, dtype=DTYPES[msg.dtype])
     raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
     return raw.view(DTYPES[msg.dtype]).reshape(shape)
+
+
+def lora_digest(modules: Iterable[pb.LoraModule]) -> str:
+    """SHA-256 (hex) of LoRA module weights as sent (block, module name, then each of A and B: dtype, shape and
+    bytes), in (block, module) order. Nodes cache client adapters under it: a cached adapter is named by
+    its content, so whoever sends other weights makes another entry and nobody's weights change."""
+    h = hashlib.sha256()
+    for m in sorted(modules, key=lambda m: (m.block, m.module)):
+        name = m.module.encode()
+        h.update(struct.pack(">QI", m.block, len(name)) + name)
+        for t in (m.a, m.b):
+            dtype = t.dtype.encode()
+            h.update(struct.pack(">II", len(dtype), len(t.shape)) + dtype)
+            h.update(struct.pack(f">{len(t.shape)}q", *t.shape) + struct.pack(">Q", len(t.data)) + t.data)
+    return h.hexdigest()

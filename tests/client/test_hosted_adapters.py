@@ -60,3 +60,45 @@ def test_unknown_adapter_name_is_a_clear_error(start_nodes, tiny_path):
         with pytest.raises(grpc.RpcError) as err:
             stub.Forward(req)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and "no adapter named 'nope'" in err.value.details()
+
+
+def bad_copy(adapters_dir, tmp_path, change: str):
+    """A copy of the "style" adapter made for a narrower model (``shape``) or claiming rank 4096 (``rank``)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "adapters" / "bad"
+    shutil.copytree(adapters_dir / "style", bad)
+    if change == "shape":
+        weights = load_file(bad / "adapter_model.safetensors")
+        name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+        weights[name] = weights[name][:, :32].contiguous()
+        save_file(weights, bad / "adapter_model.safetensors")
+    else:
+        config = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(json.dumps({**config, "r": 4096}))
+    return bad
+
+
+def test_a_bad_hosted_adapter_is_refused_at_start_in_one_line(adapters_dir, tiny_path, tmp_path):
+    """Issue 21: hosted adapters were not checked: a wrong shape made every request fail with INTERNAL (and
+    clients banned the node), rank 4096 was accepted. `node serve` now refuses them at start, in one line."""
+    import subprocess
+
+    from node.lora import load_adapter_dir
+    from swarm.arch import projection_shapes
+    from swarm.checkpoint import load_config
+    from tests.helpers.launch import command
+
+    shapes = projection_shapes(load_config(tiny_path))
+    with pytest.raises(ValueError, match="rank r=4096 is outside 1..256"):
+        load_adapter_dir(bad_copy(adapters_dir, tmp_path / "rank", "rank").parent, 0, 6, shapes)
+    bad = bad_copy(adapters_dir, tmp_path, "shape")
+    result = subprocess.run([*command("node"), "serve", "--model", str(tiny_path), "--blocks", "0:6",
+                             "--adapters", str(bad.parent)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "self_attn.q_proj of block 0 has lora_A [4, 32]" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error" in line]) == 1, result.stderr

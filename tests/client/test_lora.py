@@ -1,6 +1,7 @@
 """LoRA held by the client, applied by the nodes: == local PEFT (gradients, training, save/load)."""
 import copy
 
+import grpc
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
@@ -9,6 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from client import DistributedPeftModel, get_peft_model
 from client.chain import LoraUse
+from proto import swarmlm_pb2 as pb
+from proto import swarmlm_pb2_grpc as pb_grpc
+from proto.tensors import serialize
 
 CONFIG = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 
@@ -147,3 +151,54 @@ def test_unchanged_adapter_is_not_resent(peft_pair):
     opt = torch.optim.AdamW(ours.adapter.parameters(), lr=0.1, fused=True)  # fused steps bump no version counter
     opt.step()
     assert ours.adapter.version() != version
+
+
+def test_another_client_cannot_change_or_break_a_victims_cached_adapter(start_nodes, open_client, tiny_path):
+    """Issue 21: nodes cached adapters by the client-chosen id and version and merged in weights anyone sent.
+    An attacker sending extra mlp.down_proj weights under the victim's id and version changed the victim's
+    logits; pre-seeding the victim's next version made the honest node return gradients the victim never asked
+    for, and the victim banned it. Cached by content hash, neither has any effect."""
+    (node,) = start_nodes("0:6")
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    victim = get_peft_model(open_client(tiny_path), copy.deepcopy(config))
+    with torch.no_grad():
+        for b in victim.adapter.lora_B:
+            b.normal_(0, 0.1)
+    ids, mask, labels = batch()
+    with torch.no_grad():
+        victim(input_ids=ids, attention_mask=mask)  # the node now holds the victim's weights
+
+    shapes = node.node.servicer.adapters.shapes
+    torch.manual_seed(7)
+
+    def attack(version: int) -> None:
+        lora = pb.LoraAdapter(id=victim.adapter.id, version=version, scaling=2.0, modules=[
+            pb.LoraModule(block=block, module="mlp.down_proj", a=serialize(torch.randn(4, shapes["mlp.down_proj"][0])),
+                          b=serialize(torch.randn(shapes["mlp.down_proj"][1], 4))) for block in range(6)])
+        req = pb.ForwardRequest(model=node.node.model_key, start=0, end=6, lora=lora,
+                                hidden_states=serialize(torch.randn(1, 3, shapes["mlp.down_proj"][1])))
+        with grpc.insecure_channel(node.address) as channel:
+            assert pb_grpc.NodeStub(channel).Forward(req, timeout=30).hidden_states.shape
+
+    attack(victim.adapter.version())
+    with torch.no_grad():  # the victim's next call names its cached weights only
+        out = victim(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(out, local_peft(tiny_path, victim, config)(input_ids=ids, attention_mask=mask).logits,
+                              atol=1e-4)
+
+    opt = torch.optim.SGD(victim.adapter.parameters(), lr=0.1)
+    victim(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    attack(victim.adapter.version())  # the new version, before the victim's next step sends it
+    local = local_peft(tiny_path, victim, config)
+    out = victim(input_ids=ids, attention_mask=mask, labels=labels)
+    ref = local(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.allclose(out.logits, ref.logits, atol=1e-4)
+    out.loss.backward()
+    ref.loss.backward()
+    expected, got = lora_grads_local(local), lora_grads_ours(victim)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    assert not victim.base_model.chain.router.banned()

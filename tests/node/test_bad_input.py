@@ -7,7 +7,7 @@ import torch
 from node.requests import max_message_bytes, Limits
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
-from proto.tensors import serialize
+from proto.tensors import lora_digest, serialize
 from swarm.spans import Span
 
 HIDDEN = 64
@@ -128,7 +128,23 @@ def test_lora_weights_a_node_keeps_are_bounded(start_nodes):
         for lora in (small, huge):  # both work when their weights come along
             assert stub.Forward(with_lora(lora), timeout=30).hidden_states.shape[1] == 5
         assert handle.node.servicer.adapters.cache.nbytes <= 1 << 20
-        assert stub.Forward(with_lora(pb.LoraAdapter(id="small", version=1, scaling=1.0)), timeout=30)
+        named = {lora.id: lora_digest(lora.modules) for lora in (small, huge)}  # cached weights go by their hash
+        assert stub.Forward(with_lora(pb.LoraAdapter(id="small", version=1, scaling=1.0, digest=named["small"])),
+                            timeout=30)
         with pytest.raises(grpc.RpcError) as err:  # the huge one was not kept
-            stub.Forward(with_lora(pb.LoraAdapter(id="huge", version=1, scaling=1.0)), timeout=30)
+            stub.Forward(with_lora(pb.LoraAdapter(id="huge", version=1, scaling=1.0, digest=named["huge"])), timeout=30)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "send its weights" in err.value.details()
+
+
+@pytest.mark.parametrize("field", ["hidden_states", "attention_mask", "prefix"])
+def test_error_messages_do_not_echo_huge_shapes(node, field):
+    """Issue 21: a shape with many entries was echoed whole in the error message (3 MB for a million)."""
+    handle, stub = node
+    model = stub.Info(pb.InfoRequest()).model
+    hostile = pb.Tensor(dtype="int64" if field == "attention_mask" else "float32", shape=[1] * 200_000, data=b"\0" * 8)
+    req = good_request(model, **{field: hostile})
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Forward(req, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()[:200]
+    assert "200000 dimensions" in err.value.details() and len(err.value.details()) < 1000, err.value.details()[:200]
+    assert stub.Forward(good_request(model), timeout=30).hidden_states.shape[1] == 5  # still serving

@@ -156,3 +156,26 @@ def test_idle_squatters_do_not_lock_out_an_honest_client(start_nodes, relay_to, 
     with grpc.insecure_channel(node.address) as channel:
         assert wait_for(lambda: pb_grpc.NodeStub(channel).Info(pb.InfoRequest()).cache_tokens_free == CACHE, 5)
     assert len(node.node.servicer.clients) == 0  # 127.0.0.1 may open sessions again
+
+
+def test_a_client_over_its_session_limit_hears_why_at_once(start_nodes):
+    """Issue 21: a stream over the per-client limit that sends nothing yet was answered only when the step
+    timeout ran out, with DEADLINE_EXCEEDED; it gets RESOURCE_EXHAUSTED naming the limit, without writing."""
+    (node,) = start_nodes("0:6", max_sessions_per_client=1, step_timeout=60.0)
+
+    async def scenario():
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            stub = pb_grpc.NodeStub(channel)
+            model = (await stub.Info(pb.InfoRequest())).model
+            held = stub.Inference()
+            await held.write(opening(model, 8))
+            assert (await held.read()).cache_length == 0
+            silent = stub.Inference(timeout=20)  # over the limit, and writes nothing
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await silent.read()
+            held.cancel()
+            return refused.value
+
+    refused = asyncio.run(scenario())
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert "already has 1 inference sessions open" in refused.details()
