@@ -1,11 +1,13 @@
 """A node's own throughput, measured so that it repeats: warm up first, then time many single calls and
 take a high quantile of their rates.
 
-On a shared machine a run is slowed by whatever else gets the CPU at that moment: timed over 50 ms runs
-and reduced to their median, the same model measured from 654 to 21,680 tokens/s across 5 restarts at a
-load average of 17-32 on 2 cores (the old best-of-two-calls: 1,749 to 23,669). Single calls are short
-enough that some of them run undisturbed, so a high quantile of many is what the hardware does; how far
-the median falls below it (``spread``) says how contended the machine was.
+On a shared machine a call is slowed by whatever else gets the CPU at that moment. Measured across 5
+restarts each (a 4-block h256 model, one block, 32 tokens; 2 cores at a load average of 17-34): the old
+best of two calls gave 1,496 to 21,118 tokens/s; 50 ms runs reduced to their median, 654 to 21,680; this
+(warm-up, then the 90th percentile of single calls over 0.3 s), 29,276 to 42,128 (median 34,630: within
+-15%/+22%). Single calls are short enough that some of them run undisturbed, so a high quantile of many
+is what the hardware does; how far the median falls below it (``spread``) says how contended the machine
+was.
 
 What a node announces is still only a claim: clients believe what they observe themselves (see
 swarm.routing.believed_throughput). This measurement is what an honest node claims.
