@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import statistics
 import time
+from collections import deque
 
 import grpc
 
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PROBE_SECONDS = 2.0  # deadline of the Info call that checks a node is alive before its first use
 MAX_PROBE_ROUNDS = 16  # routes re-chosen per call after probes failed, before giving up on probing
+SPEED_SAMPLES = 8  # a node's speed is the median of this many latest exchanges
 PROBE_BATCH = 16  # nodes probed at once (a route's new nodes and the likeliest replacements)
 
 
@@ -53,7 +56,7 @@ class Router:
         self._servers: list[ServerInfo] = []
         self._fetched_at = float("-inf")
         self.rtt: dict[str, float] = {}  # node id -> smoothed seconds per exchange, measured by sessions
-        self._work: dict[str, tuple[float, float]] = {}  # node id -> smoothed (tokens x blocks, seconds) per exchange
+        self._speeds: dict[str, deque[float]] = {}  # node id -> tokens x blocks per second of its latest exchanges
         self._alive: set[str] = set()  # node ids that answered a probe or a call (not probed again)
         self._rng = random.Random()
 
@@ -83,7 +86,7 @@ class Router:
         nodes no longer announced are dropped too."""
         present = {s.node_id for s in servers}
         self.policy.forget_gone(present)
-        for memory in (self.rtt, self._work):
+        for memory in (self.rtt, self._speeds):
             for node in [n for n in memory if n not in present]:
                 del memory[node]
         self._alive &= present
@@ -179,18 +182,17 @@ class Router:
 
     def believed(self, servers: list[ServerInfo]) -> dict[str, float]:
         """Node id -> the throughput this client believes (see swarm.routing.believed_throughput)."""
-        observed = {node: work / seconds for node, (work, seconds) in self._work.items() if seconds > 0}
+        observed = {node: statistics.median(speeds) for node, speeds in self._speeds.items()}
         return believed_throughput(servers, observed)
 
     def observe(self, hop: Hop, tokens: int, seconds: float) -> None:
         """A successful exchange moved ``tokens`` (batch x positions) through ``hop``'s blocks in ``seconds``
-        of wall time (round trip included): what this client will believe of the node's speed."""
-        node, work = hop.server.node_id, float(tokens * len(hop.span))
+        of wall time (round trip included): what this client believes of the node's speed is the median of
+        its latest SPEED_SAMPLES such figures (one stall does not condemn a node, one lucky call does not
+        crown it)."""
+        node = hop.server.node_id
         self._alive.add(node)
-        if node in self._work:
-            old_work, old_seconds = self._work[node]
-            work, seconds = 0.8 * old_work + 0.2 * work, 0.8 * old_seconds + 0.2 * seconds
-        self._work[node] = (work, seconds)
+        self._speeds.setdefault(node, deque(maxlen=SPEED_SAMPLES)).append(tokens * len(hop.span) / max(seconds, 1e-6))
 
     def ban(self, hop: Hop, error: Exception, forever: bool = False) -> None:
         """Avoid a node (see FailurePolicy.ban)."""

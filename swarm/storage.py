@@ -16,8 +16,8 @@ from hivemind.dht.routing import DHTID, BinaryDHTValue, Subkey
 from hivemind.dht.storage import DHTLocalStorage, DictionaryDHTValue
 from hivemind.utils.timed_storage import DHTExpiration
 
-MAX_RECORDS_PER_KEY = 2048  # records under one key (a model's nodes: see the README's limits)
-MAX_KEY_BYTES = 3 << 20  # bytes of one key's subkeys and values: a reply stays under the daemon's 4 MiB
+MAX_RECORDS_PER_KEY = 4000  # records under one key (a model's nodes: see the README's limits)
+MAX_KEY_BYTES = 7 << 19  # 3.5 MiB of one key's subkeys and values: a reply stays under the daemon's 4 MiB
 MAX_RECORDS_PER_OWNER = 8  # records of one owner key under one key (an honest node has one)
 
 

@@ -112,14 +112,15 @@ class LocalSwarm:
         """Start ``node serve --blocks blocks``; returns its gRPC address once it prints it."""
         return self.start_nodes([blocks], *extra)[0]
 
-    def start_nodes(self, spans: Sequence[str], *extra: str) -> list[str]:
-        """Start one node per span at once (they load in parallel); returns their addresses in order."""
+    def start_nodes(self, spans: Sequence[str], *extra: str, each: Sequence[Sequence[str]] = ()) -> list[str]:
+        """Start one node per span at once (they load in parallel); returns their addresses in order.
+        ``extra``: flags of every node; ``each[i]``: flags of the i-th node only."""
         if not self.peers:
             self.start_bootstrap()
         procs = []
-        for blocks in spans:
+        for i, blocks in enumerate(spans):
             argv = [*command("node", self.use_scripts), "serve", "--model", self.model, "--blocks", blocks,
-                    "--host", "127.0.0.1", "--initial-peers", *self.peers, *extra]
+                    "--host", "127.0.0.1", "--initial-peers", *self.peers, *extra, *(each[i] if i < len(each) else ())]
             procs.append(Proc(argv, self.env))
         self.nodes.extend(procs)
         addresses = [proc.read_line(self.ready_timeout) for proc in procs]
