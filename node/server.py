@@ -157,7 +157,8 @@ class Node:
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
         )
         per_token = cache_bytes_per_token(model_config, len(span), dtype)
-        budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
+        budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token), cfg.client_cache_share,
+                             cfg.reclaim_idle)
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
                                step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens,
                                activation_bytes=cfg.activation_cache_mb << 20, small_step_threads=cfg.small_step_threads,
