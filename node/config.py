@@ -31,6 +31,8 @@ class NodeConfig:
     alloc_timeout: float = 10.0  # seconds a new session waits for cache room before RESOURCE_EXHAUSTED
     step_timeout: float = 60.0  # seconds an inference session may idle between steps before it is freed
     max_sessions_per_client: int = 32  # inference sessions open at once per client IP address (IPv6: per /64)
+    client_cache_share: float = 0.5  # most of the inference cache one client IP holds while others use or wait for it
+    reclaim_idle: float = 2.0  # seconds idle after which a session gives its cache room to one waiting for room
     max_message_mb: int | None = None  # largest gRPC message in or out, MiB; None: 2 activations of max_batch_tokens
     lora_cache_mb: int = 1024  # MiB of client LoRA weights kept between requests (least recently used evicted)
     max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt

@@ -19,7 +19,7 @@ from node.lora import LoraCache, active
 from swarm.arch import linear_shapes
 from node.requests import (Adapters, Limits, RequestError, capped, Step, parse_backward, parse_forward, parse_open,
                            parse_step)
-from node.sessions import CacheBudget, ClientSessions, Session, client_of, run_step
+from node.sessions import CacheBudget, ClientSessions, Holding, Session, client_of, run_step
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
@@ -147,7 +147,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                                    reason="shutting_down")
             span, batch, max_length, lora, prefix = parse_open(first, self.limits, self.policy.max_length,
                                                                self.adapters)
-            await self.budget.reserve(batch * max_length, self.policy.alloc_timeout)
+            holding = await self.budget.reserve(batch * max_length, self.policy.alloc_timeout, client_of(context.peer()))
         except RequestError as e:
             self.counts.refuse(e.reason)
             await context.abort(e.code, str(e))
@@ -167,18 +167,31 @@ class NodeServicer(pb_grpc.NodeServicer):
                     except RequestError as e:
                         await context.abort(e.code, str(e))
                     session.computed += step.hidden.shape[1]
-                    out = await self._compute(context, self._step, session, step)
+                    holding.busy = True
+                    try:
+                        out = await self._compute(context, self._step, session, step)
+                    finally:
+                        holding.busy = False
                     self._count("decode" if step.hidden.shape[1] == 1 else "prefill", step.hidden)
                     yield pb.InferenceResponse(hidden_states=serialize(out), cache_length=session.length)
-                request = await self._next(requests, context)
+                request = await self._next(requests, context, holding)
         finally:
             self.open_sessions -= 1
-            await self.budget.release(batch * max_length)
+            await self.budget.release(holding)
 
-    async def _next(self, requests, context) -> pb.InferenceRequest | None:
-        """The next stream message; None when the client closed the stream."""
+    async def _next(self, requests, context, holding: Holding | None = None) -> pb.InferenceRequest | None:
+        """The next stream message; None when the client closed the stream. A session whose cache room the
+        budget reclaims for another (``holding``) ends with RESOURCE_EXHAUSTED."""
         try:
-            return await asyncio.wait_for(requests.__anext__(), self.policy.step_timeout)
+            if holding is None:
+                return await asyncio.wait_for(requests.__anext__(), self.policy.step_timeout)
+            request = await self._next_unless_reclaimed(requests, holding)
+            if holding.reclaimed.is_set():
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "session reclaimed: its cache room was "
+                                    "needed by another session (idle sessions, and clients over their share, "
+                                    "give way); open a new session")
+            holding.touch()
+            return request
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
@@ -186,6 +199,23 @@ class NodeServicer(pb_grpc.NodeServicer):
                                 f"session idle for more than {self.policy.step_timeout:g}s; closed")
         except DecodeError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, capped(f"malformed stream message: {e}"))
+
+    async def _next_unless_reclaimed(self, requests, holding: Holding) -> pb.InferenceRequest | None:
+        """The next message, or None as soon as ``holding`` is reclaimed; TimeoutError after the step timeout."""
+        message = asyncio.ensure_future(requests.__anext__())
+        reclaimed = asyncio.ensure_future(holding.reclaimed.wait())
+        try:
+            done, _ = await asyncio.wait({message, reclaimed}, timeout=self.policy.step_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reclaimed.cancel()
+        if message in done:
+            return message.result()
+        message.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
+        message.cancel()
+        if not done:
+            raise asyncio.TimeoutError
+        return None
 
     def _step(self, session: Session, step: Step) -> torch.Tensor:
         small = step.hidden.shape[0] * step.hidden.shape[1] <= self.policy.small_step_tokens

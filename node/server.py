@@ -48,6 +48,37 @@ SERVER_KEEPALIVE_OPTIONS = [
 ]
 
 
+MAX_CONNECTIONS = 4096  # gRPC connections open at once (each costs a file descriptor); more are refused
+CONNECTION_IDLE = 300.0  # seconds a connection without calls stays open (clients reconnect when needed)
+MAX_STREAMS = 256  # calls at once on one connection
+
+
+def connection_options(max_connections: int = MAX_CONNECTIONS, idle: float = CONNECTION_IDLE) -> list[tuple[str, int]]:
+    """gRPC server options bounding connections: idle ones are closed, at most ``max_connections`` at once
+    (not per address: gRPC has no such limit; past the cap new connections are refused, the node's file
+    descriptors, its DHT daemon's included, are not exhausted), ``MAX_STREAMS`` calls on each."""
+    return [("grpc.max_connection_idle_ms", int(idle * 1000)), ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.max_concurrent_streams", MAX_STREAMS)]
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (20,000 idle connections made a node
+    unreachable at the usual 1,024); returns the limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open files limit from %d to %d: %s", soft, hard, e)
+        return soft
+    return hard
+
+
 def measure_throughput(blocks: SpanBlocks, tokens: int = 32) -> float:
     """Tokens per second through one block, on a dummy batch (see node.throughput)."""
     block = Span(blocks.span.start, blocks.span.start + 1)
@@ -184,7 +215,8 @@ class Node:
             head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads,
         )
         per_token = cache_bytes_per_token(model_config, len(span), dtype)
-        budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token))
+        budget = CacheBudget(cfg.cache_tokens or default_cache_tokens(per_token), cfg.client_cache_share,
+                             cfg.reclaim_idle)
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
                                step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens,
                                activation_bytes=cfg.activation_cache_mb << 20, small_step_threads=cfg.small_step_threads,
@@ -205,6 +237,7 @@ class Node:
             ("grpc.max_receive_message_length", msg_limit),
             ("grpc.max_send_message_length", msg_limit),
             *SERVER_KEEPALIVE_OPTIONS,
+            *connection_options(min(MAX_CONNECTIONS, max(64, raise_open_files_limit() // 2))),
         ])
         served = self._wrap_servicer(self.servicer) if self._wrap_servicer else self.servicer
         pb_grpc.add_NodeServicer_to_server(served, self._server)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,37 +37,106 @@ def default_cache_tokens(bytes_per_token: int, fraction: float = 0.5) -> int:
     return max(1, int(available * fraction) // max(1, bytes_per_token))
 
 
-class CacheBudget:
-    """Cache slots counted in tokens (batch x max_length). A session waits for room up to a timeout."""
+@dataclass(eq=False)
+class Holding:
+    """One session's reservation: whose it is, how big, and whether the budget wants it back."""
 
-    def __init__(self, capacity: int):
+    client: str  # see client_of
+    tokens: int  # batch x max_length
+    last_active: float = field(default_factory=time.monotonic)  # when its last message arrived
+    busy: bool = False  # computing a step (never reclaimed then)
+    reclaimed: asyncio.Event = field(default_factory=asyncio.Event)  # set: the session must end now
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+
+class CacheBudget:
+    """Cache slots counted in tokens (batch x max_length). A session waits for room up to a timeout.
+
+    While a session waits, other clients' sessions in the way are reclaimed (told to end, so their
+    clients retry elsewhere or replay): first those of clients holding more than ``client_share`` of the
+    cache, even active ones between steps, then any idle for ``reclaim_idle`` seconds. One client alone may use the
+    whole cache; while others hold or wait for room, its new sessions may not take it past its share.
+    So a client that reserved everything cannot keep a normal session out by stepping now and then."""
+
+    def __init__(self, capacity: int, client_share: float = 0.5, reclaim_idle: float = 2.0):
         if capacity < 1:
             raise ValueError(f"cache capacity must be positive, got {capacity}")
+        if not 0 < client_share <= 1 or reclaim_idle <= 0:
+            raise ValueError(f"client_share must be in (0, 1] and reclaim_idle > 0, got {client_share}, {reclaim_idle}")
         self.capacity, self.used = capacity, 0
+        self.share = max(1, int(capacity * client_share))  # tokens one client may hold while others need room
+        self.reclaim_idle = reclaim_idle
+        self.holdings: list[Holding] = []
+        self._waiting: dict[str, int] = {}  # client -> sessions waiting for room
         self._changed = asyncio.Condition()
 
     @property
     def free(self) -> int:
         return self.capacity - self.used
 
-    async def reserve(self, tokens: int, timeout: float) -> None:
+    def held(self, client: str) -> int:
+        return sum(h.tokens for h in self.holdings if h.client == client)
+
+    def _others(self, client: str) -> bool:
+        return any(h.client != client for h in self.holdings) or any(c != client for c in self._waiting)
+
+    async def reserve(self, tokens: int, timeout: float, client: str = "") -> Holding:
         if tokens > self.capacity:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"a session of {tokens} cache tokens (batch x max_length) can never fit: "
                                f"this node's cache holds {self.capacity}", reason="cache_too_small")
         async with self._changed:
+            if self._others(client) and self.held(client) + tokens > self.share:
+                raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"client {client} holds {self.held(client)} of this node's {self.capacity} cache "
+                                   f"tokens; while others use it one client may hold {self.share}; try another node",
+                                   reason="client_share")
+            self._waiting[client] = self._waiting.get(client, 0) + 1
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.free >= tokens), timeout)
-            except asyncio.TimeoutError:
+                await self._wait_for_room(tokens, timeout, client)
+            finally:
+                self._waiting[client] -= 1
+                if not self._waiting[client]:
+                    del self._waiting[client]
+            holding = Holding(client, tokens)
+            self.holdings.append(holding)
+            self.used += tokens
+            return holding
+
+    async def _wait_for_room(self, tokens: int, timeout: float, client: str) -> None:
+        """Until ``tokens`` are free (reclaiming sessions in the way), or RESOURCE_EXHAUSTED after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while self.free < tokens:
+            self._reclaim(tokens - self.free, client)
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"no room for {tokens} cache tokens after waiting {timeout:g}s "
                                    f"({self.free} of {self.capacity} free); try later or another node",
-                                   reason="cache_full") from None
-            self.used += tokens
+                                   reason="cache_full")
+            with contextlib.suppress(asyncio.TimeoutError):  # wake up now and then: sessions become idle
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.25))
 
-    async def release(self, tokens: int) -> None:
+    def _reclaim(self, need: int, waiter: str) -> None:
+        """Tell sessions of other clients to end until ``need`` tokens will be free for ``waiter``: those of
+        clients over their share first, then idle ones. (A client's own sessions never give way to each other.)"""
+        need -= sum(h.tokens for h in self.holdings if h.reclaimed.is_set())  # already on their way out
+        now = time.monotonic()
+        over = {h.client for h in self.holdings if self.held(h.client) > self.share}
+        candidates = [h for h in self.holdings if h.client != waiter and not h.busy and not h.reclaimed.is_set()
+                      and (h.client in over or now - h.last_active >= self.reclaim_idle)]
+        for h in sorted(candidates, key=lambda h: (h.client not in over, h.last_active)):
+            if need <= 0:
+                return
+            h.reclaimed.set()
+            need -= h.tokens
+
+    async def release(self, holding: Holding) -> None:
         async with self._changed:
-            self.used -= tokens
+            self.holdings.remove(holding)
+            self.used -= holding.tokens
             self._changed.notify_all()
 
 

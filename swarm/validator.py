@@ -10,6 +10,9 @@ Everywhere (open or private swarm):
 In a private swarm the value (with its signature inside) is encrypted with AES-256-GCM under a key
 derived from the swarm key; key, subkey and expiration are bound as associated data. A record that
 does not decrypt and authenticate is refused, so outsiders can neither read nor inject records.
+Before encryption the value is padded to a multiple of ``PAD_BYTES`` (capped by the size limit), so
+its length does not tell outsiders a node's span, address, state or adapters: every ordinary record
+has the same size.
 
 Order: this validator runs before the RSA one when checking (priority 20 > 10) and after it when
 signing, so cheap checks and decryption come first and the signature travels encrypted.
@@ -34,8 +37,10 @@ from swarm.records import MAX_RECORD_LIFETIME  # defined there: node.config chec
 MAX_VALUE_BYTES = 4096  # bytes of a stored value (signature and encryption included)
 MAX_SUBKEY_BYTES = 1024  # bytes of a serialized subkey (peer id plus owner public key)
 _OWNER = b"[owner:"
-_MAGIC = b"swk1"
+_MAGIC = b"swk2"  # (swk1: unpadded)
 _NONCE = 12
+PAD_BYTES = 1024  # private record plaintexts are padded to a multiple of this
+_SEALED = 3 + len(_MAGIC) + _NONCE + 16  # what framing, nonce and tag add to a padded plaintext
 _AAD = b"swarmlm-dht-v1\0"
 _NONE = b"\xc0"  # msgpack nil: what a record that fails to open reads as
 
@@ -67,7 +72,10 @@ class SwarmRecordValidator(RecordValidatorBase):
         if self._aead is None:
             return record.value
         nonce = os.urandom(_NONCE)
-        payload = _MAGIC + nonce + self._aead.encrypt(nonce, record.value, _associated(record))
+        body = struct.pack(">H", len(record.value)) + record.value
+        size = max(len(body), min(-(-len(body) // PAD_BYTES) * PAD_BYTES, self.max_value_bytes - _SEALED))
+        body += bytes(size - len(body))  # outsiders see a size that says nothing about the record
+        payload = _MAGIC + nonce + self._aead.encrypt(nonce, body, _associated(record))
         return b"\xc5" + struct.pack(">H", len(payload)) + payload  # a msgpack bin16: outsiders see bytes
 
     def strip_value(self, record: DHTRecord) -> bytes:
@@ -86,9 +94,11 @@ class SwarmRecordValidator(RecordValidatorBase):
             return None
         nonce, sealed = payload[len(_MAGIC):len(_MAGIC) + _NONCE], payload[len(_MAGIC) + _NONCE:]
         try:
-            return self._aead.decrypt(nonce, sealed, _associated(record))
+            body = self._aead.decrypt(nonce, sealed, _associated(record))
         except InvalidTag:
             return None
+        (size,) = struct.unpack(">H", body[:2]) if len(body) >= 2 else (len(body),)
+        return body[2:2 + size] if 2 + size <= len(body) else None
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return False

@@ -30,7 +30,8 @@ def test_every_flag_sets_its_field():
             "--host", "0.0.0.0", "--port", "1", "--announce-host", "a:3", "--dht-port", "2", "--dtype", "bfloat16",
             "--model-name", "n", "--max-batch-tokens", "3", "--ttl", "4", "--shutdown-grace", "5",
             "--compute-threads", "6", "--cache-tokens", "7", "--alloc-timeout", "8", "--step-timeout", "9",
-            "--max-sessions-per-client", "10", "--max-message-mb", "11", "--lora-cache-mb", "12",
+            "--max-sessions-per-client", "10", "--client-cache-share", "0.25", "--reclaim-idle", "3",
+            "--max-message-mb", "11", "--lora-cache-mb", "12",
             "--max-chunk-tokens", "13", "--activation-cache-mb", "14", "--small-step-threads", "15",
             "--adapters", "d", "--throughput", "16", "--rebalance-period", "17", "--nat-port-map", "--lan",
             "--lan-timeout", "18", "--swarm-key", "k", "--tls-cert", "c", "--tls-key", "ck",
@@ -40,7 +41,7 @@ def test_every_flag_sets_its_field():
         model="m", revision="v1", num_blocks=2, initial_peers=("/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.4/tcp/2"), host="0.0.0.0",
         port=1, announce_host="a:3", dht_port=2, dtype="bfloat16", model_name="n", max_batch_tokens=3, ttl=4.0,
         shutdown_grace=5.0, compute_threads=6, cache_tokens=7, alloc_timeout=8.0, step_timeout=9.0,
-        max_sessions_per_client=10, max_message_mb=11, lora_cache_mb=12, max_chunk_tokens=13,
+        max_sessions_per_client=10, client_cache_share=0.25, reclaim_idle=3.0, max_message_mb=11, lora_cache_mb=12, max_chunk_tokens=13,
         activation_cache_mb=14, small_step_threads=15, adapters="d", throughput=16.0, rebalance_period=17.0,
         nat_port_map=True, lan=True, lan_timeout=18.0, swarm_key="k", tls_cert="c", tls_key="ck",
         metrics_port=19, metrics_host="0.0.0.0")

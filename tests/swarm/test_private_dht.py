@@ -285,3 +285,33 @@ class _Garbage(RecordValidatorBase):
 
     def sign_value(self, record) -> bytes:
         return b"\xc1\xc1 not msgpack"
+
+
+def test_a_keyless_peer_sees_only_one_opaque_key_peer_ids_and_equal_sized_values():
+    """What a peer without the key holds and can read of a private swarm's records: for each model one
+    key (a hash of a keyed name), one subkey per node (its peer id and RSA public key), expirations, and
+    values of one size whatever the node serves. (Value sizes used to differ with the span, address,
+    state and adapters of the node.)"""
+    async def scenario():
+        key = new_key()
+        boot, a, b = await members(key, n=3)
+        outsider = await raw_peer(await boot.visible_maddrs())  # stores replicas, decrypts nothing
+        try:
+            long_record = dataclasses.replace(info(b.node_id, "node-with-a-long-host-name.example.org:65000", 3, 17),
+                                              adapters=("adapter-one", "adapter-two", "adapter-three"),
+                                              state=NodeState.JOINING, throughput=123456.789)
+            assert await a.announce(MODEL, info(a.node_id, "1.2.3.4:5", 0, 1), ttl=60)
+            assert await b.announce(MODEL, long_record, ttl=60)
+            assert len(await boot.fetch_servers(MODEL, 20)) == 2  # members read both
+            found = await outsider.get(a.dht_key(servers_key(MODEL)), latest=True)  # (given the hidden name)
+            assert found is not None and set(found.value) == {a.node_id, b.node_id}
+            sizes = {len(item.value) for item in found.value.values()}
+            assert len(sizes) == 1, sizes  # nothing about the span, address, state or adapters
+            stored = outsider.protocol.storage
+            keys = [k for k, _ in stored.items()]
+            assert len(keys) <= 1  # at most the one key of the model (if this peer holds a replica)
+        finally:
+            await shutdown(boot, a, b)
+            await outsider.shutdown()
+
+    asyncio.run(scenario())
