@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from swarm.cliargs import OneLineParser, fail, peers_list
+from swarm.ports import check_free
 from swarm.process import die_with_parent
 
 
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         from client.api.cli import run as run_api
 
         return run_api(args)
+    if args.command == "bootstrap":  # a busy port is refused before seconds of imports
+        try:
+            check_free(args.host, args.port, "--port (DHT)")
+        except OSError as e:
+            return fail("swarm", str(e))
     from swarm import commands
 
     if args.command in ("bootstrap", "status"):

@@ -29,6 +29,7 @@ from swarm.aio import LoopThread
 from swarm.dht import Announcer, DHTStartError, SwarmDHT
 from swarm.identity import block_hashes, span_digest
 from swarm.keys import load_optional
+from swarm.ports import PortInUseError, check_free, in_use_message
 from swarm.placement import choose_blocks, should_move
 from swarm.records import default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
@@ -56,6 +57,12 @@ def measure_throughput(blocks: SpanBlocks, tokens: int = 32, repeats: int = 2) -
             forward_span(blocks, block, x)
             best = min(best, time.perf_counter() - t0)
     return tokens / max(best, 1e-9)
+
+
+def check_ports(config: NodeConfig) -> None:
+    """PortInUseError naming the port (and its holder) if ``--port`` or ``--dht-port`` is taken."""
+    check_free(config.host, config.port, "--port (gRPC)")
+    check_free(config.host, config.dht_port, "--dht-port (DHT)")
 
 
 def weights_digest(folder: Path, model_config, span: Span) -> str:
@@ -100,6 +107,7 @@ class Node:
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
         cfg = self.config
+        check_ports(cfg)  # before anything is loaded: a busy port is refused at once
         swarm_key = load_optional(cfg.swarm_key)
         tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
         folder, model_config = self._checkpoint()
@@ -185,6 +193,7 @@ class Node:
         msg_limit = cfg.max_message_mb << 20 if cfg.max_message_mb else max_message_bytes(limits)
         self.auth = AuthInterceptor(swarm_key) if swarm_key is not None else None
         self._server = grpc.aio.server(interceptors=[self.auth] if self.auth else None, options=[
+            ("grpc.so_reuseport", 0),  # a second process on our port must fail to bind, not share it (swarm.ports)
             ("grpc.max_receive_message_length", msg_limit),
             ("grpc.max_send_message_length", msg_limit),
             *SERVER_KEEPALIVE_OPTIONS,
@@ -192,9 +201,14 @@ class Node:
         served = self._wrap_servicer(self.servicer) if self._wrap_servicer else self.servicer
         pb_grpc.add_NodeServicer_to_server(served, self._server)
         listen = f"{cfg.host}:{cfg.port}"
-        port = self._server.add_secure_port(listen, tls) if tls else self._server.add_insecure_port(listen)
+        check_free(cfg.host, cfg.port, "--port (gRPC)")  # again: it may have been taken while we loaded
+        try:
+            port = self._server.add_secure_port(listen, tls) if tls else self._server.add_insecure_port(listen)
+        except RuntimeError:  # grpcio raises when the bind fails
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+            raise PortInUseError(in_use_message(cfg.host, cfg.port, "--port (gRPC)")) if cfg.port else \
+                OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = announced_address(cfg.announce_host, cfg.host, port)
         if tls is not None:  # a certificate clients will refuse is the operator's mistake: say so now
             for problem in cert_problems(load_cert(cfg.tls_cert), host_of(self.address)):
