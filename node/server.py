@@ -27,7 +27,7 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__, lan
 from swarm.aio import LoopThread
 from swarm.dht import Announcer, DHTStartError, SwarmDHT
-from swarm.identity import block_hashes, span_digest
+from swarm.identity import WeightsCheck, block_hashes, span_digest
 from swarm.keys import load_optional
 from swarm.ports import PortInUseError, check_free, in_use_message
 from swarm.placement import choose_blocks, should_move
@@ -103,6 +103,7 @@ class Node:
         self._rebalancer: asyncio.Task | None = None
         self.auth: AuthInterceptor | None = None  # checks swarm key proofs in a private swarm
         self._lan: lan.LanAnnouncer | None = None  # multicasts our DHT peer on the LAN (config.lan)
+        self._weights_check: WeightsCheck | bool | None = None  # our model's block hashes (False: not all known)
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
@@ -112,7 +113,7 @@ class Node:
         tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
         folder, model_config = self._checkpoint()
         await self._join(swarm_key)
-        self.span = await self._placement(model_config.num_hidden_layers)
+        self.span = await self._placement(folder, model_config)
         dtype = getattr(torch, cfg.dtype)
         blocks = await asyncio.get_running_loop().run_in_executor(
             self._pool, load_span, folder, model_config, self.span, dtype)
@@ -158,13 +159,26 @@ class Node:
         if cfg.lan:
             self._lan = lan.LanAnnouncer(await self.dht.visible_maddrs(), swarm_key, self.model_key, "node").start()
 
-    async def _placement(self, total: int) -> Span:
+    async def _placement(self, folder: Path, model_config) -> Span:
         """``--blocks``, or with ``--num-blocks`` where the swarm is weakest now."""
         if self.config.blocks is not None:
             return self.config.blocks
-        span = choose_blocks(await self.dht.fetch_servers(self.model_key, total), total, self.config.num_blocks)
+        total = model_config.num_hidden_layers
+        span = choose_blocks(await self._same_weights(folder, model_config), total, self.config.num_blocks)
         log.info("automatic placement: serving blocks %s, where the swarm is weakest", span)
         return span
+
+    async def _same_weights(self, folder: Path, model_config) -> list[ServerInfo]:
+        """The nodes announced for our model that serve our weights (swarm.identity), for placement: nodes
+        with other weights do not cover a block for anyone. All nodes when our checkpoint holds only part
+        of the blocks (their hashes are hashed once, then kept in the checkpoint's manifest)."""
+        total = model_config.num_hidden_layers
+        servers = await self.dht.fetch_servers(self.model_key, total)
+        if self._weights_check is None:
+            hashes = await asyncio.get_running_loop().run_in_executor(
+                self._pool, block_hashes, folder, Span(0, total), get_family(model_config).layer_prefix)
+            self._weights_check = WeightsCheck(hashes) if hashes is not None else False
+        return self._weights_check.split(servers)[0] if self._weights_check else servers
 
     def _servicer(self, blocks: SpanBlocks, model_config, dtype: torch.dtype) -> NodeServicer:
         """The gRPC servicer over ``blocks`` with this node's limits, cache budget and hosted adapters."""
@@ -239,7 +253,7 @@ class Node:
         while True:
             await asyncio.sleep(self.config.rebalance_period)
             try:
-                servers = await self.dht.fetch_servers(self.model_key, total)
+                servers = await self._same_weights(folder, model_config)
                 target = should_move(servers, self._announcer.info, total)
                 if target is None or self.servicer.busy:
                     continue
