@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from swarm.cliargs import OneLineParser, fail, peers_list
+from swarm.ports import check_free
 from swarm.process import die_with_parent, quiet_closed_loop_warnings, quiet_grpc_core
 
 
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         from client.monitor.cli import run as run_monitor
 
         return run_monitor(args)
+    if args.command == "bootstrap":  # a busy port is refused before seconds of imports
+        try:
+            check_free(args.host, args.port, "--port (DHT)")
+        except OSError as e:
+            return fail("swarm", str(e))
     from swarm import commands
 
     if args.command in ("bootstrap", "status"):

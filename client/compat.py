@@ -7,6 +7,7 @@ these in seconds and names what moved when a release changes one of them.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -87,6 +88,18 @@ def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     """The final-logit soft-cap Gemma 2 / Gemma 3's *ForCausalLM.forward applies after the head
     (``logits / cap``, ``tanh``, ``* cap``; 5.23, 5.24): inline code there, no module to call."""
     return torch.tanh(logits / cap) * cap
+def generation_attention_mask(model: Any, ids: torch.Tensor, generation_config: Any, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The attention mask generate() infers for ``ids`` given without one, with its warnings: 1 everywhere,
+    or 0 at the pad id when the inputs hold it and it differs from the end token (transformers'
+    ``_prepare_special_tokens`` then ``_prepare_attention_mask_for_generation``, checked on 5.23 and 5.24;
+    the client hands generate() a mask of its own, so generate() would never infer one). ``kwargs``: the
+    generate() call's, whose special token ids override the config's, as in generate()."""
+    config = copy.deepcopy(generation_config)
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        if kwargs.get(name) is not None:
+            setattr(config, name, kwargs[name])
+    model._prepare_special_tokens(config, False, device=ids.device, batch_size=ids.shape[0])
+    return model._prepare_attention_mask_for_generation(ids, config, {})
 
 
 # Tied input/output embeddings are declared as {target: source} (transformers 5 form; 4.x used a list).

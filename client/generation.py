@@ -102,9 +102,9 @@ class RemoteGenerationMixin:
         if ids is None:
             raise ValueError("generate() over the swarm needs input_ids (inputs_embeds prompts are not supported yet)")
         mask = kwargs.pop("attention_mask", None)
-        if mask is None:
-            mask = torch.ones_like(ids)
         config = kwargs.get("generation_config") or self.generation_config
+        if mask is None:  # what generate() infers: pad tokens masked out (and its warnings)
+            mask = compat.generation_attention_mask(self, ids, config, kwargs)
         if session is not None and max(kwargs.get("num_beams", config.num_beams) or 1, 1) > 1:
             raise ValueError("beam search inside an inference_session() is not supported: its caches would keep "
                              "num_beams rows per prompt; call generate(..., num_beams=N) without session=")

@@ -13,6 +13,7 @@ import sys
 from node.config import COMPUTE_DTYPES, NodeConfig
 from swarm.cliargs import OneLineParser, fail
 from swarm.configcli import add_config_arguments, config_from_args, markdown_table
+from swarm.ports import check_free
 from swarm.process import die_with_parent, quiet_closed_loop_warnings, quiet_grpc_core
 from swarm.spans import Span
 
@@ -36,6 +37,11 @@ def flag_table() -> str:
 
 
 async def serve(config: NodeConfig) -> int:
+    try:
+        check_free(config.host, config.port, "--port (gRPC)")  # a busy port is refused before seconds of imports
+        check_free(config.host, config.dht_port, "--dht-port (DHT)")
+    except OSError as e:
+        return fail("node", str(e))
     from swarm.checkpoint import CheckpointError  # heavy: imported once the arguments are known to be good
     from node.server import Node
     from swarm.dht import DHTStartError

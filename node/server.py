@@ -30,8 +30,9 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__, lan
 from swarm.aio import LoopThread
 from swarm.dht import Announcer, DHTStartError, SwarmDHT
-from swarm.identity import block_hashes, span_digest
+from swarm.identity import WeightsCheck, block_hashes, span_digest
 from swarm.keys import load_optional
+from swarm.ports import PortInUseError, check_free, in_use_message
 from swarm.placement import choose_blocks, should_move
 from swarm.records import default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
@@ -90,6 +91,12 @@ def measure_throughput(blocks: SpanBlocks, tokens: int = 32) -> float:
     return measured.rate
 
 
+def check_ports(config: NodeConfig) -> None:
+    """PortInUseError naming the port (and its holder) if ``--port`` or ``--dht-port`` is taken."""
+    check_free(config.host, config.port, "--port (gRPC)")
+    check_free(config.host, config.dht_port, "--dht-port (DHT)")
+
+
 def weights_digest(folder: Path, model_config, span: Span) -> str:
     """The digest of ``span``'s weights this node announces (swarm.identity), from the checkpoint's
     manifest or hashed once now."""
@@ -129,17 +136,19 @@ class Node:
         self.auth: AuthInterceptor | None = None  # checks swarm key proofs in a private swarm
         self._lan: lan.LanAnnouncer | None = None  # multicasts our DHT peer on the LAN (config.lan)
         self.metrics = NodeMetrics() if config.metrics_port is not None else None  # --metrics-port
+        self._weights_check: WeightsCheck | bool | None = None  # our model's block hashes (False: not all known)
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
         cfg = self.config
+        check_ports(cfg)  # before anything is loaded: a busy port is refused at once
         swarm_key = load_optional(cfg.swarm_key)
         tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
         folder, model_config = self._checkpoint()
         if self.metrics is not None:  # first: a port in use fails before anything heavy
             log.info("metrics at %s", self.metrics.serve(cfg.metrics_host, cfg.metrics_port).url)
         await self._join(swarm_key)
-        self.span = await self._placement(model_config.num_hidden_layers)
+        self.span = await self._placement(folder, model_config)
         dtype = getattr(torch, cfg.dtype)
         progress = LoadProgress(self.span)
         try:
@@ -196,13 +205,26 @@ class Node:
         if cfg.lan:
             self._lan = lan.LanAnnouncer(await self.dht.visible_maddrs(), swarm_key, self.model_key, "node").start()
 
-    async def _placement(self, total: int) -> Span:
+    async def _placement(self, folder: Path, model_config) -> Span:
         """``--blocks``, or with ``--num-blocks`` where the swarm is weakest now."""
         if self.config.blocks is not None:
             return self.config.blocks
-        span = choose_blocks(await self.dht.fetch_servers(self.model_key, total), total, self.config.num_blocks)
+        total = model_config.num_hidden_layers
+        span = choose_blocks(await self._same_weights(folder, model_config), total, self.config.num_blocks)
         log.info("automatic placement: serving blocks %s, where the swarm is weakest", span)
         return span
+
+    async def _same_weights(self, folder: Path, model_config) -> list[ServerInfo]:
+        """The nodes announced for our model that serve our weights (swarm.identity), for placement: nodes
+        with other weights do not cover a block for anyone. All nodes when our checkpoint holds only part
+        of the blocks (their hashes are hashed once, then kept in the checkpoint's manifest)."""
+        total = model_config.num_hidden_layers
+        servers = await self.dht.fetch_servers(self.model_key, total)
+        if self._weights_check is None:
+            hashes = await asyncio.get_running_loop().run_in_executor(
+                self._pool, block_hashes, folder, Span(0, total), get_family(model_config).layer_prefix)
+            self._weights_check = WeightsCheck(hashes) if hashes is not None else False
+        return self._weights_check.split(servers)[0] if self._weights_check else servers
 
     def _servicer(self, blocks: SpanBlocks, model_config, dtype: torch.dtype) -> NodeServicer:
         """The gRPC servicer over ``blocks`` with this node's limits, cache budget and hosted adapters."""
@@ -234,6 +256,7 @@ class Node:
         # metrics first: calls the swarm key check refuses are counted too
         interceptors = [i for i in (self.metrics and self.metrics.interceptor, self.auth) if i is not None]
         self._server = grpc.aio.server(interceptors=interceptors or None, options=[
+            ("grpc.so_reuseport", 0),  # a second process on our port must fail to bind, not share it (swarm.ports)
             ("grpc.max_receive_message_length", msg_limit),
             ("grpc.max_send_message_length", msg_limit),
             *SERVER_KEEPALIVE_OPTIONS,
@@ -242,9 +265,14 @@ class Node:
         served = self._wrap_servicer(self.servicer) if self._wrap_servicer else self.servicer
         pb_grpc.add_NodeServicer_to_server(served, self._server)
         listen = f"{cfg.host}:{cfg.port}"
-        port = self._server.add_secure_port(listen, tls) if tls else self._server.add_insecure_port(listen)
+        check_free(cfg.host, cfg.port, "--port (gRPC)")  # again: it may have been taken while we loaded
+        try:
+            port = self._server.add_secure_port(listen, tls) if tls else self._server.add_insecure_port(listen)
+        except RuntimeError:  # grpcio raises when the bind fails
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}")
+            raise PortInUseError(in_use_message(cfg.host, cfg.port, "--port (gRPC)")) if cfg.port else \
+                OSError(f"cannot listen on {cfg.host}:{cfg.port}")
         self.address = announced_address(cfg.announce_host, cfg.host, port)
         if tls is not None:  # a certificate clients will refuse is the operator's mistake: say so now
             for problem in cert_problems(load_cert(cfg.tls_cert), host_of(self.address)):
@@ -275,7 +303,7 @@ class Node:
         while True:
             await asyncio.sleep(self.config.rebalance_period)
             try:
-                servers = await self.dht.fetch_servers(self.model_key, total)
+                servers = await self._same_weights(folder, model_config)
                 target = should_move(servers, self._announcer.info, total)
                 if target is None or self.servicer.busy:
                     continue

@@ -17,6 +17,7 @@ from swarm.identity import WeightsCheck, block_hashes
 from swarm.directory import explain_missing
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
 from swarm.lan import LanAnnouncer
+from swarm.ports import check_free
 from swarm.records import default_model_name, model_key
 from swarm.routing import format_blocks, uncovered_blocks
 from swarm.spans import NodeState, ServerInfo, Span
@@ -42,11 +43,12 @@ def lan_model_key(args, swarm_key) -> str | None:
 
 async def bootstrap(args) -> int:
     try:
+        check_free(args.host, args.port, "--port (DHT)")
         swarm_key = load_optional(args.swarm_key)
         lan_model = lan_model_key(args, swarm_key)
         dht = await SwarmDHT.create(peers_list(args.initial_peers), host=args.host, port=args.port,
                                     nat_port_map=args.nat_port_map, swarm_key=swarm_key)
-    except (CheckpointError, DHTStartError, SwarmKeyError, ValueError) as e:
+    except (CheckpointError, DHTStartError, SwarmKeyError, ValueError, OSError) as e:
         return fail("swarm", str(e))
     if swarm_key is not None:
         print(f"private swarm, key fingerprint {swarm_key.fingerprint}", file=sys.stderr, flush=True)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -44,12 +45,10 @@ def _file_tensor_hashes(path: Path) -> dict[str, str]:
         if length > MAX_HEADER_BYTES:
             raise CheckpointError(f"{path}: safetensors header of {length} bytes is too large")
         header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
         base = 8 + length
         out = {}
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1].get("data_offsets", [0])[0]
-                                  if isinstance(kv[1], dict) else 0):
-            if name == "__metadata__":
-                continue
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):  # in file order
             begin, end = entry["data_offsets"]
             digest = hashlib.sha256(f"{entry['dtype']}\0{entry['shape']}\0".encode())
             f.seek(base + begin)
@@ -80,7 +79,7 @@ def _read_manifest(folder: Path) -> dict:
 
 
 def _write_manifest(folder: Path, files: dict) -> None:
-    tmp = folder / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp = folder / f".{MANIFEST}.{os.getpid()}.{threading.get_ident()}.tmp"  # writers never share a file
     try:
         tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "files": files}, indent=1, sort_keys=True))
         os.replace(tmp, folder / MANIFEST)

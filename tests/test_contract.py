@@ -217,6 +217,18 @@ def test_generate_equals_local(how, client, local):
     assert torch.equal(out, local.generate(ids, **kwargs)), f"{VERSIONS}: generate({how}) differs from local"
 
 
+def test_mask_inferred_from_pad_tokens_like_generate(client, local):
+    """Padded input_ids and no attention_mask: the client infers the mask as generate() does, through
+    transformers' own helpers (compat.generation_attention_mask)."""
+    ids, mask = padded_prompts()
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with contract("the attention mask generate() infers from pad tokens"):
+        inferred = compat.generation_attention_mask(client, ids, client.generation_config, kwargs)
+        out = client.generate(ids, **kwargs)
+    assert torch.equal(inferred, mask), f"{VERSIONS}: the inferred mask is not the pad positions; see {SEAMS}"
+    assert torch.equal(out, local.generate(ids, **kwargs)), f"{VERSIONS}: generate() without a mask differs from local"
+
+
 def test_two_turns_send_only_new_tokens(client, local, sessions):
     turn1, turn2 = torch.randint(3, 256, (1, 7)), torch.randint(3, 256, (1, 5))
     kwargs = dict(do_sample=False, pad_token_id=PAD, eos_token_id=None)

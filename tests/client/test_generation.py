@@ -264,3 +264,18 @@ def test_a_session_over_the_per_client_limit_gets_the_nodes_reason(start_nodes, 
                 model.generate(ids, **kwargs)
             assert time.monotonic() - started < 10
     assert not model.chain.router.banned()
+
+
+def test_pad_tokens_without_attention_mask_are_masked_like_local(start_nodes, open_client, tiny_path, local_model):
+    """input_ids holding the pad id and no attention_mask: generate() infers the mask from the pad tokens
+    (issue 20, item 4); with the pad id equal to the end token it cannot, and keeps every position."""
+    start_nodes("0:6")
+    model = open_client(tiny_path)
+    ids, mask = prompts(seed=5)
+    greedy = dict(max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, **greedy)
+    assert torch.equal(out, local_model.generate(ids, **greedy))
+    assert torch.equal(out, local_model.generate(ids, attention_mask=mask, **greedy))  # inferred == the real mask
+    same_as_eos = dict(greedy, pad_token_id=2, eos_token_id=2)
+    tail = ids.masked_fill(mask == 0, 2)
+    assert torch.equal(model.generate(tail, **same_as_eos), local_model.generate(tail, **same_as_eos))

@@ -38,3 +38,11 @@ def test_node_with_other_weights_is_never_used(start_nodes, open_client, tiny_pa
     table, _, apart = out.out.partition("other weights")
     assert right.address in table and wrong.address not in table
     assert wrong.address in apart and "blocks 0:6" in apart
+
+
+def test_placement_ignores_nodes_with_other_weights(start_nodes, tiny_path, tmp_path):
+    """A node choosing its blocks (--num-blocks) does not count blocks covered only by other weights."""
+    other = build_checkpoint(tmp_path / "elsewhere" / tiny_path.name, num_layers=NUM_LAYERS, seed=1)
+    start_nodes("0:3", model=other)
+    (placed,) = start_nodes(num_blocks=3)
+    assert str(placed.node.span) == "0:3"  # counting the other weights, 3:6 would look weakest
