@@ -169,3 +169,37 @@ def test_unsupported_layer_type_is_refused():
     config = AutoConfig.for_model("qwen3", num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
     with pytest.raises(ValueError, match="block 1 of 'qwen3' has attention type 'linear_attention'"):
         get_family(config)
+
+
+class StopServingNode:
+    """A streamer that stops the node serving the session's first hop when the ``at``-th new token arrives."""
+
+    def __init__(self, at: int, session, nodes):
+        self.at, self.session, self.nodes, self.calls, self.stopped = at, session, nodes, 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == self.at + 1:  # the first call carries the prompt
+            serving = self.session._streams[0].hop.server.address
+            self.stopped = next(n for n in self.nodes if n.address == serving)
+            self.stopped.stop(grace=0)
+
+    def end(self):
+        pass
+
+
+def test_moe_node_lost_mid_generation_gives_identical_tokens(start_nodes, open_client, tmp_path):
+    """The MoE layout's failover: the node serving the first hop stops at token 5; its replacement
+    rebuilds the cache by replaying the session and the tokens equal local generate()."""
+    path = build_checkpoint(tmp_path / "tiny-mixtral", family="mixtral", num_layers=4, seed=2,
+                            overrides=FAMILY_QUIRKS["mixtral"])
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    nodes = start_nodes("0:2", "0:3", "2:4", model=path)
+    model = open_client(path)
+    ids, mask, _ = left_padded(seed=11)
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    with model.inference_session(max_length=ids.shape[1] + 16) as session:
+        streamer = StopServingNode(5, session, nodes)
+        out = model.generate(ids, session=session, streamer=streamer, **kwargs)
+        assert streamer.stopped is not None and session._streams[0].hop.server.address != streamer.stopped.address
+    assert torch.equal(out, local.generate(ids, **kwargs))
