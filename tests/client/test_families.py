@@ -89,6 +89,20 @@ def test_greedy_32_tokens_batched_padded_equal_local(family_swarm):
     assert torch.equal(out, local.generate(ids, **kwargs))
 
 
+def test_beam_search_and_prompt_lookup_equal_local(family_swarm):
+    """Beam search reorders the nodes' cache rows; prompt lookup crops rejected drafts (past the tiny
+    sliding windows for the families that have them)."""
+    _, _, local, client = family_swarm
+    model = client()
+    ids, mask, _ = left_padded(seed=13)
+    beams = dict(attention_mask=mask, max_new_tokens=12, num_beams=3, num_return_sequences=2, do_sample=False,
+                 pad_token_id=PAD, eos_token_id=None)
+    assert torch.equal(model.generate(ids, **beams), local.generate(ids, **beams))
+    repetitive = ids[2:, -5:].repeat(1, 3)
+    lookup = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD, eos_token_id=None, prompt_lookup_num_tokens=3)
+    assert torch.equal(model.generate(repetitive, **lookup), local.generate(repetitive, **lookup))
+
+
 def test_lora_on_attention_equals_local_peft(family_swarm):
     family, path, _, client = family_swarm
     model = client()
