@@ -23,6 +23,8 @@ small models are built here with a fixed seed so that every run sees the same we
 FAMILY_QUIRKS: dict[str, dict] = {
     "llama": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                        high_freq_factor=4.0, original_max_position_embeddings=16)),  # Llama 3 rope
+    "mistral": dict(sliding_window=5),  # every layer windowed
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=2),  # q/k/v biases, mixed layers
     "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=2),  # q/k norms, mixed
     "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj / gate_up_proj, rotary on half of each head
     "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5, final_logit_softcapping=3.0,
