@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from client.lora_config import check_exact
-from swarm.arch import projection_shapes
+from swarm.arch import LAYER_PREFIX, projection_shapes
 from proto import swarmlm_pb2 as pb
 from proto.tensors import lora_digest, serialize
 from swarm.spans import Span
 
-PEFT_PREFIX = "base_model.model.model.layers"
+PEFT_PREFIX = f"base_model.model.{LAYER_PREFIX.rstrip('.')}"  # PEFT's names: its wrapper, then the checkpoint's
 
 
 def _targets(shapes: dict[str, tuple[int, int]], target_modules: Any) -> list[str]:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from proto.tensors import shape_text
+from swarm.arch import LAYER_PREFIX
 
 _active = threading.local()
 MAX_RANK = 256
@@ -128,7 +129,7 @@ def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, t
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     weights: dict[tuple[int, str], list] = {}
-    pattern = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_([AB])\.weight$")
+    pattern = re.compile(rf"^base_model\.model\.{re.escape(LAYER_PREFIX)}(\d+)\.(.+)\.lora_([AB])\.weight$")
     with safe_open(directory / "adapter_model.safetensors", framework="pt") as f:
         for name in f.keys():
             match = pattern.match(name)

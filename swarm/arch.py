@@ -68,6 +68,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma3_text", "gemma3", "Gemma3", base="TextModel", logit_softcap="final_logit_softcapping"),
     Family("mixtral", "mixtral", "Mixtral"),  # MoE: per-expert checkpoint tensors fused into 3-D on load
     Family("qwen3_moe", "qwen3_moe", "Qwen3Moe"),  # MoE with q/k norms
+    Family("qwen2_moe", "qwen2_moe", "Qwen2Moe"),  # MoE with a gated shared expert
+    Family("gpt_oss", "gpt_oss", "GptOss"),  # attention sinks, MoE with biases, alternating windows (eager)
+    Family("starcoder2", "starcoder2", "Starcoder2"),  # LayerNorm with biases, GELU MLP, sliding window
+    Family("olmo2", "olmo2", "Olmo2"),  # norms after attention and MLP, q/k norms over all heads
 )}
 
 

@@ -23,6 +23,8 @@ small models are built here with a fixed seed so that every run sees the same we
 FAMILY_QUIRKS: dict[str, dict] = {
     "llama": dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                        high_freq_factor=4.0, original_max_position_embeddings=16)),  # Llama 3 rope
+    "mistral": dict(sliding_window=5),  # every layer windowed
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=2),  # q/k/v biases, mixed layers
     "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=5, max_window_layers=2),  # q/k norms, mixed
     "phi3": dict(partial_rotary_factor=0.5),  # fused qkv_proj / gate_up_proj, rotary on half of each head
     "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5, final_logit_softcapping=3.0,
@@ -32,6 +34,12 @@ FAMILY_QUIRKS: dict[str, dict] = {
                         final_logit_softcapping=3.0),  # a rotary base per layer type, q/k norms
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),  # saved per expert, run fused
     "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "gpt_oss": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                    layer_types=["sliding_attention", "full_attention"] * 2),
+    "starcoder2": dict(sliding_window=5),
+    "olmo2": dict(),
 }
 
 
@@ -84,9 +92,11 @@ def build_checkpoint(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # default init is tiny; widen it so the blocks visibly change the stream
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
+            elif name.endswith(".sinks"):  # gpt-oss attention sinks: big enough to take a share of attention
+                p.normal_(0.0, 1.0)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(dest, **kwargs)
     if tokenizer:

@@ -123,3 +123,32 @@ def test_missing_weights_and_out_of_range_spans(tiny_path, tmp_path):
         load_span(tiny_path, config, Span(4, 9), torch.float32)
     with pytest.raises(CheckpointError, match="no config.json"):
         load_config(tmp_path)
+
+
+def test_moe_span_loads_only_its_experts_converted_as_transformers_does(tmp_path, monkeypatch):
+    """Mixtral's checkpoint keeps one tensor per expert (block_sparse_moe.experts.E.w1/w2/w3); blocks 1:2
+    read only block 1's, hold them fused into 3-D expert tensors exactly as local transformers does, and
+    nothing of the other blocks (memory stays proportional to the span)."""
+    from tests.helpers.checkpoints import FAMILY_QUIRKS
+
+    path = build_checkpoint(tmp_path / "mixtral", family="mixtral", num_layers=4, tokenizer=False,
+                            overrides=FAMILY_QUIRKS["mixtral"])
+    read = []
+    real_read = node.blocks.read_tensors
+
+    def spy(folder, want, dtype=None):
+        tensors = real_read(folder, want, dtype)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(node.blocks, "read_tensors", spy)
+    blocks = load_span(path, load_config(path), Span(1, 2), torch.float32)
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in read
+    assert all(name.startswith("model.layers.1.") for name in read), read
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    expected = local.model.layers[1].state_dict()
+    got = blocks.layers[0].state_dict()
+    assert got.keys() == expected.keys() and got["mlp.experts.gate_up_proj"].shape == (4, 256, 64)
+    assert all(torch.equal(t, expected[name]) for name, t in got.items())
+    hosted = sum(t.numel() for t in blocks.layers.parameters())
+    assert hosted == sum(t.numel() for t in local.model.layers[1].parameters())

@@ -73,3 +73,16 @@ def test_weights_digest_is_an_optional_strict_field():
     assert "weights" not in make_record(INFO)
     for bad in ("AB" * 32, "ab" * 31, "zz" * 32, 5, None, ["ab" * 32]):
         assert parse_record("peerA", {**make_record(info), "weights": bad}, block=3, num_blocks=8) is None
+def test_fingerprint_is_family_neutral():
+    """Fields only one family has (Gemma's soft-caps, an MoE's expert count) separate models; fields every
+    config has for bookkeeping (labels of a classification head, token ids, paths) do not."""
+    from transformers import AutoConfig
+
+    gemma = AutoConfig.for_model("gemma2", num_hidden_layers=2)
+    softer = AutoConfig.for_model("gemma2", num_hidden_layers=2, final_logit_softcapping=5.0)
+    assert config_fingerprint(gemma) != config_fingerprint(softer)
+    moe = AutoConfig.for_model("mixtral", num_hidden_layers=2, num_local_experts=4)
+    assert config_fingerprint(moe) != config_fingerprint(AutoConfig.for_model("mixtral", num_hidden_layers=2))
+    relabelled = AutoConfig.for_model("gemma2", num_hidden_layers=2, num_labels=5, pad_token_id=3)
+    relabelled._name_or_path = "/elsewhere"
+    assert config_fingerprint(relabelled) == config_fingerprint(gemma)
