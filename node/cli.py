@@ -46,21 +46,33 @@ async def serve(config: NodeConfig) -> int:
     from node.server import Node
     from swarm.dht import DHTStartError
 
-    node, stop = Node(config), asyncio.Event()
+    node, stop, received = Node(config), asyncio.Event(), []
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda sig=sig: (received.append(sig), stop.set()))
+    loop.set_exception_handler(quiet_daemon_errors)
     try:
         address = await node.start()
     except (CheckpointError, DHTStartError, ValueError, OSError) as e:
         await node.stop(0)
         return fail("node", str(e))
     print(address, flush=True)
-    logging.getLogger("node").info("blocks %s", node.span)
     await stop.wait()
-    logging.getLogger("node").info("shutting down: finishing in-flight requests (grace %.1fs)", config.shutdown_grace)
+    logging.getLogger("node").info("%s received: shutting down, draining (grace %gs)",
+                                   signal.Signals(received[0]).name, config.shutdown_grace)
     await node.stop()
     return 0
+
+
+def quiet_daemon_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """One line, not a traceback, when a connection to the p2p daemon breaks in a task nobody awaits
+    (hivemind's control connection, when the daemon was stopped with us, e.g. by systemd signalling every
+    process of the unit); anything else as asyncio reports it."""
+    error = context.get("exception")
+    if isinstance(error, ConnectionError):
+        logging.getLogger("node").info("p2p daemon connection closed (%s)", type(error).__name__)
+        return
+    loop.default_exception_handler(context)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(NodeConfig, args)
     except (ValueError, TypeError) as e:
         return fail("node", str(e), 2)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return asyncio.run(serve(config))
 
 

@@ -330,16 +330,21 @@ class Node:
         """Drain: report and announce OFFLINE at once (new sessions are refused, so clients move on),
         let open sessions and in-flight calls finish until the grace period ends, then stop."""
         grace = self.config.shutdown_grace if grace is None else grace
-        deadline = time.monotonic() + grace
+        started = time.monotonic()
+        deadline = started + grace
         if self._rebalancer is not None:
             self._rebalancer.cancel()
         if self.servicer is not None:
             self.servicer.state = NodeState.OFFLINE
+        dht_timeout = 5.0
         if self._announcer is not None:  # bounded: a dead p2p daemon must not keep the node from exiting
             try:
                 await asyncio.wait_for(self._announcer.stop(), max(1.0, min(5.0, grace)))
+                log.info("draining: OFFLINE announced; %s", self._in_flight())
             except asyncio.TimeoutError:
-                log.warning("could not announce OFFLINE in time; clients will see the records expire")
+                dht_timeout = 1.0  # the daemon is gone or stuck: do not wait for it again
+                log.warning("draining: could not announce OFFLINE (the p2p daemon is not answering); clients "
+                            "will see the records expire within %gs; %s", self.config.ttl, self._in_flight())
         while self.servicer is not None and self.servicer.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._server is not None:
@@ -347,8 +352,18 @@ class Node:
         if self._lan is not None:
             self._lan.stop()
         if self.dht is not None:
-            await self.dht.shutdown()
+            await self.dht.shutdown(dht_timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.metrics is not None:
+            self.metrics.close()
+        if self._announcer is not None:
+            log.info("OFFLINE: stopped in %.1f s", time.monotonic() - started)
+
+    def _in_flight(self) -> str:
+        s = self.servicer
+        if s is None or not s.busy:
+            return "nothing in flight"
+        return f"waiting for {s.open_sessions} open sessions and {s.in_flight} calls (grace {self.config.shutdown_grace:g}s)"
 
 
 class NodeThread:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from dataclasses import replace
 from typing import Sequence
 
@@ -36,6 +37,30 @@ def host_maddr(host: str, port: int) -> str:
 
 
 RECORD_OVERHEAD = 512  # bytes an owner signature and encryption add to a record value
+DAEMON_PROGRAM = "p2pd"  # the name of hivemind's p2p daemon binary
+
+
+def spawn_daemons_in_own_group() -> None:
+    """Start every p2p daemon hivemind launches from now on in a process group of its own.
+
+    A signal sent to the whole process group of a node (Ctrl-C in a terminal, ``kill -TERM -PGID``, a
+    supervisor stopping a process group) would otherwise reach the daemon at the same instant as the
+    node: the daemon closes its control socket at once, and the draining node can no longer announce
+    OFFLINE nor shut the DHT peer down (it used to wait for timeouts, ~10 s, and print hivemind's
+    ConnectionResetError tracebacks). The node stops its own daemon when it exits. hivemind offers no
+    hook for the daemon's process attributes, so its one spawn call (asyncio's create_subprocess_exec)
+    gets ``process_group=0`` for the daemon binary only; everything else is passed through unchanged."""
+    original = asyncio.subprocess.create_subprocess_exec
+    if getattr(original, "swarmlm_own_group", False):
+        return
+
+    async def spawn(program, *args, **kwargs):
+        if os.path.basename(str(program)) == DAEMON_PROGRAM:
+            kwargs.setdefault("process_group", 0)
+        return await original(program, *args, **kwargs)
+
+    spawn.swarmlm_own_group = True
+    asyncio.subprocess.create_subprocess_exec = spawn
 
 
 class SwarmDHT:
@@ -72,6 +97,7 @@ class SwarmDHT:
         else:
             owner = await asyncio.get_running_loop().run_in_executor(None, RSAPrivateKey)
         validator, marker = make_validator(swarm_key, owner)
+        spawn_daemons_in_own_group()
         try:
             node = await DHTNode.create(
                 initial_peers=list(initial_peers),

@@ -25,12 +25,16 @@ class LaunchError(RuntimeError):
 class Proc:
     """A child process whose stdout lines are collected on a thread (so reads can time out)."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, stdin: bool = False):
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, stdin: bool = False,
+                 new_session: bool = False):
+        """``stdin``: a pipe to write to (else /dev/null). ``new_session``: in a session and process group of its
+        own (its children too, unless they leave it), so ``os.killpg(proc.pid, sig)`` signals all of them at
+        once, as systemd does a unit's."""
         self.argv = list(argv)
         env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}  # see die_with_parent
         self.popen = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, start_new_session=new_session,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.stderr_lines: list[str] = []
