@@ -24,7 +24,8 @@ from bench.common import BENCH_DIR, WORK, log
 README = BENCH_DIR / "README.md"
 PLOT = BENCH_DIR / "scale-placement.png"
 MARKERS = {"peers": ("<!-- scale-peers:begin -->", "<!-- scale-peers:end -->"),
-           "placement": ("<!-- scale-placement:begin -->", "<!-- scale-placement:end -->")}
+           "placement": ("<!-- scale-placement:begin -->", "<!-- scale-placement:end -->"),
+           "chaos": ("<!-- chaos:begin -->", "<!-- chaos:end -->")}  # written by python -m bench.chaos
 
 
 def replace_section(text: str, name: str, body: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from client.lora_config import check_exact
 from swarm.arch import projection_shapes
 from proto import swarmlm_pb2 as pb
 from proto.tensors import serialize
@@ -33,13 +34,25 @@ def _targets(shapes: dict[str, tuple[int, int]], target_modules: Any) -> list[st
     return sorted(picked)
 
 
+def init_pair(init: bool | str, r: int, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B as PEFT initialises them: True (default) A Kaiming-uniform, B zero; "gaussian" A normal with
+    std 1/r, B zero; False both as a fresh nn.Linear (the adapter starts as a random change)."""
+    a, b = torch.empty(r, fan_in), torch.zeros(fan_out, r)
+    if init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if init is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    return a, b
+
+
 class RemoteLora(nn.Module):
     """LoRA A/B matrices for every (block, projection) of the model, kept by the client."""
 
     def __init__(self, model_config: Any, lora_config: Any, layers: Iterable[int] | None = None):
         super().__init__()
-        if getattr(lora_config, "use_dora", False) or getattr(lora_config, "bias", "none") != "none":
-            raise ValueError("DoRA and LoRA biases are not supported over the swarm")
+        check_exact(lora_config)
         shapes = projection_shapes(model_config)
         self.paths = _targets(shapes, lora_config.target_modules)
         r, alpha = lora_config.r, lora_config.lora_alpha
@@ -51,10 +64,9 @@ class RemoteLora(nn.Module):
         self.lora_B = nn.ParameterList()
         for _, path in self.keys:
             fan_in, fan_out = shapes[path]
-            a = torch.empty(r, fan_in)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT's default init: A random, B zero
+            a, b = init_pair(lora_config.init_lora_weights, r, fan_in, fan_out)
             self.lora_A.append(nn.Parameter(a))
-            self.lora_B.append(nn.Parameter(torch.zeros(fan_out, r)))
+            self.lora_B.append(nn.Parameter(b))
         self.id = uuid.uuid4().hex
         self.dropout_seed = 0  # seeds of LoRA dropout masks so far; save it to resume training exactly
         self._version = 0

@@ -25,11 +25,12 @@ class LaunchError(RuntimeError):
 class Proc:
     """A child process whose stdout lines are collected on a thread (so reads can time out)."""
 
-    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None):
+    def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None, stdin: bool = False):
         self.argv = list(argv)
         env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}  # see die_with_parent
         self.popen = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL,
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self.stderr_lines: list[str] = []

@@ -27,6 +27,18 @@ class BlackholeProxy:
     def blackhole(self) -> None:
         self._dropping.set()
 
+    def heal(self) -> None:
+        """Relay again. The connections open during the blackhole lost bytes mid-stream, so neither side
+        could resume them: they are closed (both ends see the connection end and dial again)."""
+        self._dropping.clear()
+        sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv and sends FIN
+                s.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
         self._closed.set()
         for s in [self._server, *self._sockets]:
