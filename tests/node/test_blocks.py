@@ -152,3 +152,20 @@ def test_moe_span_loads_only_its_experts_converted_as_transformers_does(tmp_path
     assert all(torch.equal(t, expected[name]) for name, t in got.items())
     hosted = sum(t.numel() for t in blocks.layers.parameters())
     assert hosted == sum(t.numel() for t in local.model.layers[1].parameters())
+
+
+def test_a_block_missing_a_tensor_is_refused(tiny_path, tmp_path):
+    """transformers' loader would leave the tensor random (from_pretrained warns); a node refuses to serve."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_path, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    config = load_config(broken)
+    with pytest.raises(CheckpointError, match=r"lacks or cannot convert \['model.layers.1.mlp.up_proj.weight'\]"):
+        load_span(broken, config, Span(0, 2), torch.float32)
+    assert len(load_span(broken, config, Span(2, 4), torch.float32).layers) == 2  # other blocks still load
