@@ -117,7 +117,7 @@ class InferenceSession:
         batch, new = hidden.shape[:2]
         if self.batch_size is None:
             self.batch_size = batch
-            self._position_bytes = hidden.shape[-1] * hidden.element_size()  # bytes of one position's outputs
+            self._position_bytes = hidden.shape[-1] * 4  # bytes of one position's outputs (float32 at most)
         if batch != self.batch_size:
             raise ValueError(f"this session runs batch size {self.batch_size}, got {batch}")
         if self.position + new > self.max_length:

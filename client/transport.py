@@ -260,8 +260,9 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
     d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
     try:
         request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad), backward_token=token)
-        # gradients of the inputs, LoRA weights and prefix sent: never larger than the request
-        resp = await conns.stub(address, tls, request.ByteSize()).Backward(request, timeout=timeout)
+        # gradients of the inputs, the prefix sent and the LoRA weights (which a weightless request only names)
+        grads = sum(4 * (a.numel() + b.numel()) for a, b in (lora_like or {}).values())
+        resp = await conns.stub(address, tls, request.ByteSize() + grads).Backward(request, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise conns.error(address, e.code(), e.details() or "", tls) from None
     conns.bytes_sent += request.ByteSize()

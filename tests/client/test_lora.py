@@ -202,3 +202,25 @@ def test_another_client_cannot_change_or_break_a_victims_cached_adapter(start_no
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-5), name
     assert not victim.base_model.chain.router.banned()
+
+
+def test_lora_gradients_larger_than_the_request_are_accepted(start_nodes, open_client, tiny_path):
+    """A Backward that names cached LoRA weights (no weights in the request) gets their gradients back:
+    6 MiB here for a request of a few KB. The client's receive limit counts them (issue 21: answers are held
+    to what the request can produce), so an honest node is not refused and banned."""
+    start_nodes("0:6", max_message_mb=64)  # the weights travel once, with the Forward
+    config = LoraConfig(r=256, lora_alpha=8, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    ours = get_peft_model(open_client(tiny_path), copy.deepcopy(config))
+    assert sum(p.numel() for p in ours.adapter.parameters()) * 4 > 5 << 20
+    with torch.no_grad():
+        for b in ours.adapter.lora_B:
+            b.normal_(0, 0.01)
+    local = local_peft(tiny_path, ours, config)
+    ids, mask, labels = batch()
+    ours(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    local(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    expected, got = lora_grads_local(local), lora_grads_ours(ours)
+    for name in expected:
+        assert torch.allclose(got[name], expected[name], atol=1e-5), name
+    assert not ours.base_model.chain.router.banned()
