@@ -203,16 +203,17 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def _next_unless_reclaimed(self, requests, holding: Holding) -> pb.InferenceRequest | None:
         """The next message, or None as soon as ``holding`` is reclaimed; TimeoutError after the step timeout."""
         message = asyncio.ensure_future(requests.__anext__())
+        message.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
         reclaimed = asyncio.ensure_future(holding.reclaimed.wait())
         try:
             done, _ = await asyncio.wait({message, reclaimed}, timeout=self.policy.step_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        finally:  # (also when the call is cancelled meanwhile)
             reclaimed.cancel()
+            if not message.done():
+                message.cancel()
         if message in done:
             return message.result()
-        message.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
-        message.cancel()
         if not done:
             raise asyncio.TimeoutError
         return None

@@ -256,3 +256,51 @@ def test_a_refused_stream_reports_unauthenticated_not_a_local_write_error(node):
 
     codes = asyncio.run(attempts(Connections(parse_key(generate_key_text()))))
     assert all(code == grpc.StatusCode.UNAUTHENTICATED and "swarm key" in details for code, details in codes), codes
+
+
+@pytest.fixture
+def own_swarm(dht_loop, tmp_path):
+    """(peers, key path) of a private swarm of its own (no other node serves there)."""
+    from swarm.dht import SwarmDHT
+
+    path = tmp_path / "own.key"
+    path.write_text(generate_key_text())
+    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=load_key(path)))
+    try:
+        yield dht_loop.run(dht.visible_maddrs()), path
+    finally:
+        dht_loop.run(dht.shutdown())
+
+
+def test_a_member_client_carries_on_after_the_node_restarts(tiny_path, own_swarm, open_client, local_model):
+    """The client's proofs name the epoch of the node process it last talked to; after a restart at the
+    same address the node refuses them naming its new epoch, and the client proves again (unary calls
+    and stream openings), without the user seeing an error."""
+    from client import ClientConfig
+    from tests.helpers.network import free_port
+
+    private_peers, key_path = own_swarm
+
+    def start(port):
+        return NodeThread(NodeConfig(model=str(tiny_path), blocks=Span(0, NUM_LAYERS), cache_tokens=CACHE, port=port,
+                                     initial_peers=tuple(private_peers), swarm_key=str(key_path))).start()
+
+    port = free_port()
+    node = start(port)
+    try:
+        model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(private_peers),
+                                                                  swarm_key=str(key_path), max_wait=30.0))
+        ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(1))
+        kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        expected = local_model.generate(ids, **kwargs)
+        assert torch.equal(model.generate(ids, **kwargs), expected)
+        before = node.node.auth.epoch
+        node.stop(0.2)
+        node = start(port)
+        assert node.node.auth.epoch != before
+        assert torch.equal(model.generate(ids, **kwargs), expected)  # a stream opening: proved again
+        with torch.no_grad():  # unary calls too
+            assert torch.allclose(model(input_ids=ids).logits, local_model(input_ids=ids).logits, atol=1e-4)
+        assert node.node.auth.refused >= 1  # (the stale proofs were refused, then made again)
+    finally:
+        node.stop(0.2)
