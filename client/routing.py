@@ -182,17 +182,20 @@ class Router:
 
     def believed(self, servers: list[ServerInfo]) -> dict[str, float]:
         """Node id -> the throughput this client believes (see swarm.routing.believed_throughput)."""
-        observed = {node: statistics.median(speeds) for node, speeds in self._speeds.items()}
+        observed = {node: statistics.median(speeds) for node, speeds in self._speeds.items() if speeds}
         return believed_throughput(servers, observed)
 
     def observe(self, hop: Hop, tokens: int, seconds: float) -> None:
         """A successful exchange moved ``tokens`` (batch x positions) through ``hop``'s blocks in ``seconds``
         of wall time (round trip included): what this client believes of the node's speed is the median of
         its latest SPEED_SAMPLES such figures (one stall does not condemn a node, one lucky call does not
-        crown it)."""
+        crown it). The first exchange with a node does not count: it pays the node's cold start."""
         node = hop.server.node_id
         self._alive.add(node)
-        self._speeds.setdefault(node, deque(maxlen=SPEED_SAMPLES)).append(tokens * len(hop.span) / max(seconds, 1e-6))
+        if node not in self._speeds:
+            self._speeds[node] = deque(maxlen=SPEED_SAMPLES)
+            return
+        self._speeds[node].append(tokens * len(hop.span) / max(seconds, 1e-6))
 
     def ban(self, hop: Hop, error: Exception, forever: bool = False) -> None:
         """Avoid a node (see FailurePolicy.ban)."""

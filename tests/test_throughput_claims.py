@@ -9,7 +9,7 @@ import torch
 from client import AutoDistributedModelForCausalLM, ClientConfig
 from tests.helpers.launch import LocalSwarm
 
-FORWARDS = 16
+FORWARDS = 24
 
 
 def test_an_absurd_throughput_does_not_capture_the_traffic(tiny_path, local_model):
@@ -26,7 +26,8 @@ def test_an_absurd_throughput_does_not_capture_the_traffic(tiny_path, local_mode
                 for _ in range(FORWARDS):
                     assert torch.allclose(model(ids).logits, local_model(ids).logits, atol=1e-4)
                     used.update(hop.server.address for hop in model.chain.last_route)
-            # believing claims, the liar took 1000 draws in 1001 (all 16 forwards in practice)
+            # believing claims, the liar took 1000 draws in 1001 (16 of 16 forwards, measured); now, by measured
+            # speeds, the honest node got 4 to 14 of 16 (three clients, a machine at a load average of 20-30)
             assert used[honest] >= 3, used
             servers = {s.address: s for s in model.chain.servers()}
             believed = model.chain.router.believed(list(servers.values()))
