@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -38,24 +39,28 @@ def host_maddr(host: str, port: int) -> str:
 
 RECORD_OVERHEAD = 512  # bytes an owner signature and encryption add to a record value
 DAEMON_PROGRAM = "p2pd"  # the name of hivemind's p2p daemon binary
+_OWN_GROUP = contextvars.ContextVar("swarmlm_daemon_own_group", default=False)  # set while a server peer starts
 
 
 def spawn_daemons_in_own_group() -> None:
-    """Start every p2p daemon hivemind launches from now on in a process group of its own.
+    """Start the p2p daemon of every DHT peer that announces (nodes, bootstrap peers; not clients) in a
+    process group of its own.
 
     A signal sent to the whole process group of a node (Ctrl-C in a terminal, ``kill -TERM -PGID``, a
     supervisor stopping a process group) would otherwise reach the daemon at the same instant as the
     node: the daemon closes its control socket at once, and the draining node can no longer announce
     OFFLINE nor shut the DHT peer down (it used to wait for timeouts, ~10 s, and print hivemind's
-    ConnectionResetError tracebacks). The node stops its own daemon when it exits. hivemind offers no
+    ConnectionResetError tracebacks). Those peers handle SIGINT/SIGTERM and stop their daemon themselves;
+    a client keeps the old behaviour (a Ctrl-C'd script takes its daemon with it). hivemind offers no
     hook for the daemon's process attributes, so its one spawn call (asyncio's create_subprocess_exec)
-    gets ``process_group=0`` for the daemon binary only; everything else is passed through unchanged."""
+    gets ``process_group=0`` for the daemon binary, while ``SwarmDHT.create`` starts a server peer
+    (a context variable says so); everything else is passed through unchanged."""
     original = asyncio.subprocess.create_subprocess_exec
     if getattr(original, "swarmlm_own_group", False):
         return
 
     async def spawn(program, *args, **kwargs):
-        if os.path.basename(str(program)) == DAEMON_PROGRAM:
+        if _OWN_GROUP.get() and os.path.basename(str(program)) == DAEMON_PROGRAM:
             kwargs.setdefault("process_group", 0)
         return await original(program, *args, **kwargs)
 
@@ -98,6 +103,7 @@ class SwarmDHT:
             owner = await asyncio.get_running_loop().run_in_executor(None, RSAPrivateKey)
         validator, marker = make_validator(swarm_key, owner)
         spawn_daemons_in_own_group()
+        own_group = _OWN_GROUP.set(not client_mode)
         try:
             node = await DHTNode.create(
                 initial_peers=list(initial_peers),
@@ -109,6 +115,8 @@ class SwarmDHT:
         except Exception as e:  # hivemind raises P2PDaemonError / ValueError with multi-line texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DHTStartError(f"could not start a DHT peer (initial peers {list(initial_peers)}): {first}") from e
+        finally:
+            _OWN_GROUP.reset(own_group)
         install(node.protocol)  # bounded records per key and per owner (swarm.storage)
         return cls(node, swarm_key, marker)
 

@@ -60,6 +60,7 @@ def test_group_sigterm_drains_and_exits_cleanly(peers, tiny_path):
         assert value(samples, "swarmlm_node_online") == 1 and value(samples, "process_resident_memory_bytes") > 0
         daemons = [pid for pid, name in children(node.pid).items() if name == "p2pd"]
         assert len(daemons) == 1, children(node.pid)
+        assert os.getpgid(daemons[0]) != node.pid  # its own group: the group's signal reaches the node alone
         started = time.monotonic()
         os.killpg(node.pid, signal.SIGTERM)  # what systemd's stop and a terminal's Ctrl-C do: the whole group
         code = node.popen.wait(60)
