@@ -154,3 +154,21 @@ def _hold(first):
 
     yield first
     threading.Event().wait(30)
+
+
+def test_calls_the_swarm_key_check_refuses_are_counted(start_nodes, key_path, private_peers):
+    """The metrics interceptor runs before the swarm key check: a call without a proof counts as
+    UNAUTHENTICATED, with the bytes it sent."""
+    import grpc
+
+    from proto import swarmlm_pb2 as pb
+    from proto import swarmlm_pb2_grpc as pb_grpc
+
+    node, = start_nodes("0:6", metrics_port=0, swarm_key=str(key_path), initial_peers=tuple(private_peers))
+    request = pb.ForwardRequest(model=node.node.model_key, start=0, end=6)
+    with grpc.insecure_channel(node.address) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.NodeStub(channel).Forward(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    s = scrape(node.node.metrics.server.url)
+    assert value(s, "swarmlm_node_requests_total", rpc="Forward", code="UNAUTHENTICATED") == 1
+    assert value(s, "swarmlm_node_received_bytes_total", rpc="Forward") == request.ByteSize()
