@@ -103,7 +103,8 @@ class Checker:
             a = self.remote.generate(ids, session=sess, streamer=stamps, **kwargs)
             b = self.remote.generate(turn2, session=sess, streamer=stamps, **kwargs)
         ref_a = self.local.generate(ids, **kwargs)
-        ref_b = self.local.generate(torch.cat([ref_a, turn2], 1), **kwargs)
+        whole = torch.cat([ref_a, turn2], 1)  # the session attends to every token, a generated pad id too: an
+        ref_b = self.local.generate(whole, attention_mask=torch.ones_like(whole), **kwargs)  # explicit mask
         return torch.equal(a, ref_a) and torch.equal(b, ref_b), stamps.times
 
     def _lora(self, ids: torch.Tensor) -> bool:
