@@ -29,8 +29,9 @@ def lone_node(tmp_path_factory, tiny_path):
                  "--tls-key", str(folder / "127.0.0.1.key")])
     try:
         address = node.read_line(READY)
-        assert wait_for(lambda: any("new swarm" in line for line in node.stderr_lines), 10), node.stderr_lines
-        note = next(line for line in node.stderr_lines if "new swarm" in line)
+        note_of = "starts a new swarm; others join it with"  # (not the "joined the DHT ... (a new swarm)" line)
+        assert wait_for(lambda: any(note_of in line for line in node.stderr_lines), 10), node.stderr_lines
+        note = next(line for line in node.stderr_lines if note_of in line)
         maddrs = re.findall(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+", note)
         assert maddrs, note
         yield node, address, maddrs[0], str(folder / "ca.crt")

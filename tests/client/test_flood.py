@@ -49,15 +49,18 @@ def test_thirty_dead_addresses_announcing_huge_throughputs_do_not_fail_calls(
         start_nodes, dht_loop, bootstrap, open_client, tiny_path, local_model):
     """30 records (from 4 owners) pointing at dead addresses with throughput 1e9: they are probed and
     banned before use; forward and generation equal local."""
+    from node.server import weights_digest
+
     honest = start_nodes("0:3", "3:6")
     model_key = honest[0].node.model_key
+    right = weights_digest(tiny_path, local_model.config, Span(0, 6))  # a liar can announce the right weights
 
     async def plant() -> list[SwarmDHT]:
         liars = await asyncio.gather(*(SwarmDHT.create(bootstrap) for _ in range(4)))
         for n in range(30):
             liar = liars[n % 4]
             info = ServerInfo(liar.owned(f"dead{n}"), f"127.0.0.1:{free_port()}", Span(0, 6), NodeState.ONLINE,
-                              1e9, "0.1.0", "float32")
+                              1e9, "0.1.0", "float32", weights=right)
             assert await liar.announce(model_key, info, ttl=120)
         return liars
 
