@@ -91,6 +91,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         if handler.unary_unary is not None:
             behavior = self._unary(handler.unary_unary, rpc)
+        elif handler.stream_unary is not None:  # the swarm key check's refusals take any call as a stream
+            behavior = self._unary(handler.stream_unary, rpc)
         elif handler.stream_stream is not None:
             behavior = self._stream(handler.stream_stream, rpc)
         else:  # the node serves no other shapes; count the bytes anyway

@@ -43,6 +43,7 @@ def test_node_with_other_weights_is_never_used(start_nodes, open_client, tiny_pa
 def test_placement_ignores_nodes_with_other_weights(start_nodes, tiny_path, tmp_path):
     """A node choosing its blocks (--num-blocks) does not count blocks covered only by other weights."""
     other = build_checkpoint(tmp_path / "elsewhere" / tiny_path.name, num_layers=NUM_LAYERS, seed=1)
-    start_nodes("0:3", model=other)
-    (placed,) = start_nodes(num_blocks=3)
+    own = {"model_name": "placement-weights"}  # a key of its own: no other test's nodes (or their records) in view
+    start_nodes("0:3", model=other, **own)
+    (placed,) = start_nodes(num_blocks=3, **own)
     assert str(placed.node.span) == "0:3"  # counting the other weights, 3:6 would look weakest

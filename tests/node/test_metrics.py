@@ -44,8 +44,11 @@ def run_traffic(model):
 
 
 def test_node_counters_equal_the_traffic_sent(start_nodes, open_client, tiny_path, bootstrap):
-    nodes = start_nodes("0:3", "3:6", metrics_port=0, cache_tokens=4096)
-    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), metrics_port=0))
+    # a model name of its own: no other test's nodes (or their lingering records, which the client would probe
+    # and ban) in view, so every count is this test's
+    nodes = start_nodes("0:3", "3:6", metrics_port=0, cache_tokens=4096, model_name="metrics-traffic")
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), metrics_port=0,
+                                                              model_name="metrics-traffic"))
     run_traffic(model)
     urls = [n.node.metrics.server.url for n in nodes]
     tokens = BATCH * SEQ
@@ -93,8 +96,9 @@ def test_node_counters_equal_the_traffic_sent(start_nodes, open_client, tiny_pat
 
 def test_client_counts_a_failover(start_nodes, open_client, tiny_path, bootstrap):
     """A node stopped mid-session: one retry, one ban, one failover, the history's positions replayed."""
-    nodes = start_nodes("0:6", "0:6")
-    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), metrics_port=0))
+    nodes = start_nodes("0:6", "0:6", model_name="metrics-failover")  # (a key of its own, as above)
+    model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), metrics_port=0,
+                                                              model_name="metrics-failover"))
     torch.manual_seed(4)
     past, new = torch.randint(3, 256, (3, 6)), torch.randint(3, 256, (3, 1))
     with torch.no_grad(), model.inference_session(max_length=16) as sess:

@@ -27,14 +27,15 @@ def test_num_blocks_fills_the_hole(start_nodes, bootstrap):
 
 
 def test_rebalance_moves_to_where_the_swarm_is_weak(start_nodes, open_client, tiny_path, local_model, bootstrap):
-    (a,) = start_nodes("0:6", throughput=100.0)
-    (mover,) = start_nodes(num_blocks=3, rebalance_period=0.5, ttl=1.0, throughput=100.0)
+    own = {"model_name": "rebalance"}  # a key of its own: no other test's nodes (or their records) in view
+    (a,) = start_nodes("0:6", throughput=100.0, **own)
+    (mover,) = start_nodes(num_blocks=3, rebalance_period=0.5, ttl=1.0, throughput=100.0, **own)
     assert mover.node.span == Span(0, 3)  # all windows equal: the first
-    start_nodes("0:3", throughput=100.0)  # now 0:3 has three nodes and 3:6 only one
+    start_nodes("0:3", throughput=100.0, **own)  # now 0:3 has three nodes and 3:6 only one
     assert wait_for(lambda: mover.node.span == Span(3, 6), timeout=20)
     assert wait_for(lambda: spans_in_dht(bootstrap, a.node.model_key).get(mover.address)
                     == (Span(3, 6), NodeState.ONLINE), timeout=10)
-    model = open_client(tiny_path)
+    model = open_client(tiny_path, model_name="rebalance")
     ids = torch.randint(3, 256, (2, 7))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, local_model(input_ids=ids).logits, atol=1e-4)
