@@ -21,26 +21,12 @@ import torch
 from peft import LoraConfig
 from peft import get_peft_model as local_get_peft_model
 from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
+
+from bench.clients import Stamps
 
 PAD = 0
 LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 KINDS = ("greedy", "sample", "session", "beam", "lora")
-
-
-class Stamps(BaseStreamer):
-    """When each new token arrived (generate() first puts the prompt)."""
-
-    def __init__(self) -> None:
-        self.calls, self.times = 0, []
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls > 1:
-            self.times.append(time.monotonic())
-
-    def end(self) -> None:
-        pass
 
 
 def gen_kwargs(kind: str) -> dict:
