@@ -2,16 +2,17 @@
 clash), always counted, served over HTTP only with ``ClientConfig(metrics_port=...)``."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import Counter, Histogram
 
-from swarm.metrics import MetricsServer
+from swarm.metrics import Exposed
 
 ROUND_TRIP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class ClientMetrics:
+class ClientMetrics(Exposed):
     def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
+        super().__init__()
+        r = self.registry
         self.hops = Counter("swarmlm_client_hops", "exchanges with nodes that succeeded, by kind (forward, backward: "
                             "one call each; inference: one step message)", ["kind"], registry=r)
         self.retries = Counter("swarmlm_client_retries", "failed exchanges tried again: after a node failed (ban) "
@@ -26,7 +27,6 @@ class ClientMetrics:
                                      "compared (verify_fraction)", registry=r)
         self.round_trip = Histogram("swarmlm_client_round_trip_seconds", "seconds per successful exchange, by node "
                                     "address", ["node"], buckets=ROUND_TRIP_BUCKETS, registry=r)
-        self.server: MetricsServer | None = None
 
     def exchange(self, kind: str, address: str, seconds: float) -> None:
         """One successful exchange of ``kind`` with the node at ``address``."""
@@ -38,12 +38,3 @@ class ClientMetrics:
 
     def retried(self, verdict: str) -> None:
         self.retries.labels(verdict).inc()
-
-    def serve(self, host: str, port: int) -> MetricsServer:
-        self.server = MetricsServer(self.registry, host, port)
-        return self.server
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None

@@ -14,11 +14,11 @@ import time
 from typing import Callable
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from node.handler import TOKEN_KINDS, NodeServicer
-from swarm.metrics import MetricsServer
+from swarm.metrics import Exposed
 from swarm.spans import NodeState
 
 # seconds: decode steps take milliseconds, long prefills and backward passes of big spans seconds
@@ -31,12 +31,12 @@ HANDLER_KINDS: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
-class NodeMetrics:
+class NodeMetrics(Exposed):
     """The registry of one node. ``interceptor`` goes first in the gRPC server's interceptors (so calls an
     inner interceptor refuses count too); ``watch(servicer)`` once the servicer exists; ``serve`` exposes it."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.requests = Counter("swarmlm_node_requests", "gRPC calls finished, by RPC and status code",
                                 ["rpc", "code"], registry=self.registry)
         self.latency = Histogram("swarmlm_node_request_seconds", "seconds per unary call, or per inference "
@@ -50,19 +50,9 @@ class NodeMetrics:
         self._collector = _ServicerCollector()
         self.registry.register(self._collector)
         self.interceptor = MetricsInterceptor(self)
-        self.server: MetricsServer | None = None
 
     def watch(self, servicer: NodeServicer) -> None:
         self._collector.servicer = servicer
-
-    def serve(self, host: str, port: int) -> MetricsServer:
-        self.server = MetricsServer(self.registry, host, port)
-        return self.server
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

@@ -25,3 +25,21 @@ class MetricsServer:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join(5)
+
+
+class Exposed:
+    """A registry of its own and, once ``serve`` is called, the HTTP endpoint showing it (nodes' and
+    clients' metrics both are one)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.server: MetricsServer | None = None
+
+    def serve(self, host: str, port: int) -> MetricsServer:
+        self.server = MetricsServer(self.registry, host, port)
+        return self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None

@@ -19,6 +19,7 @@ from node.config import NodeConfig
 from node.server import NodeThread
 from swarm.arch import FAMILIES, get_family
 from swarm.spans import Span
+from tests.client.test_generation import prompts
 from tests.helpers.checkpoints import FAMILY_QUIRKS, build_checkpoint
 
 ATOL = 1e-4
@@ -57,14 +58,8 @@ def family_swarm(request, tmp_path_factory, bootstrap):
 
 
 def left_padded(seed: int = 3):
-    """3 prompts of different lengths (longer than the tiny sliding windows), left-padded."""
-    torch.manual_seed(seed)
-    lengths = [9, 4, 13]
-    ids = torch.full((3, max(lengths)), PAD)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, -n:] = torch.randint(3, 256, (n,))
-        mask[row, -n:] = 1
+    """3 prompts of different lengths (longer than the tiny sliding windows), left-padded, with their labels."""
+    ids, mask = prompts(seed)
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 

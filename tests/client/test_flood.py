@@ -17,6 +17,10 @@ GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=No
 ADAPTERS = tuple(f"adapter-with-a-long-name-to-fill-the-record-{i:03d}" for i in range(60))  # ~3 KB a record
 
 
+# the planted records outlive the test (their TTL): under a model name of their own, other tests never see them
+OWN = "flood"
+
+
 def dead_record(node_id: str, *, padded: bool = False) -> dict:
     """A valid record of a node serving every block at 1e9 tokens/s, at an address where nothing listens."""
     return make_record(ServerInfo(node_id, f"127.0.0.1:{free_port()}", Span(0, 6), NodeState.ONLINE, 1e9, "0.1.0",
@@ -28,14 +32,15 @@ def test_a_flood_of_signed_records_from_one_key_leaves_honest_nodes_readable(
     """1,400 valid signed records of ~3.3 KB from one key (4.6 MB: over the p2p daemon's 4 MiB reply
     limit, so the key was unreadable): peers keep only MAX_RECORDS_PER_OWNER of them, the honest nodes
     stay readable and generation equals local."""
-    honest = start_nodes("0:3", "3:6")
+    honest = start_nodes("0:3", "3:6", model_name=OWN)
     model_key = honest[0].node.model_key
     flooder = dht_loop.run(SwarmDHT.create(bootstrap))
     try:
         record = dead_record("x", padded=True)
         flood = {flooder.owned(f"flood{i:04d}"): {**record, "address": f"127.0.0.1:{1 + i}"} for i in range(1400)}
         dht_loop.run(store_many_raw(flooder, servers_key(model_key), flood, get_dht_time() + 120))
-        model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=5.0))
+        model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=5.0,
+                                                                   model_name=OWN))
         servers = model.chain.servers(refresh=True)
         assert {n.address for n in honest} <= {s.address for s in servers}
         assert sum(s.node_id.endswith(flooder.owner_marker) for s in servers) <= MAX_RECORDS_PER_OWNER
@@ -51,7 +56,7 @@ def test_thirty_dead_addresses_announcing_huge_throughputs_do_not_fail_calls(
     banned before use; forward and generation equal local."""
     from node.server import weights_digest
 
-    honest = start_nodes("0:3", "3:6")
+    honest = start_nodes("0:3", "3:6", model_name=OWN)
     model_key = honest[0].node.model_key
     right = weights_digest(tiny_path, local_model.config, Span(0, 6))  # a liar can announce the right weights
 
@@ -66,7 +71,8 @@ def test_thirty_dead_addresses_announcing_huge_throughputs_do_not_fail_calls(
 
     liars = dht_loop.run(plant())
     try:
-        model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=5.0))
+        model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=5.0,
+                                                                   model_name=OWN))
         servers = model.chain.servers(refresh=True)
         assert sum(any(s.node_id.endswith(liar.owner_marker) for liar in liars) for s in servers) == 30
         ids = torch.randint(3, 256, (2, 5))
