@@ -70,7 +70,7 @@ class StepTimers:
         self._orig = orig_step, orig_exchange
 
         def step(session, hidden, *args, **kwargs):
-            now.update(on=session.chain is timers.chain and hidden.shape[1] == 1, hops=0.0)
+            now.update(on=session.link is timers.chain.link and hidden.shape[1] == 1, hops=0.0)
             t0 = time.perf_counter()
             out = orig_step(session, hidden, *args, **kwargs)
             if now["on"]:
