@@ -108,23 +108,28 @@ def build_state(args, api_keys: frozenset[str]):
     return ApiState(Models(name, base, open_client), engine, tokenizer, context, args.default_max_tokens, api_keys)
 
 
-async def _serve(state, sock: socket.socket, host: str) -> None:
+async def serve_http(app, sock: socket.socket, host: str, grace: float, max_event_bytes: int) -> None:
+    """Serve the ASGI ``app`` with uvicorn on the bound ``sock``; print its URL once it listens; return when
+    it stops (``swarm api`` and ``swarm monitor``)."""
     import uvicorn
 
-    from client.api.app import create_app
-
-    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5, h11_max_incomplete_event_size=64 * 1024)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=grace, h11_max_incomplete_event_size=max_event_bytes)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        port = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        print(f"http://{shown}:{port}", flush=True)
+        print(f"http://{shown}:{sock.getsockname()[1]}", flush=True)
+    await task
+
+
+async def _serve(state, sock: socket.socket, host: str) -> None:
+    from client.api.app import create_app
+
     try:
-        await task
+        await serve_http(create_app(state), sock, host, grace=5, max_event_bytes=64 * 1024)
     finally:
         await asyncio.to_thread(state.engine.cancel_all)
 

@@ -61,8 +61,7 @@ async def _join(args, models, swarm_key):
 
 
 async def _serve(args, models, sock) -> None:
-    import uvicorn
-
+    from client.api.cli import serve_http
     from client.monitor.app import create_app
     from client.monitor.status import SwarmWatcher
     from client.transport import Connections
@@ -73,17 +72,8 @@ async def _serve(args, models, sock) -> None:
     dht = await _join(args, models, conns.swarm_key)
     watcher = SwarmWatcher(dht, models, conns, period=args.refresh, probe_timeout=args.probe_timeout)
     refresher = asyncio.create_task(watcher.run())
-    config = uvicorn.Config(create_app(watcher), log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=2, h11_max_incomplete_event_size=16 * 1024)
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        shown = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"http://{shown}:{sock.getsockname()[1]}", flush=True)
     try:
-        await task
+        await serve_http(create_app(watcher), sock, args.host, grace=2, max_event_bytes=16 * 1024)
     finally:
         refresher.cancel()
         await asyncio.gather(refresher, return_exceptions=True)
