@@ -60,9 +60,9 @@ def test_backward_recomputes_the_input_gradient(family_ckpt):
     assert torch.allclose(grad, emb.grad, atol=1e-5)
 
 
-def test_only_the_span_is_loaded(tiny_path, local_model, monkeypatch):
-    """Blocks 2:4 read only model.layers.2.* and model.layers.3.*, and hold exactly those tensors."""
-    read = []
+def spy_on_reads(monkeypatch) -> list[str]:
+    """The names of every tensor node.blocks reads from the checkpoint from now on (the list fills as it reads)."""
+    read: list[str] = []
     real_read = node.blocks.read_tensors
 
     def spy(folder, want, dtype=None):
@@ -71,6 +71,12 @@ def test_only_the_span_is_loaded(tiny_path, local_model, monkeypatch):
         return tensors
 
     monkeypatch.setattr(node.blocks, "read_tensors", spy)
+    return read
+
+
+def test_only_the_span_is_loaded(tiny_path, local_model, monkeypatch):
+    """Blocks 2:4 read only model.layers.2.* and model.layers.3.*, and hold exactly those tensors."""
+    read = spy_on_reads(monkeypatch)
     blocks = load_span(tiny_path, load_config(tiny_path), Span(2, 4), torch.float32)
     assert read and all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in read), read
     assert len(blocks.layers) == 2
@@ -133,15 +139,7 @@ def test_moe_span_loads_only_its_experts_converted_as_transformers_does(tmp_path
 
     path = build_checkpoint(tmp_path / "mixtral", family="mixtral", num_layers=4, tokenizer=False,
                             overrides=FAMILY_QUIRKS["mixtral"])
-    read = []
-    real_read = node.blocks.read_tensors
-
-    def spy(folder, want, dtype=None):
-        tensors = real_read(folder, want, dtype)
-        read.extend(tensors)
-        return tensors
-
-    monkeypatch.setattr(node.blocks, "read_tensors", spy)
+    read = spy_on_reads(monkeypatch)
     blocks = load_span(path, load_config(path), Span(1, 2), torch.float32)
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in read
     assert all(name.startswith("model.layers.1.") for name in read), read
