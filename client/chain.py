@@ -22,6 +22,7 @@ from client.verify import Verifier
 from swarm.aio import LoopThread
 from swarm import lan
 from swarm.dht import DHTStartError, SwarmDHT
+from swarm.identity import WeightsCheck
 from swarm.keys import load_optional
 from swarm.tls import read_pem
 from swarm.routing import Hop
@@ -72,9 +73,9 @@ class LoraUse:
 class RemoteChain:
     """Routes over the nodes announced for one model; bans nodes that fail and retries elsewhere."""
 
-    def __init__(self, config: ClientConfig, model: str, num_blocks: int, weights: dict[int, str] | None = None):
-        """``weights``: block -> hash of the model's weights there (swarm.identity); only nodes announcing
-        the matching digest are used. None: every node announced under ``model`` is."""
+    def __init__(self, config: ClientConfig, model: str, num_blocks: int, weights: WeightsCheck | None = None):
+        """``weights``: the model's block hashes (swarm.identity); only nodes announcing a matching digest
+        are used. None: every node announced under ``model`` is."""
         self.config, self.model, self.num_blocks = config, model, num_blocks
         if not config.initial_peers and not config.lan:
             raise ValueError("initial_peers is empty: give at least one multiaddr of a swarm peer (or lan=True)")

@@ -18,7 +18,7 @@ from client.remote import RemoteBlocks
 from client.verify import Suspicion
 from swarm.arch import LAYER_PREFIX, get_family
 from swarm.checkpoint import CheckpointError, load_config, read_tensors, resolve_checkpoint
-from swarm.identity import MANIFEST, block_hashes
+from swarm.identity import MANIFEST, weights_check
 from swarm.spans import Span
 from swarm.records import default_model_name, model_key
 
@@ -158,10 +158,10 @@ def load_distributed(
     shell = build_client_model(model_cls, folder, dtype, config_changes, fresh)
     key = model_key(client_config.model_name or default_model_name(model), shell.config)
     num_blocks = shell.config.num_hidden_layers
-    weights = block_hashes(folder, Span(0, num_blocks), get_family(shell.config).layer_prefix)
+    weights = weights_check(folder, Span(0, num_blocks), get_family(shell.config).layer_prefix)
     if weights is None:
-        log.warning("%s holds neither the block weights nor their hashes (%s): nodes serving other weights "
-                    "under this model's name cannot be told apart", folder, MANIFEST)
+        log.warning("%s holds neither the block weights nor their hashes (%s, or the hashes the hub published): "
+                    "nodes serving other weights under this model's name cannot be told apart", folder, MANIFEST)
     shell.model.layers.chain = RemoteChain(client_config, key, num_blocks, weights)
     return shell
 

@@ -44,9 +44,9 @@ PROBE_BATCH = 16  # nodes probed at once (a route's new nodes and the likeliest 
 
 class Router:
     def __init__(self, dht: SwarmDHT, model: str, num_blocks: int, config: ClientConfig,
-                 connections: Connections | None = None, weights: dict[int, str] | None = None):
+                 connections: Connections | None = None, weights: WeightsCheck | None = None):
         self.dht, self.model, self.num_blocks, self.config = dht, model, num_blocks, config
-        self.weights = WeightsCheck(weights) if weights is not None else None  # None: no identity check
+        self.weights = weights  # None: no identity check
         self.other_weights: list[ServerInfo] = []  # nodes of the last read announcing other weights: never used
         self.connections = connections  # told which nodes speak TLS whenever the swarm is read
         self.metrics = ClientMetrics()  # served over HTTP with config.metrics_port (see RemoteChain)

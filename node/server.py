@@ -30,7 +30,7 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__, lan
 from swarm.aio import LoopThread
 from swarm.dht import Announcer, DHTStartError, SwarmDHT
-from swarm.identity import WeightsCheck, block_hashes, span_digest
+from swarm.identity import WeightsCheck, span_digests, weights_check
 from swarm.keys import load_optional
 from swarm.ports import PortInUseError, check_free, in_use_message
 from swarm.placement import choose_blocks, should_move
@@ -97,13 +97,10 @@ def check_ports(config: NodeConfig) -> None:
     check_free(config.host, config.dht_port, "--dht-port (DHT)")
 
 
-def weights_digest(folder: Path, model_config, span: Span) -> str:
-    """The digest of ``span``'s weights this node announces (swarm.identity), from the checkpoint's
-    manifest or hashed once now."""
-    hashes = block_hashes(folder, span, get_family(model_config).layer_prefix)
-    if hashes is None:
-        raise CheckpointError(f"checkpoint {folder} lacks the weights of some of blocks {span}")
-    return span_digest(hashes, span)
+def weights_digests(folder: Path, model_config, span: Span) -> tuple[str, str]:
+    """The digests of ``span``'s weights this node announces (swarm.identity: over tensor hashes, from the
+    checkpoint's manifest or hashed once now; over file hashes, a hub model's as the hub published them)."""
+    return span_digests(folder, span, get_family(model_config).layer_prefix)
 
 
 def announced_address(announce: str | None, host: str, port: int) -> str:
@@ -157,7 +154,7 @@ class Node:
         finally:
             progress.close()
         weights = await asyncio.get_running_loop().run_in_executor(
-            self._pool, weights_digest, folder, model_config, self.span)
+            self._pool, weights_digests, folder, model_config, self.span)
         self.servicer = self._servicer(blocks, model_config, dtype)
         if self.metrics is not None:
             self.metrics.watch(self.servicer)
@@ -221,9 +218,9 @@ class Node:
         total = model_config.num_hidden_layers
         servers = await self.dht.fetch_servers(self.model_key, total)
         if self._weights_check is None:
-            hashes = await asyncio.get_running_loop().run_in_executor(
-                self._pool, block_hashes, folder, Span(0, total), get_family(model_config).layer_prefix)
-            self._weights_check = WeightsCheck(hashes) if hashes is not None else False
+            check = await asyncio.get_running_loop().run_in_executor(
+                self._pool, weights_check, folder, Span(0, total), get_family(model_config).layer_prefix)
+            self._weights_check = check if check is not None else False
         return self._weights_check.split(servers)[0] if self._weights_check else servers
 
     def _servicer(self, blocks: SpanBlocks, model_config, dtype: torch.dtype) -> NodeServicer:
@@ -280,12 +277,13 @@ class Node:
         if self.auth is not None:
             self.auth.audience = self.address  # proofs name the address clients dial
 
-    async def _go_online(self, tls: bool, weights: str) -> None:
+    async def _go_online(self, tls: bool, weights: tuple[str, str]) -> None:
         """Announce JOINING, measure throughput, start serving, announce ONLINE."""
         cfg, servicer = self.config, self.servicer
         info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=self.span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
-                          adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights)
+                          adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights[0],
+                          files=weights[1])
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await asyncio.get_running_loop().run_in_executor(
@@ -310,8 +308,8 @@ class Node:
                 log.info("rebalancing: moving from blocks %s to %s", self.span, target)
                 # JOINING at the new span (clients stop routing here; other nodes see the weak place filling
                 # up and do not all move to it, see swarm.placement)
-                weights = await loop.run_in_executor(self._pool, weights_digest, folder, model_config, target)
-                await self._announcer.move(target, NodeState.JOINING, weights)
+                weights, files = await loop.run_in_executor(self._pool, weights_digests, folder, model_config, target)
+                await self._announcer.move(target, NodeState.JOINING, weights, files)
                 await asyncio.sleep(min(self.config.ttl, self.config.rebalance_period))
                 blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype)
                 if self.config.adapters:

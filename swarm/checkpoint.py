@@ -6,6 +6,7 @@ final norm, LM head). Nobody materialises the whole model.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -13,6 +14,10 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
+
+from swarm import hub
+
+log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -73,12 +78,26 @@ def hub_failure(error: Exception, revision: str | None) -> str:
 def download(model: str, need_weights: Callable[[str], bool] | None, revision: str | None, tokenizer: bool) -> Path:
     """Fetch the parts of hub repository ``model`` a caller needs into the usual hub cache (huggingface_hub
     reads HF_ENDPOINT, HF_TOKEN, HF_HOME and HF_HUB_OFFLINE); returns its snapshot folder. Every file
-    comes from one commit: the one ``revision`` (None: the default branch) named when config.json came."""
+    comes from one commit, the one ``revision`` (None: the default branch) names when the hub is asked for
+    its files' hashes (swarm.hub); each file is checked against its hash, and one that does not match is
+    refused (CheckpointError). Offline, the hashes recorded at download time are used."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, OfflineModeIsEnabled
 
+    try:
+        published = hub.published(model, revision)
+    except OfflineModeIsEnabled:
+        published = None
+    # by the revision's name, so that the cache records which commit it names (what offline use looks up)
     folder = Path(hf_hub_download(model, "config.json", revision=revision)).parent
     commit = folder.name if re.fullmatch(r"[0-9a-f]{40}", folder.name) else revision  # snapshots/<commit>/
+    if published is None:  # offline: the cache's commit, and the hashes recorded when it was downloaded
+        published = hub.recorded(folder)
+        if published is None:
+            log.warning("offline, and %s holds no hashes the hub published: its files are not checked, and its "
+                        "blocks are identified by hashing their tensors", folder)
+    elif commit != published.commit:  # the branch moved since we asked: that commit's hashes
+        published = hub.published(model, commit)
     try:
         index = Path(hf_hub_download(model, INDEX_FILE, revision=commit))
     except EntryNotFoundError:
@@ -90,6 +109,11 @@ def download(model: str, need_weights: Callable[[str], bool] | None, revision: s
         hf_hub_download(model, SINGLE_FILE, revision=commit)
     if tokenizer:
         snapshot_download(model, revision=commit, allow_patterns=list(TOKENIZER_PATTERNS))
+    if published is not None:
+        problems = hub.verify(folder, published.files, published, remove=True)
+        if problems:
+            raise CheckpointError(f"{model!r}: {problems[0]}" + (f" (and {len(problems) - 1} more files)"
+                                                                  if len(problems) > 1 else ""))
     return folder
 
 

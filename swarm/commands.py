@@ -13,7 +13,7 @@ from swarm.checkpoint import CheckpointError, load_config, no_weights, resolve_c
 from swarm.cliargs import fail, peers_list
 from swarm.arch import get_family
 from swarm.dht import DHTStartError, SwarmDHT
-from swarm.identity import WeightsCheck, block_hashes
+from swarm.identity import weights_check
 from swarm.directory import explain_missing
 from swarm.keys import SwarmKeyError, generate_key_text, load_optional
 from swarm.lan import LanAnnouncer
@@ -88,7 +88,7 @@ def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool
     if shown:
         lines.append("other weights (same name and config, different tensors; never routed to):")
         lines += [f"  {s.address} blocks {s.span} {s.state.value} {s.throughput:.0f}"
-                  f"{'' if s.weights else ' (announces no weights digest)'}" for s in shown]
+                  f"{'' if s.weights or s.files else ' (announces no weights digest)'}" for s in shown]
     return "\n".join(lines)
 
 
@@ -97,7 +97,7 @@ async def status(args) -> int:
         folder = resolve_checkpoint(args.model, need_weights=no_weights)
         config = load_config(folder)
         key = model_key(args.model_name or default_model_name(args.model), config)
-        hashes = block_hashes(folder, Span(0, config.num_hidden_layers), get_family(config).layer_prefix)
+        check = weights_check(folder, Span(0, config.num_hidden_layers), get_family(config).layer_prefix)
         swarm_key = load_optional(args.swarm_key)
         peers = await asyncio.get_running_loop().run_in_executor(
             None, lan.initial_peers, peers_list(args.initial_peers), args.lan, swarm_key, key)
@@ -110,8 +110,8 @@ async def status(args) -> int:
     finally:
         await dht.shutdown()
     other: list[ServerInfo] = []
-    if hashes is not None:
-        servers, other = WeightsCheck(hashes).split(servers)
+    if check is not None:
+        servers, other = check.split(servers)
     if hint:
         print(f"swarm: no record of {key}: {hint}", file=sys.stderr)
     print(f"model {key}: {config.num_hidden_layers} blocks")

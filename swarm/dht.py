@@ -210,10 +210,11 @@ class Announcer:
         self.info = replace(self.info, **changes)
         await self._announce()
 
-    async def move(self, span: Span, state: NodeState, weights: str | None = None) -> None:
-        """Serve a new span (whose weights digest is ``weights``, if given): publish it (it replaces this
-        node's record of the old span)."""
-        self.info = replace(self.info, span=span, state=state, **({"weights": weights} if weights is not None else {}))
+    async def move(self, span: Span, state: NodeState, weights: str | None = None, files: str | None = None) -> None:
+        """Serve a new span (whose weights digests are ``weights`` and ``files``, if given): publish it (it
+        replaces this node's record of the old span)."""
+        digests = {name: value for name, value in (("weights", weights), ("files", files)) if value is not None}
+        self.info = replace(self.info, span=span, state=state, **digests)
         await self._announce()
 
     async def stop(self, final_state: NodeState | None = NodeState.OFFLINE) -> None:

@@ -10,8 +10,9 @@ records: see the README's limits.)
 Optional fields appear only when they say something: ``"tls": True`` marks a node that serves gRPC
 over TLS. A plaintext node's record is what it always was, so every reader understands it; readers
 that predate a field find a record with it malformed and skip that node, which is right for TLS
-(they could not dial it). ``"weights"`` is the digest of the node's span's weights (swarm.identity):
-clients that know the model's weights route only to nodes announcing the digest they compute themselves.
+(they could not dial it). ``"weights"`` and ``"files"`` are the digests of the node's span's weights
+(swarm.identity: over its tensors' hashes, over its files' hashes): clients that know the model's weights
+route only to nodes announcing a digest they compute themselves.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ RECORD_FIELDS = {
 OPTIONAL_FIELDS = {
     "tls": True,  # present (and exactly True) only for a node serving gRPC over TLS
 }
-DIGEST_FIELD = "weights"  # optional: 64 lowercase hex digits, the digest of the span's weights
+DIGEST_FIELD = "weights"  # optional: 64 lowercase hex digits, the digest of the span's tensor hashes
+FILES_FIELD = "files"  # optional: likewise, the digest of the span's file hashes (a hub model's, or a local copy's)
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
@@ -94,6 +96,7 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         "adapters": list(info.adapters),
         **({"tls": True} if info.tls else {}),
         **({DIGEST_FIELD: info.weights} if info.weights else {}),
+        **({FILES_FIELD: info.files} if info.files else {}),
     }
 
 
@@ -112,12 +115,12 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
     return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
-    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD}
+    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD, FILES_FIELD}
     if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= allowed:
         return None
     if any(value[name] is not only for name, only in OPTIONAL_FIELDS.items() if name in value):
         return None
-    if DIGEST_FIELD in value and not valid_digest(value[DIGEST_FIELD]):
+    if any(field in value and not valid_digest(value[field]) for field in (DIGEST_FIELD, FILES_FIELD)):
         return None
     for field, kind in RECORD_FIELDS.items():
         item = value[field]
@@ -151,4 +154,5 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         adapters=tuple(adapters),
         tls="tls" in value,
         weights=value.get(DIGEST_FIELD, ""),
+        files=value.get(FILES_FIELD, ""),
     )

@@ -60,4 +60,5 @@ class ServerInfo:
     dtype: str  # compute dtype of the node's blocks
     adapters: tuple[str, ...] = ()  # names of LoRA adapters the node hosts (node serve --adapters)
     tls: bool = False  # the node serves gRPC over TLS (node serve --tls-cert): dial it with a secure channel
-    weights: str = ""  # digest of the span's weights (swarm.identity.span_digest); "": not announced
+    weights: str = ""  # digest of the span's tensor hashes (swarm.identity.span_digest); "": not announced
+    files: str = ""  # digest of the span's file hashes (swarm.identity, kind FILES); "": not announced

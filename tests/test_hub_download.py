@@ -28,9 +28,14 @@ def block_shards(start: int, end: int) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def hub(tiny_path, tmp_path_factory):
-    folder = shard_per_block(tiny_path, tmp_path_factory.mktemp("hub") / "tiny-llama")
-    with HubServer(HubRepo.from_folder(REPO, folder, refs=("main", "v1"), token=TOKEN)) as server:
+def repo_files(tiny_path, tmp_path_factory):
+    """The repository's files, as a local copy of them would hold."""
+    return shard_per_block(tiny_path, tmp_path_factory.mktemp("hub") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def hub(repo_files):
+    with HubServer(HubRepo.from_folder(REPO, repo_files, refs=("main", "v1"), token=TOKEN)) as server:
         yield server
 
 
@@ -39,15 +44,16 @@ def hub_env(hub: HubServer, home) -> dict[str, str]:
             "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
-def test_nodes_and_client_fetch_only_their_parts(hub, tiny_path, tmp_path, local_model):
+def test_nodes_and_client_fetch_only_their_parts(hub, repo_files, tmp_path, local_model):
     """A node serving blocks 0:3 from the hub (pinned to branch v1) and one serving 3:6 from a local copy
-    start together, with a node asking for a revision the hub lacks and one without HF_TOKEN (the repository
-    is gated: each prints one error line); then a client loads from the hub."""
+    of the repository's files start together, with a node asking for a revision the hub lacks and one
+    without HF_TOKEN (the repository is gated: each prints one error line); then a client loads from the
+    hub (and checks both nodes against the file hashes the hub publishes)."""
     with LocalSwarm(REPO, env=hub_env(hub, tmp_path / "hf-nodes")) as swarm:
         peers = swarm.start_bootstrap()
         serve = [*command("node"), "serve", "--host", "127.0.0.1", "--initial-peers", *peers]
         from_hub = Proc([*serve, "--model", REPO, "--blocks", "0:3", "--revision", "v1"], swarm.env)
-        local = Proc([*serve, "--model", str(tiny_path), "--model-name", REPO, "--blocks", "3:6"], swarm.env)
+        local = Proc([*serve, "--model", str(repo_files), "--model-name", REPO, "--blocks", "3:6"], swarm.env)
         unknown = Proc([*serve, "--model", REPO, "--blocks", "0:2", "--revision", "nosuch"], swarm.env)
         no_token = Proc([*serve, "--model", REPO, "--blocks", "0:2"], {**swarm.env, "HF_TOKEN": "",
                                                                        "HF_HOME": str(tmp_path / "hf-none")})
@@ -73,7 +79,7 @@ def test_nodes_and_client_fetch_only_their_parts(hub, tiny_path, tmp_path, local
         assert torch.allclose(logits, local_model(input_ids=ids).logits, atol=1e-4)
     # the hub refuses requests without the token (the tokenless node failed), so the downloads above carried it
     assert all(auth is None for _, path, auth in hub.repo.requests if path.startswith("/blobs/"))  # not to the CDN
-    assert any("/resolve/v1/" in path for _, path, _ in hub.repo.requests)  # --revision asked for
+    assert any(path == f"/api/models/{REPO}/revision/v1" for _, path, _ in hub.repo.requests)  # --revision asked for
 
 
 def run_client(peers: list[str], hub: HubServer, tmp_path) -> torch.Tensor:

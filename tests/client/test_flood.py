@@ -54,11 +54,11 @@ def test_thirty_dead_addresses_announcing_huge_throughputs_do_not_fail_calls(
         start_nodes, dht_loop, bootstrap, open_client, tiny_path, local_model):
     """30 records (from 4 owners) pointing at dead addresses with throughput 1e9: they are probed and
     banned before use; forward and generation equal local."""
-    from node.server import weights_digest
+    from node.server import weights_digests
 
     honest = start_nodes("0:3", "3:6", model_name=OWN)
     model_key = honest[0].node.model_key
-    right = weights_digest(tiny_path, local_model.config, Span(0, 6))  # a liar can announce the right weights
+    right, _ = weights_digests(tiny_path, local_model.config, Span(0, 6))  # a liar can announce the right weights
 
     async def plant() -> list[SwarmDHT]:
         liars = await asyncio.gather(*(SwarmDHT.create(bootstrap) for _ in range(4)))

@@ -116,7 +116,7 @@ def shard_per_block(src: str | Path, dest: str | Path) -> Path:
     src, dest = Path(src), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for file in src.iterdir():
-        if file.is_file() and file.suffix != ".safetensors":
+        if file.is_file() and file.suffix != ".safetensors" and file.name != "swarmlm-weights.json":
             shutil.copy(file, dest / file.name)
     tensors = load_file(src / "model.safetensors")
     shards: dict[str, dict[str, torch.Tensor]] = {}

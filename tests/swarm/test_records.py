@@ -65,14 +65,17 @@ def test_tls_field_must_be_exactly_true(value):
     assert parse_record("peerA", {**make_record(INFO), "tls": value}, block=3, num_blocks=8) is None
 
 
-def test_weights_digest_is_an_optional_strict_field():
+@pytest.mark.parametrize("field", ["weights", "files"])
+def test_weights_digests_are_optional_strict_fields(field):
     info = ServerInfo("peerA", "127.0.0.1:5000", Span(2, 6), NodeState.ONLINE, 123.0, "0.1.0", "float32",
-                      weights="ab" * 32)
-    assert make_record(info)["weights"] == "ab" * 32
+                      **{field: "ab" * 32})
+    assert make_record(info)[field] == "ab" * 32
     assert parse_record("peerA", make_record(info), block=3, num_blocks=8) == info
-    assert "weights" not in make_record(INFO)
+    assert field not in make_record(INFO)
     for bad in ("AB" * 32, "ab" * 31, "zz" * 32, 5, None, ["ab" * 32]):
-        assert parse_record("peerA", {**make_record(info), "weights": bad}, block=3, num_blocks=8) is None
+        assert parse_record("peerA", {**make_record(info), field: bad}, block=3, num_blocks=8) is None
+
+
 def test_fingerprint_is_family_neutral():
     """Fields only one family has (Gemma's soft-caps, an MoE's expert count) separate models; fields every
     config has for bookkeeping (labels of a classification head, token ids, paths) do not."""
