@@ -98,6 +98,10 @@ def download(model: str, need_weights: Callable[[str], bool] | None, revision: s
                         "blocks are identified by hashing their tensors", folder)
     elif commit != published.commit:  # the branch moved since we asked: that commit's hashes
         published = hub.published(model, commit)
+    if published is not None and not published.files:  # an endpoint (a mirror) that publishes no file hashes
+        log.warning("%s publishes no hashes of %r's files: they are not checked, and its blocks are identified "
+                    "by hashing their tensors", hub.endpoint(), model)
+        published = None
     try:
         index = Path(hf_hub_download(model, INDEX_FILE, revision=commit))
     except EntryNotFoundError:

@@ -53,6 +53,13 @@ def published(model: str, revision: str | None) -> Published:
     return Published(model, info.sha, files)
 
 
+def endpoint() -> str:
+    """Where huggingface_hub asks (HF_ENDPOINT, or the hub)."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
 def recorded(folder: Path) -> Published | None:
     """The hub's tokens as recorded in ``folder``'s manifest when it was downloaded (used offline)."""
     hub = manifest.read(folder)["hub"]
