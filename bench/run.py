@@ -21,6 +21,7 @@ import torch
 from bench.common import BENCH_DIR, LLAMA_270M, TINY, WORK, Context, log
 from bench.api import section_api
 from bench.forward import section_forward_backward, section_node_memory
+from bench.memory_moe import section_node_memory_moe
 from bench.concurrency import section_concurrent_clients, section_replicas
 from bench.generation import section_generation
 from bench.procs import OtherLoad
@@ -28,7 +29,7 @@ from bench.recovery import section_recovery
 from bench.training import section_training
 
 SECTIONS: list[Callable[[Context], str]] = [
-    section_forward_backward, section_node_memory, section_generation, section_concurrent_clients,
+    section_forward_backward, section_node_memory, section_node_memory_moe, section_generation, section_concurrent_clients,
     section_recovery, section_replicas, section_training, section_api,
 ]
 
