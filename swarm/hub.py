@@ -10,6 +10,7 @@ these tokens, without downloading a block, and a node checks each file it downlo
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ def verify(folder: Path, names: Iterable[str], hub: Published, remove: bool = Fa
     those are removed, blob and link, so that a retry downloads them again. An empty list: every present
     file is the hub's."""
     kept = manifest.read(folder)
+    before = json.dumps(kept, sort_keys=True)
     kept["hub"] = {"repo": hub.repo, "commit": hub.commit, "files": hub.files}
     problems = []
     for name in sorted(set(names)):
@@ -98,7 +100,8 @@ def verify(folder: Path, names: Iterable[str], hub: Published, remove: bool = Fa
             kept["files"].pop(name, None)
             if remove:
                 _remove(path)
-    manifest.write(folder, kept)
+    if json.dumps(kept, sort_keys=True) != before:  # unchanged: not rewritten (processes share the hub cache)
+        manifest.write(folder, kept)
     return problems
 
 

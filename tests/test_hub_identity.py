@@ -135,3 +135,18 @@ def test_a_tampered_shard_is_refused(on_hub, repo_files, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match="does not match"):
         resolve_checkpoint(REPO, need_weights=block(2))
+
+
+def test_an_endpoint_publishing_no_hashes_is_warned_about(on_hub, repo_files, caplog):
+    """A mirror whose model info carries no file hashes: the download works, one warning says the files are
+    not checked, and a node's blocks are identified by hashing them (the file kind still equals the hub's:
+    the same bytes)."""
+    on_hub.repo.hashes = False
+    try:
+        folder = resolve_checkpoint(REPO, need_weights=block(2))
+    finally:
+        on_hub.repo.hashes = True
+    assert any("publishes no hashes" in r.getMessage() for r in caplog.records)
+    weights, files = span_digests(folder, Span(2, 3), LAYER_PREFIX)
+    assert weights and (weights, files) == span_digests(repo_files, Span(2, 3), LAYER_PREFIX)
+    assert "hub" not in json.loads((folder / MANIFEST).read_text())  # nothing recorded as the hub's

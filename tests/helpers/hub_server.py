@@ -54,6 +54,7 @@ class HubRepo:
     fetched: list[str] = field(default_factory=list)  # paths whose bodies were sent, in order
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)  # (method, path, authorization)
     tampered: dict[str, bytes] = field(default_factory=dict)  # sha256 -> what the CDN sends instead of that blob
+    hashes: bool = True  # False: model info lists the files without their hashes (as a mirror might)
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # every commit's files
     names: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit
 
@@ -148,6 +149,7 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "tree":
             return self._json(repo.tree(commit))
         blobs = parse_qs(urlsplit(self.path).query).get("blobs", [""])[0].lower() == "true"  # files_metadata=True
+        blobs = blobs and repo.hashes
         siblings = [repo.entry(commit, p, "rfilename") if blobs else {"rfilename": p} for p in repo.commits[commit]]
         self._json({"id": repo.repo_id, "modelId": repo.repo_id, "sha": commit, "private": False, "siblings": siblings})
 
