@@ -89,8 +89,7 @@ def _entries(folder: Path, wanted: Iterable[str], needs: str) -> dict[str, dict]
         path = folder / name
         if path.is_file():
             entry = manifest.fresh_entry(kept, name, path)
-            if not isinstance(entry.get("tensors"), dict) or not isinstance(entry.get("sha256"), str) \
-                    or needs not in entry:
+            if not isinstance(entry.get("tensors"), dict) or not isinstance(entry.get("sha256"), str):  # one read: both
                 log.info("hashing the tensors of %s (once; kept in %s)", path, MANIFEST)
                 entry.update(_hash_file(path))
                 changed = True
