@@ -20,21 +20,24 @@ from node.server import NodeThread
 from swarm.arch import FAMILIES, get_family
 from swarm.spans import Span
 from tests.client.test_generation import prompts
-from tests.helpers.checkpoints import FAMILY_QUIRKS, build_checkpoint
+from tests.helpers.checkpoints import FAMILY_QUIRKS, build_checkpoint, family_of
 
 ATOL = 1e-4
 PAD = 0
 SPANS = ("0:3", "1:2", "2:4")  # uneven and overlapping: routes mix them
-ATTENTION = {"phi3": ["qkv_proj"]}  # PEFT's names of the attention projections (default: q_proj, v_proj)
+# PEFT's names of the attention projections (default: q_proj, v_proj)
+ATTENTION = {"phi3": ["qkv_proj"], "gpt_neox": ["query_key_value"], "gpt2": ["c_attn"], "falcon": ["query_key_value"],
+             "bloom": ["query_key_value"]}
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_QUIRKS))
 def family_swarm(request, tmp_path_factory, bootstrap):
     """(family, checkpoint path, local transformers model, a new client joined to the three nodes serving it:
     each test gets its own, so adapters attached by one test never reach another)."""
-    family = request.param
+    case = request.param
+    family = family_of(case)
     path = build_checkpoint(tmp_path_factory.mktemp(family) / f"tiny-{family}", family=family, num_layers=4,
-                            seed=1, overrides=FAMILY_QUIRKS[family])
+                            seed=1, overrides=FAMILY_QUIRKS[case])
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     nodes = [NodeThread(NodeConfig(model=str(path), blocks=Span.parse(s), initial_peers=tuple(bootstrap)))
              for s in SPANS]
@@ -119,10 +122,10 @@ def test_lora_on_attention_equals_local_peft(family_swarm):
     out.loss.backward()
     ref.loss.backward()
     expected = {n.replace(".default", ""): p.grad for n, p in local.named_parameters() if "lora_" in n}
-    got = {}
+    got, prefix = {}, FAMILIES[family].layer_prefix
     for (block, proj), a, b in zip(ours.adapter.keys, ours.adapter.lora_A, ours.adapter.lora_B):
-        got[f"base_model.model.model.layers.{block}.{proj}.lora_A.weight"] = a.grad
-        got[f"base_model.model.model.layers.{block}.{proj}.lora_B.weight"] = b.grad
+        got[f"base_model.model.{prefix}{block}.{proj}.lora_A.weight"] = a.grad
+        got[f"base_model.model.{prefix}{block}.{proj}.lora_B.weight"] = b.grad
     assert set(got) == set(expected) and len(got) == 4 * len(config.target_modules) * 2
     for name in expected:
         assert torch.allclose(got[name], expected[name], atol=1e-5), name
@@ -148,28 +151,37 @@ def test_prompt_tuning_equals_local_peft(family_swarm):
 
 
 def test_every_family_of_the_table_is_tested():
-    assert set(FAMILIES) == set(FAMILY_QUIRKS)
+    assert set(FAMILIES) == {family_of(case) for case in FAMILY_QUIRKS}
 
 
 @pytest.fixture(scope="module")
-def gpt2_path(tmp_path_factory):
-    """A family outside the table (GPT-2's layout: transformer.h.N, Conv1D, learned positions)."""
-    return build_checkpoint(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2", family="gpt2", num_layers=2,
-                            tokenizer=False, overrides=dict(n_embd=64, n_layer=2, n_head=4))
+def opt_path(tmp_path_factory):
+    """A family outside the table (OPT's layout: model.decoder.layers.N, learned positions with an offset)."""
+    return build_checkpoint(tmp_path_factory.mktemp("opt") / "tiny-opt", family="opt", num_layers=2,
+                            tokenizer=False, overrides=dict(ffn_dim=128, word_embed_proj_dim=64))
 
 
-def test_unsupported_family_is_refused_by_the_client(gpt2_path, bootstrap):
-    with pytest.raises(ValueError, match="model family 'gpt2' is not supported .*swarm/arch.py"):
-        AutoDistributedModelForCausalLM.from_pretrained(str(gpt2_path), initial_peers=bootstrap)
+def test_unsupported_family_is_refused_by_the_client(opt_path, bootstrap):
+    with pytest.raises(ValueError, match="model family 'opt' is not supported .*swarm/arch.py"):
+        AutoDistributedModelForCausalLM.from_pretrained(str(opt_path), initial_peers=bootstrap)
 
 
-def test_unsupported_family_is_one_line_at_node_serve(gpt2_path, capsys):
+def test_unsupported_family_is_one_line_at_node_serve(opt_path, capsys):
     """What `node serve` does with the parsed flags (in-process: the same path as the console script's)."""
-    code = asyncio.run(serve(NodeConfig(model=str(gpt2_path), blocks=Span(0, 1))))
+    code = asyncio.run(serve(NodeConfig(model=str(opt_path), blocks=Span(0, 1))))
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err, err
-    assert "model family 'gpt2' is not supported" in err
+    assert "model family 'opt' is not supported" in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1, err
+
+
+def test_unsupported_config_of_a_family_is_refused():
+    """A family config the nodes cannot run exactly (ALiBi Falcon) is refused by name, not approximated."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("falcon", num_hidden_layers=2, alibi=True)
+    with pytest.raises(ValueError, match="'falcon' with alibi=True is not supported: ALiBi Falcon"):
+        get_family(config)
 
 
 def test_unsupported_layer_type_is_refused():

@@ -40,7 +40,18 @@ FAMILY_QUIRKS: dict[str, dict] = {
                     layer_types=["sliding_attention", "full_attention"] * 2),
     "starcoder2": dict(sliding_window=5),
     "olmo2": dict(),
+    # other layouts (a "+variant" case builds the family before the "+" with other config fields)
+    "gpt_neox": dict(use_parallel_residual=True, rotary_pct=0.5),  # rotary on half of each head
+    "gpt2": dict(scale_attn_by_inverse_layer_idx=True),  # Conv1D projections, learned positions
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),  # ln_attn / ln_mlp
+    "falcon+old": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True),  # one kv head
+    "bloom": dict(),  # ALiBi, fused query_key_value, embedding LayerNorm
 }
+
+
+def family_of(case: str) -> str:
+    """The model type of a FAMILY_QUIRKS case ("falcon+old" -> "falcon")."""
+    return case.split("+")[0]
 
 
 def build_tokenizer(dest: Path, vocab_size: int = 256):
