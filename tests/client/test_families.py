@@ -209,11 +209,12 @@ class StopServingNode:
         pass
 
 
-def test_moe_node_lost_mid_generation_gives_identical_tokens(start_nodes, open_client, tmp_path):
-    """The MoE layout's failover: the node serving the first hop stops at token 5; its replacement
-    rebuilds the cache by replaying the session and the tokens equal local generate()."""
-    path = build_checkpoint(tmp_path / "tiny-mixtral", family="mixtral", num_layers=4, seed=2,
-                            overrides=FAMILY_QUIRKS["mixtral"])
+@pytest.mark.parametrize("family", ["mixtral", "bloom"])  # MoE; other layouts (ALiBi over the replayed mask)
+def test_node_lost_mid_generation_gives_identical_tokens(family, start_nodes, open_client, tmp_path):
+    """A layout's failover: the node serving the first hop stops at token 5; its replacement rebuilds
+    the cache by replaying the session and the tokens equal local generate()."""
+    path = build_checkpoint(tmp_path / f"tiny-{family}", family=family, num_layers=4, seed=2,
+                            overrides=FAMILY_QUIRKS[family])
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     nodes = start_nodes("0:2", "0:3", "2:4", model=path)
     model = open_client(path)

@@ -93,9 +93,12 @@ def build_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dest = Path(dest)
+    # only for families that have key/value heads of their own (BLOOM, GPT-2, GPT-NeoX, Falcon do not: the
+    # field would only mislead PEFT, which sizes prefix-tuning prefixes by it when a config has it)
+    kv = {"num_key_value_heads": num_kv_heads} if hasattr(AutoConfig.for_model(family), "num_key_value_heads") else {}
     config = AutoConfig.for_model(
         family, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, **kv,
         vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         **({"sliding_window": sliding_window} if sliding_window is not None else {}), **(overrides or {}),
