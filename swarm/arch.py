@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -48,6 +48,7 @@ class Family:
     embed_norm: str | None = None  # a norm the base model applies to the embeddings (BLOOM)
     materialize_mask: bool = False  # the base model builds its mask with allow_is_causal_skip=False (Falcon)
     refused: tuple[tuple[str, Any, str], ...] = ()  # (config field, value, why): configs not run exactly
+    no_prefix_tuning: Callable[[Any], str | None] | None = None  # config -> why PEFT's prefixes do not fit, or None
 
     @property
     def layer_prefix(self) -> str:
@@ -118,6 +119,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            refused=(("add_cross_attention", True, "cross-attention needs an encoder's states"),)),
     Family("falcon", "falcon", "Falcon", base_attr="transformer", layers="h", embed="word_embeddings", norm="ln_f",
            materialize_mask=True,  # new and old decoder architectures, parallel attention, multi-query
+           no_prefix_tuning=lambda c: None if c.new_decoder_architecture or not c.multi_query else
+           "its old decoder architecture with multi_query caches one key/value head, PEFT's prefixes have "
+           "num_attention_heads (local PEFT fails on it too)",
            refused=(("alibi", True, "ALiBi Falcon merges its bias into the mask inside FalconModel.forward, "
                                     "code the nodes cannot call per span"),)),
     Family("bloom", "bloom", "Bloom", base_attr="transformer", layers="h", layer="Block", embed="word_embeddings",
@@ -145,6 +149,14 @@ def get_family(config: Any) -> Family:
     for i in range(config.num_hidden_layers):
         uses_sliding_window(config, i)  # every block's attention type is one the node runs
     return family
+
+
+def check_prefix_tuning(config: Any) -> None:
+    """ValueError if PEFT's prefix-tuning prefixes do not fit the key/value cache of ``config``'s blocks."""
+    family = get_family(config)
+    why = family.no_prefix_tuning(config) if family.no_prefix_tuning is not None else None
+    if why is not None:
+        raise ValueError(f"prefix tuning is not supported for this {family.model_type!r} model: {why}")
 
 
 def layer_type(config: Any, layer_idx: int) -> str:

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PromptTuningConfig
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from peft import get_peft_model as local_get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -21,6 +21,7 @@ from swarm.arch import FAMILIES, get_family
 from swarm.spans import Span
 from tests.client.test_generation import prompts
 from tests.helpers.checkpoints import FAMILY_QUIRKS, build_checkpoint, family_of
+from tests.peft_reference import greedy_by_forward
 
 ATOL = 1e-4
 PAD = 0
@@ -150,6 +151,41 @@ def test_prompt_tuning_equals_local_peft(family_swarm):
         assert torch.allclose(p.grad, weights[name].grad, atol=1e-5), name
 
 
+def prefix_tuning_equals_local_peft(model, path) -> None:
+    """Prefix tuning through ``model`` (a client of checkpoint ``path``) == local PEFT: logits, loss, prefix
+    gradients, and greedy generate() (the prefix's keys and values start every node's cache)."""
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    ours = get_peft_model(model, copy.deepcopy(config))
+    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), copy.deepcopy(config))
+    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
+    with torch.no_grad():
+        for p in weights.values():
+            p.mul_(8.0)  # big enough to change what the model says
+    ours.adapter.encoder.load_state_dict(weights)
+    ids, mask, labels = left_padded(seed=9)
+    out, ref = ours(input_ids=ids, attention_mask=mask, labels=labels), local(input_ids=ids, attention_mask=mask,
+                                                                              labels=labels)
+    assert torch.allclose(out.logits, ref.logits, atol=ATOL) and torch.allclose(out.loss, ref.loss, atol=ATOL)
+    out.loss.backward()
+    ref.loss.backward()
+    for name, p in ours.adapter.encoder.named_parameters():
+        assert p.grad.abs().max() > 0 and torch.allclose(p.grad, weights[name].grad, atol=1e-5), name
+    ours.eval(), local.eval()
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    expected = greedy_by_forward(local, ids, mask, greedy["max_new_tokens"], 0)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **greedy), expected)
+
+
+def test_prefix_tuning_equals_local_peft(family_swarm):
+    """Prefix tuning for the other layouts, whose caches differ most (BLOOM: tests/client/test_layouts.py;
+    old multi-query Falcon refuses it, see below)."""
+    family, path, local, client = family_swarm
+    old_falcon = family == "falcon" and not local.config.new_decoder_architecture
+    if family not in ("gpt_neox", "gpt2", "falcon") or old_falcon:
+        pytest.skip("prefix tuning of this layout is tested elsewhere (or refused)")
+    prefix_tuning_equals_local_peft(client(), path)
+
+
 def test_every_family_of_the_table_is_tested():
     assert set(FAMILIES) == {family_of(case) for case in FAMILY_QUIRKS}
 
@@ -190,6 +226,21 @@ def test_unsupported_layer_type_is_refused():
     config = AutoConfig.for_model("qwen3", num_hidden_layers=2, layer_types=["full_attention", "linear_attention"])
     with pytest.raises(ValueError, match="block 1 of 'qwen3' has attention type 'linear_attention'"):
         get_family(config)
+
+
+def test_prefix_tuning_that_cannot_fit_the_cache_is_refused():
+    """Old-architecture multi-query Falcon caches one key/value head; PEFT's prefixes have every head."""
+    from peft import PrefixTuningConfig
+    from transformers import AutoConfig
+
+    from client.prompts import RemotePrefix
+
+    config = AutoConfig.for_model("falcon", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                  new_decoder_architecture=False, multi_query=True)
+    with pytest.raises(ValueError, match="prefix tuning is not supported for this 'falcon' model: its old decoder"):
+        RemotePrefix(config, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    config.new_decoder_architecture, config.num_kv_heads = True, 2  # the new one caches every head: accepted
+    assert RemotePrefix(config, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).heads == 4
 
 
 class StopServingNode:

@@ -10,19 +10,18 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, PrefixTuningConfig
+from peft import LoraConfig, PeftModel
 from peft import get_peft_model as local_get_peft_model
 from transformers import AutoModelForCausalLM
 
-from client import AutoDistributedModelForCausalLM, ClientConfig, get_peft_model
+from client import AutoDistributedModelForCausalLM, ClientConfig
 from node.config import NodeConfig
 from node.server import NodeThread
 from swarm.dht import SwarmDHT
 from swarm.keys import generate_key_text, load_key
 from swarm.spans import Span
-from tests.client.test_families import ATOL, PAD, left_padded
+from tests.client.test_families import ATOL, PAD, left_padded, prefix_tuning_equals_local_peft
 from tests.helpers.checkpoints import FAMILY_QUIRKS, build_checkpoint
-from tests.peft_reference import greedy_by_forward
 
 LAYOUTS = ("mixtral", "bloom")  # MoE, other layouts (the Llama layout: the tests named above)
 SPANS = ("0:4", "0:4", "1:3")  # every hop of any route has a replica for verification to compare
@@ -93,25 +92,7 @@ def test_node_hosted_adapter_equals_local_peft(layout_swarm):
 
 def test_prefix_tuning_gradients_and_generate_equal_local_peft(layout_swarm):
     _, path, _, _, client = layout_swarm
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
-    ours = get_peft_model(client(), copy.deepcopy(config))
-    local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), copy.deepcopy(config))
-    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
-    with torch.no_grad():
-        for p in weights.values():
-            p.mul_(8.0)  # big enough to change what the model says
-    ours.adapter.encoder.load_state_dict(weights)
-    ids, mask, labels = left_padded(seed=9)
-    out, ref = ours(input_ids=ids, attention_mask=mask, labels=labels), local(input_ids=ids, attention_mask=mask,
-                                                                              labels=labels)
-    assert torch.allclose(out.logits, ref.logits, atol=ATOL) and torch.allclose(out.loss, ref.loss, atol=ATOL)
-    out.loss.backward()
-    ref.loss.backward()
-    for name, p in ours.adapter.encoder.named_parameters():
-        assert p.grad.abs().max() > 0 and torch.allclose(p.grad, weights[name].grad, atol=1e-5), name
-    ours.eval(), local.eval()
-    expected = greedy_by_forward(local, ids, mask, GREEDY["max_new_tokens"], 0)
-    assert torch.equal(ours.generate(ids, attention_mask=mask, **GREEDY), expected)
+    prefix_tuning_equals_local_peft(client(), path)
 
 
 def test_verification_finds_honest_replicas_agree(layout_swarm):
