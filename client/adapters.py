@@ -14,12 +14,17 @@ import torch
 from torch import nn
 
 from client.lora_config import check_exact
-from swarm.arch import LAYER_PREFIX, projection_shapes
+from swarm.arch import LAYER_PREFIX, get_family, projection_shapes
 from proto import swarmlm_pb2 as pb
 from proto.tensors import lora_digest, serialize
 from swarm.spans import Span
 
 PEFT_PREFIX = f"base_model.model.{LAYER_PREFIX.rstrip('.')}"  # PEFT's names: its wrapper, then the checkpoint's
+
+
+def peft_prefix(model_config: Any) -> str:
+    """PEFT's name prefix of the family's block list (``base_model.model.transformer.h`` for GPT-2)."""
+    return f"base_model.model.{get_family(model_config).layer_prefix.rstrip('.')}"
 
 
 def _targets(shapes: dict[str, tuple[int, int]], target_modules: Any) -> list[str]:
@@ -54,6 +59,7 @@ class RemoteLora(nn.Module):
         super().__init__()
         check_exact(lora_config)
         shapes = projection_shapes(model_config)
+        self.peft_prefix = peft_prefix(model_config)
         self.paths = _targets(shapes, lora_config.target_modules)
         r, alpha = lora_config.r, lora_config.lora_alpha
         self.scaling = alpha / math.sqrt(r) if lora_config.use_rslora else alpha / r
@@ -118,8 +124,8 @@ class RemoteLora(nn.Module):
         """Weights under the names PEFT saves for a causal LM (``adapter_model.safetensors``)."""
         out = {}
         for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B):
-            out[f"{PEFT_PREFIX}.{block}.{path}.lora_A.weight"] = a.detach().contiguous()
-            out[f"{PEFT_PREFIX}.{block}.{path}.lora_B.weight"] = b.detach().contiguous()
+            out[f"{self.peft_prefix}.{block}.{path}.lora_A.weight"] = a.detach().contiguous()
+            out[f"{self.peft_prefix}.{block}.{path}.lora_B.weight"] = b.detach().contiguous()
         return out
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -130,5 +136,5 @@ class RemoteLora(nn.Module):
             raise ValueError(f"adapter does not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
         with torch.no_grad():
             for (block, path), a, b in zip(self.keys, self.lora_A, self.lora_B):
-                a.copy_(state[f"{PEFT_PREFIX}.{block}.{path}.lora_A.weight"])
-                b.copy_(state[f"{PEFT_PREFIX}.{block}.{path}.lora_B.weight"])
+                a.copy_(state[f"{self.peft_prefix}.{block}.{path}.lora_A.weight"])
+                b.copy_(state[f"{self.peft_prefix}.{block}.{path}.lora_B.weight"])

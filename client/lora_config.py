@@ -16,6 +16,7 @@ from peft import LoraConfig
 HONOURED = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "use_rslora", "runtime_config",
+    "fan_in_fan_out",  # how the base weight is stored (PEFT sets it from the module: True for GPT-2's Conv1D)
     "init_lora_weights",  # checked below: the initialisations that need no base weights are done as PEFT does
 })
 INITS = (True, False, "gaussian")

@@ -16,7 +16,7 @@ from client.config import ClientConfig, merge_client_config
 from client.generation import RemoteCache, RemoteGenerationMixin
 from client.remote import RemoteBlocks
 from client.verify import Suspicion
-from swarm.arch import LAYER_PREFIX, get_family
+from swarm.arch import LEARNED, get_family, is_block_weight
 from swarm.checkpoint import CheckpointError, load_config, read_tensors, resolve_checkpoint
 from swarm.identity import MANIFEST, weights_check
 from swarm.spans import Span
@@ -25,25 +25,41 @@ from swarm.records import default_model_name, model_key
 log = logging.getLogger(__name__)
 
 
-def client_modules(config: PretrainedConfig) -> tuple[nn.Module, nn.Module]:
-    """The family's own input embeddings (with their scaling, e.g. Gemma's sqrt(hidden_size)) and final
-    norm, made by transformers' base model class of the family built with no decoder layers. Built on
-    the CPU even inside a meta-device context (non-persistent buffers such as an embedding scale are not
-    in the checkpoint), without random init (the weights are loaded next)."""
+def client_modules(config: PretrainedConfig) -> dict[str, nn.Module | None]:
+    """The family's own client-side modules, made by transformers' base model class of the family built
+    with no decoder layers: ``embed_tokens`` (input embeddings with their scaling, e.g. Gemma's
+    sqrt(hidden_size)), ``positions`` (learned position embeddings, GPT-2) and ``embed_norm`` (a norm
+    over the embeddings, BLOOM), or None, and ``norm``. Built on the CPU even inside a meta-device
+    context (non-persistent buffers such as an embedding scale are not in the checkpoint), without
+    random init (the weights are loaded next)."""
+    family = get_family(config)
     layerless = copy.deepcopy(config)
     layerless.num_hidden_layers = 0
     with torch.device("cpu"), compat.no_init_weights():
-        base = get_family(config).base_model_cls(layerless)
-    return base.embed_tokens, base.norm
+        base = family.base_model_cls(layerless)
+    part = lambda name: getattr(base, name) if name else None  # noqa: E731
+    return {"embed_tokens": part(family.embed), "positions": part(family.learned_positions),
+            "embed_norm": part(family.embed_norm), "norm": part(family.norm)}
 
 
 class DistributedBaseModel(nn.Module):
-    """Embeddings -> remote blocks -> final norm."""
+    """Embeddings (with learned positions and an embedding norm, for the families that have them) ->
+    remote blocks -> final norm."""
 
     def __init__(self, config: PretrainedConfig, chain: RemoteChain):
         super().__init__()
-        self.embed_tokens, self.norm = client_modules(config)
+        parts = client_modules(config)
+        self.embed_tokens, self.norm = parts["embed_tokens"], parts["norm"]
+        self.positions, self.embed_norm = parts["positions"], parts["embed_norm"]
+        self.learned = get_family(config).positions == LEARNED
         self.layers = RemoteBlocks(chain)
+
+    def embed(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """What the family's base model does to the input embeddings before its first block (GPT-2 adds
+        learned positions, BLOOM normalises); nothing for most families."""
+        if self.positions is not None:
+            inputs_embeds = inputs_embeds + self.positions(position_ids)
+        return self.embed_norm(inputs_embeds) if self.embed_norm is not None else inputs_embeds
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 cache: RemoteCache | None = None) -> torch.Tensor:
@@ -54,11 +70,14 @@ class DistributedBaseModel(nn.Module):
         if cache is not None:  # a generation step: only new positions; the nodes hold the past
             new = inputs_embeds.shape[1]
             mask = attention_mask[:, -new:] if attention_mask is not None else None
-            return self.norm(cache.session.step(inputs_embeds, mask, position_ids))
+            if position_ids is None and self.learned:  # what the session would send: after the cached positions
+                position_ids = torch.arange(cache.session.position, cache.session.position + new).unsqueeze(0)
+            hidden = self.embed(inputs_embeds, position_ids)
+            return self.norm(cache.session.step(hidden, mask, position_ids))
         if position_ids is None:  # what local transformers does: after the cache (a prefix-tuning prefix)
             offset = self.layers.prefix_length
             position_ids = torch.arange(offset, offset + inputs_embeds.shape[1]).unsqueeze(0)
-        hidden = self.layers(inputs_embeds, attention_mask, position_ids)
+        hidden = self.layers(self.embed(inputs_embeds, position_ids), attention_mask, position_ids)
         return self.norm(hidden)
 
 
@@ -167,7 +186,7 @@ def load_distributed(
 
 
 def _client_side(name: str) -> bool:
-    return not name.startswith(LAYER_PREFIX)
+    return not is_block_weight(name)
 
 
 def build_client_model(
@@ -182,11 +201,12 @@ def build_client_model(
     model_config = load_config(folder)
     for name, value in (config_changes or {}).items():
         setattr(model_config, name, value)
-    get_family(model_config)
+    names = get_family(model_config).client_names()
     with torch.device("meta"):
         shell = model_cls(model_config, chain=None)
     wanted = set(shell.state_dict())
-    tensors = {k: v for k, v in read_tensors(folder, _client_side, dtype).items() if k in wanted}
+    read = read_tensors(folder, _client_side, dtype)
+    tensors = {name: v for name, v in ((_client_name(k, names), v) for k, v in read.items()) if name in wanted}
     tied = getattr(model_config, "tie_word_embeddings", False) and "lm_head.weight" in wanted
     if tied:
         tensors.setdefault("lm_head.weight", tensors.get("model.embed_tokens.weight"))
@@ -201,6 +221,15 @@ def build_client_model(
     if tied:
         shell.lm_head.weight = shell.model.embed_tokens.weight
     return shell.eval()
+
+
+def _client_name(name: str, names: dict[str, str]) -> str:
+    """The client model's name of checkpoint tensor ``name`` (``transformer.wte.weight`` ->
+    ``model.embed_tokens.weight``); other names (a classification head) unchanged."""
+    for checkpoint, ours in names.items():
+        if name.startswith(checkpoint):
+            return ours + name[len(checkpoint):]
+    return name
 
 
 class AutoDistributedModelForCausalLM:

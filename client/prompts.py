@@ -10,6 +10,7 @@ from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from torch import nn
 
 from client import compat
+from swarm.arch import check_prefix_tuning
 
 PromptEmbedding, PromptEncoder, PrefixEncoder = compat.prompt_encoders()
 
@@ -77,6 +78,7 @@ class RemotePrefix(nn.Module):
 
     def __init__(self, model_config: Any, peft_config: PrefixTuningConfig):
         super().__init__()
+        check_prefix_tuning(model_config)
         peft_config = compat.prepare_prompt_learning_config(peft_config, model_config)
         peft_config.num_transformer_submodules = 1
         self.config = peft_config

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from node import compat
-from swarm.arch import get_family, layer_type, uses_sliding_window
+from swarm.arch import ALIBI, Family, get_family, layer_type, uses_sliding_window
 from swarm.checkpoint import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
 from swarm.spans import Span
@@ -28,8 +28,9 @@ class SpanBlocks:
     config: Any  # transformers config of the whole model
     span: Span  # blocks hosted
     layers: nn.ModuleList  # layers[i - span.start] is block i
-    rotary: nn.Module  # the family's rotary embedding (one (cos, sin) per attention layer type)
+    rotary: nn.Module | None  # the family's rotary embedding (one (cos, sin) per attention layer type), if any
     dtype: torch.dtype  # compute dtype
+    family: Family | None = None  # how the blocks are called (rotary, ALiBi, mask); None: from config
 
     def layer(self, block: int) -> nn.Module:
         return self.layers[block - self.span.start]
@@ -66,8 +67,9 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
         raise CheckpointError(f"checkpoint {folder}: blocks {span} have no value for {unset[:3]}")
     layers.eval().requires_grad_(False)
     install_hooks(layers, span.start)
-    rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
-    return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)
+    rotary_cls = family.rotary_cls
+    rotary = rotary_cls(config=config).to(dtype=torch.float32) if rotary_cls is not None else None
+    return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype, family=family)
 
 
 @contextmanager
@@ -100,12 +102,24 @@ def _masks(blocks: SpanBlocks, span: Span, hidden: torch.Tensor, attention_mask,
     With a cache, the mask code reads the past length from the first layer of that kind in ``span``
     (the cache holds only this node's blocks, so layer 0 may be empty)."""
     masks = {}
+    materialize = (blocks.family or get_family(blocks.config)).materialize_mask
     for i in range(span.start, span.end):
         sliding = uses_sliding_window(blocks.config, i)
         if sliding not in masks:
             masks[sliding] = compat.attention_mask_for(blocks.config, sliding, hidden, attention_mask, position_ids,
-                                                       cache, i if cache is not None else None)
+                                                       cache, i if cache is not None else None, materialize)
     return masks
+
+
+def _alibi(blocks: SpanBlocks, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+           cache: Cache | None, first: int) -> torch.Tensor:
+    """The family's own ALiBi bias over every position so far (past + new), from the 2-D padding mask
+    (all ones when none is given, as the family's base model does)."""
+    if attention_mask is None:
+        past = cache.get_seq_length(first) if cache is not None else 0
+        attention_mask = torch.ones(hidden.shape[0], past + hidden.shape[1], dtype=torch.int64)
+    family = blocks.family or get_family(blocks.config)
+    return family.alibi_fn(attention_mask, blocks.config.num_attention_heads, hidden.dtype)
 
 
 def new_cache(blocks: SpanBlocks) -> DynamicCache:
@@ -139,10 +153,13 @@ def forward_span(
     x = hidden.to(blocks.dtype)
     masks = _masks(blocks, span, x, attention_mask, position_ids, cache)
     kinds = [layer_type(blocks.config, i) for i in range(span.start, span.end)]
-    rotary = compat.rotary_embeddings(blocks.rotary, x, position_ids, set(kinds))
+    rotary = compat.rotary_embeddings(blocks.rotary, x, position_ids, set(kinds)) if blocks.rotary is not None else {}
+    family = blocks.family or get_family(blocks.config)
+    alibi = _alibi(blocks, x, attention_mask, cache, span.start) if family.positions == ALIBI else None
     for i, kind in zip(range(span.start, span.end), kinds):
         x = compat.call_decoder_layer(blocks.layer(i), x, attention_mask=masks[uses_sliding_window(blocks.config, i)],
-                                      position_ids=position_ids, position_embeddings=rotary[kind], cache=cache)
+                                      position_ids=position_ids, position_embeddings=rotary.get(kind), cache=cache,
+                                      alibi=alibi)
     return x
 
 
@@ -221,8 +238,8 @@ class KeptBytes(torch.autograd.graph.saved_tensors_hooks):
 
 def weight_storages(blocks: SpanBlocks) -> set[int]:
     """Data pointers of the storages of ``blocks``' parameters and buffers."""
-    tensors = [*blocks.layers.parameters(), *blocks.layers.buffers(), *blocks.rotary.parameters(),
-               *blocks.rotary.buffers()]
+    rotary = blocks.rotary if blocks.rotary is not None else nn.Module()
+    tensors = [*blocks.layers.parameters(), *blocks.layers.buffers(), *rotary.parameters(), *rotary.buffers()]
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 

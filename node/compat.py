@@ -16,10 +16,11 @@ from transformers import masking_utils
 
 def _cache_parameter(fn: Callable) -> str:
     """The name under which ``fn`` takes the key/value cache: ``past_key_values`` up to transformers
-    5.23, ``cache`` from 5.24 (the old name still works there, with a FutureWarning, until 5.40).
+    5.23, ``cache`` from 5.24 (the old name still works there, with a FutureWarning, until 5.40);
+    ``layer_past`` for the blocks of GPT-NeoX, BLOOM and Falcon (5.23, 5.24).
     Read from the signature (deprecation wrappers keep ``__wrapped__``, which inspect follows)."""
     params = inspect.signature(fn).parameters
-    for name in ("cache", "past_key_values"):
+    for name in ("cache", "past_key_values", "layer_past"):
         if name in params:
             return name
     raise TypeError(f"{getattr(fn, '__qualname__', fn)} takes neither `cache` nor `past_key_values`; "
@@ -30,29 +31,36 @@ MASK_CACHE_ARG = _cache_parameter(masking_utils.create_causal_mask)
 
 
 def attention_mask_for(config: Any, sliding: bool, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-                       position_ids: torch.Tensor, cache: Any, layer_idx: int | None) -> Any:
+                       position_ids: torch.Tensor, cache: Any, layer_idx: int | None, materialize: bool = False) -> Any:
     """The mask one kind of attention layer (full or sliding window) expects, made by transformers' own
     ``create_causal_mask`` / ``create_sliding_window_causal_mask`` (5.23, 5.24). With a cache, the
-    functions read the past length from layer ``layer_idx`` (``layer_idx`` is a keyword of both)."""
+    functions read the past length from layer ``layer_idx`` (``layer_idx`` is a keyword of both).
+    ``materialize``: never None for "causal, no padding" (``allow_is_causal_skip=False``, as Falcon asks)."""
     make = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
+    extra = {"allow_is_causal_skip": False} if materialize else {}
     return make(config=config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
-                layer_idx=layer_idx, **{MASK_CACHE_ARG: cache})
+                layer_idx=layer_idx, **{MASK_CACHE_ARG: cache}, **extra)
 
 
-_LAYER_CACHE_ARG: dict[type, str] = {}
+_LAYER_ARGS: dict[type, tuple[str, bool]] = {}  # block class -> (cache keyword, takes `alibi`)
 
 
 def call_decoder_layer(layer: nn.Module, hidden: torch.Tensor, *, attention_mask: Any, position_ids: torch.Tensor,
-                       position_embeddings: Any, cache: Any) -> torch.Tensor:
+                       position_embeddings: Any, cache: Any, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """One transformers decoder layer: ``layer(hidden, attention_mask=, position_ids=,
-    position_embeddings=(cos, sin), <cache keyword>=cache, use_cache=)``. In transformers 5 a layer
-    returns the hidden states tensor (4.x returned a tuple; a tuple is unpacked here)."""
+    position_embeddings=(cos, sin), <cache keyword>=cache, use_cache=)``; ``position_embeddings`` only
+    for rotary families, ``alibi=`` (the bias, or None) for blocks that take it (BLOOM; Falcon, which
+    rotates when it is None). In transformers 5 a Llama-like layer returns the hidden states tensor;
+    BLOOM's and Falcon's blocks return (hidden, attention weights), unpacked here."""
     kind = type(layer)
-    if kind not in _LAYER_CACHE_ARG:
-        _LAYER_CACHE_ARG[kind] = _cache_parameter(kind.forward)
-    out = layer(hidden, attention_mask=attention_mask, position_ids=position_ids,
-                position_embeddings=position_embeddings, use_cache=cache is not None,
-                **{_LAYER_CACHE_ARG[kind]: cache})
+    if kind not in _LAYER_ARGS:
+        _LAYER_ARGS[kind] = (_cache_parameter(kind.forward), "alibi" in inspect.signature(kind.forward).parameters)
+    cache_arg, takes_alibi = _LAYER_ARGS[kind]
+    extra = {"alibi": alibi} if takes_alibi else {}
+    if position_embeddings is not None:
+        extra["position_embeddings"] = position_embeddings
+    out = layer(hidden, attention_mask=attention_mask, position_ids=position_ids, use_cache=cache is not None,
+                **{cache_arg: cache}, **extra)
     return out[0] if isinstance(out, tuple) else out
 
 

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from proto.tensors import shape_text
-from swarm.arch import LAYER_PREFIX
+from swarm.arch import LAYER_PREFIXES, PROJECTIONS
 
 _active = threading.local()
 MAX_RANK = 256
@@ -53,10 +53,11 @@ class Lora:
 
 
 def install_hooks(layers: nn.ModuleList, first_block: int) -> None:
-    """Give every Linear of every block the hook that applies the thread's active adapter."""
+    """Give every projection (Linear, or GPT-2's Conv1D: the same ``x A^T B^T`` update, as PEFT's
+    fan_in_fan_out LoRA) of every block the hook that applies the thread's active adapter."""
     for offset, layer in enumerate(layers):
         for name, module in layer.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, PROJECTIONS):
                 module.register_forward_hook(_hook((first_block + offset, name)))
 
 
@@ -129,7 +130,8 @@ def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, t
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     weights: dict[tuple[int, str], list] = {}
-    pattern = re.compile(rf"^base_model\.model\.{re.escape(LAYER_PREFIX)}(\d+)\.(.+)\.lora_([AB])\.weight$")
+    layouts = "|".join(re.escape(p) for p in LAYER_PREFIXES)  # any family's block list
+    pattern = re.compile(rf"^base_model\.model\.(?:{layouts})(\d+)\.(.+)\.lora_([AB])\.weight$")
     with safe_open(directory / "adapter_model.safetensors", framework="pt") as f:
         for name in f.keys():
             match = pattern.match(name)

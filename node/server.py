@@ -16,7 +16,7 @@ import torch
 from node.auth import AuthInterceptor
 from node.blocks import SpanBlocks, forward_span, load_span
 from node.config import NodeConfig
-from swarm.arch import LAYER_PREFIX, get_family
+from swarm.arch import LAYER_PREFIXES, get_family
 from node.handler import NodeServicer, SessionPolicy
 from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
 from node.lora import load_adapter_dir
@@ -169,7 +169,8 @@ class Node:
         """The checkpoint folder (only the span's shards fetched) and its config, checked against the flags;
         sets the model key."""
         cfg, span = self.config, self.config.blocks
-        wanted = tuple(f"{LAYER_PREFIX}{i}." for i in range(span.start, span.end)) if span else (LAYER_PREFIX,)
+        wanted = tuple(f"{prefix}{i}." for prefix in LAYER_PREFIXES for i in range(span.start, span.end)) if span \
+            else LAYER_PREFIXES  # the family is not known before the config is fetched
         folder = resolve_checkpoint(cfg.model, need_weights=lambda name: name.startswith(wanted), revision=cfg.revision)
         model_config = load_config(folder)
         get_family(model_config)

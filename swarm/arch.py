@@ -5,20 +5,25 @@ rotary embedding, input embeddings with their scaling, final norm) are transform
 a family's quirks (soft-capped attention, alternating sliding windows, a rotary per layer type, q/k
 norms, fused projections) run as transformers wrote them, not as we re-wrote them.
 
-Adding a family that transformers already has, with the Llama layout (decoder layers under
-``model.layers.N.``, ``model.embed_tokens``, ``model.norm``, ``lm_head``), is one entry in FAMILIES
-plus its equivalence test (tests/test_families.py). A model type outside FAMILIES is refused with one
-clear error rather than run with what might be the wrong numbers.
+Adding a family that transformers already has is one entry in FAMILIES plus its equivalence test
+(tests/client/test_families.py): where its causal LM keeps the base model (``model``, ``transformer``,
+``gpt_neox``), the block list and the client's parts (input embeddings, learned positions, an
+embedding norm, final norm, head), and how a block learns positions (rotary, learned on the client,
+ALiBi on the node). A model type outside FAMILIES, or a config a family cannot run exactly, is refused
+with one clear error rather than run with what might be the wrong numbers.
 """
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-LAYER_PREFIX = "model.layers."  # where every supported family keeps its decoder layers
+LAYER_PREFIX = "model.layers."  # where the Llama-layout families keep their decoder layers
+ROTARY, LEARNED, ALIBI = "rotary", "learned", "alibi"  # how a family's blocks know positions
+PROJECTIONS = (nn.Linear, Conv1D)  # what LoRA adapts: Linear, and GPT-2's Conv1D (weight [in, out])
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' names of the two causal layer types
 
 
@@ -31,7 +36,24 @@ class Family:
     prefix: str  # class name prefix there: <prefix>DecoderLayer, <prefix>RotaryEmbedding, <prefix>ForCausalLM
     base: str = "Model"  # base model class <prefix><base>: builds the client's embeddings and final norm
     logit_softcap: str | None = None  # config field of the final-logit soft-cap the *ForCausalLM forward applies
-    layer_prefix: str = LAYER_PREFIX  # checkpoint key prefix of block i is f"{layer_prefix}{i}."
+    base_attr: str = "model"  # the causal LM's attribute (and checkpoint prefix) holding the base model
+    layers: str = "layers"  # the base model's attribute holding the block list
+    layer: str = "DecoderLayer"  # block class: <prefix><layer>
+    causal_lm: str = "ForCausalLM"  # causal LM class: <prefix><causal_lm> (GPT-2: LMHeadModel)
+    embed: str = "embed_tokens"  # the base model's input embeddings
+    norm: str = "norm"  # the base model's final norm
+    head: str = "lm_head"  # checkpoint name of the LM head (GPT-NeoX saves it as embed_out)
+    positions: str = ROTARY  # ROTARY: <prefix>RotaryEmbedding on the node; LEARNED: added on the client; ALIBI
+    learned_positions: str | None = None  # the base model's position embeddings (LEARNED: GPT-2's wpe)
+    embed_norm: str | None = None  # a norm the base model applies to the embeddings (BLOOM)
+    materialize_mask: bool = False  # the base model builds its mask with allow_is_causal_skip=False (Falcon)
+    refused: tuple[tuple[str, Any, str], ...] = ()  # (config field, value, why): configs not run exactly
+    no_prefix_tuning: Callable[[Any], str | None] | None = None  # config -> why PEFT's prefixes do not fit, or None
+
+    @property
+    def layer_prefix(self) -> str:
+        """Checkpoint key prefix of the block list: block i's tensors are under f"{layer_prefix}{i}."."""
+        return f"{self.base_attr}.{self.layers}."
 
     def _cls(self, name: str) -> type:
         module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
@@ -40,12 +62,29 @@ class Family:
     @property
     def layer_cls(self) -> type[nn.Module]:
         """The decoder layer: ``(config, layer_idx) -> module``."""
-        return self._cls(f"{self.prefix}DecoderLayer")
+        return self._cls(f"{self.prefix}{self.layer}")
 
     @property
-    def rotary_cls(self) -> type[nn.Module]:
-        """The rotary embedding: ``(config=...) -> module`` returning (cos, sin), per layer type for some."""
-        return self._cls(f"{self.prefix}RotaryEmbedding")
+    def rotary_cls(self) -> type[nn.Module] | None:
+        """The rotary embedding: ``(config=...) -> module`` returning (cos, sin), per layer type for some;
+        None for a family without rotary positions."""
+        return self._cls(f"{self.prefix}RotaryEmbedding") if self.positions == ROTARY else None
+
+    @property
+    def alibi_fn(self) -> Any:
+        """ALiBi families: transformers' ``build_alibi_tensor(attention_mask, num_heads, dtype)`` of the family."""
+        return self._cls("build_alibi_tensor")
+
+    def client_names(self) -> dict[str, str]:
+        """Checkpoint name prefix -> the client model's name prefix, for the weights the client holds."""
+        base = self.base_attr
+        names = {f"{base}.{self.embed}.": "model.embed_tokens.", f"{base}.{self.norm}.": "model.norm.",
+                 f"{self.head}.": "lm_head."}
+        if self.learned_positions:
+            names[f"{self.base_attr}.{self.learned_positions}."] = "model.positions."
+        if self.embed_norm:
+            names[f"{self.base_attr}.{self.embed_norm}."] = "model.embed_norm."
+        return names
 
     @property
     def base_model_cls(self) -> type[nn.Module]:
@@ -55,7 +94,7 @@ class Family:
     @property
     def causal_lm_cls(self) -> type[nn.Module]:
         """The causal LM: which attention kernels the family supports."""
-        return self._cls(f"{self.prefix}ForCausalLM")
+        return self._cls(f"{self.prefix}{self.causal_lm}")
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -72,7 +111,28 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gpt_oss", "gpt_oss", "GptOss"),  # attention sinks, MoE with biases, alternating windows (eager)
     Family("starcoder2", "starcoder2", "Starcoder2"),  # LayerNorm with biases, GELU MLP, sliding window
     Family("olmo2", "olmo2", "Olmo2"),  # norms after attention and MLP, q/k norms over all heads
+    # other layouts
+    Family("gpt_neox", "gpt_neox", "GPTNeoX", base_attr="gpt_neox", layer="Layer", embed="embed_in",
+           norm="final_layer_norm", head="embed_out"),  # parallel residual, partial rotary, fused qkv
+    Family("gpt2", "gpt2", "GPT2", base_attr="transformer", layers="h", layer="Block", causal_lm="LMHeadModel",
+           embed="wte", norm="ln_f", positions=LEARNED, learned_positions="wpe",  # Conv1D, learned positions
+           refused=(("add_cross_attention", True, "cross-attention needs an encoder's states"),)),
+    Family("falcon", "falcon", "Falcon", base_attr="transformer", layers="h", embed="word_embeddings", norm="ln_f",
+           materialize_mask=True,  # new and old decoder architectures, parallel attention, multi-query
+           no_prefix_tuning=lambda c: None if c.new_decoder_architecture or not c.multi_query else
+           "its old decoder architecture with multi_query caches one key/value head, PEFT's prefixes have "
+           "num_attention_heads (local PEFT fails on it too)",
+           refused=(("alibi", True, "ALiBi Falcon merges its bias into the mask inside FalconModel.forward, "
+                                    "code the nodes cannot call per span"),)),
+    Family("bloom", "bloom", "Bloom", base_attr="transformer", layers="h", layer="Block", embed="word_embeddings",
+           norm="ln_f", positions=ALIBI, embed_norm="word_embeddings_layernorm"),  # ALiBi, fused query_key_value
 )}
+LAYER_PREFIXES = tuple(sorted({f.layer_prefix for f in FAMILIES.values()}))  # every family's block list prefix
+
+
+def is_block_weight(name: str) -> bool:
+    """Whether checkpoint tensor ``name`` belongs to a block (of any family's layout): nodes hold those."""
+    return name.startswith(LAYER_PREFIXES)
 
 
 def get_family(config: Any) -> Family:
@@ -80,11 +140,23 @@ def get_family(config: Any) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise ValueError(f"model family {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))}); "
-                         "a family with the Llama layout (model.layers.N, model.embed_tokens, model.norm, lm_head) "
-                         "can be added in swarm/arch.py FAMILIES once its equivalence test passes")
+                         "a family whose blocks transformers builds can be added in swarm/arch.py FAMILIES once its "
+                         "equivalence test passes")
+    family = FAMILIES[model_type]
+    for field, value, why in family.refused:
+        if getattr(config, field, None) == value:
+            raise ValueError(f"model family {model_type!r} with {field}={value!r} is not supported: {why}")
     for i in range(config.num_hidden_layers):
         uses_sliding_window(config, i)  # every block's attention type is one the node runs
-    return FAMILIES[model_type]
+    return family
+
+
+def check_prefix_tuning(config: Any) -> None:
+    """ValueError if PEFT's prefix-tuning prefixes do not fit the key/value cache of ``config``'s blocks."""
+    family = get_family(config)
+    why = family.no_prefix_tuning(config) if family.no_prefix_tuning is not None else None
+    if why is not None:
+        raise ValueError(f"prefix tuning is not supported for this {family.model_type!r} model: {why}")
 
 
 def layer_type(config: Any, layer_idx: int) -> str:
@@ -105,9 +177,16 @@ def uses_sliding_window(config: Any, layer_idx: int) -> bool:
     return kind == SLIDING
 
 
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a projection: a Linear, or a Conv1D (``nx`` in, ``nf`` out)."""
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return module.in_features, module.out_features
+
+
 def linear_shapes(layer: nn.Module) -> dict[str, tuple[int, int]]:
-    """Projection name inside a block -> (in_features, out_features) for every Linear in it."""
-    return {name: (m.in_features, m.out_features) for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    """Projection name inside a block -> (in_features, out_features) for every Linear / Conv1D in it."""
+    return {name: features(m) for name, m in layer.named_modules() if isinstance(m, PROJECTIONS)}
 
 
 def projection_shapes(config: Any) -> dict[str, tuple[int, int]]:

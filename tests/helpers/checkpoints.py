@@ -40,7 +40,18 @@ FAMILY_QUIRKS: dict[str, dict] = {
                     layer_types=["sliding_attention", "full_attention"] * 2),
     "starcoder2": dict(sliding_window=5),
     "olmo2": dict(),
+    # other layouts (a "+variant" case builds the family before the "+" with other config fields)
+    "gpt_neox": dict(use_parallel_residual=True, rotary_pct=0.5),  # rotary on half of each head
+    "gpt2": dict(scale_attn_by_inverse_layer_idx=True),  # Conv1D projections, learned positions
+    "falcon": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),  # ln_attn / ln_mlp
+    "falcon+old": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True),  # one kv head
+    "bloom": dict(),  # ALiBi, fused query_key_value, embedding LayerNorm
 }
+
+
+def family_of(case: str) -> str:
+    """The model type of a FAMILY_QUIRKS case ("falcon+old" -> "falcon")."""
+    return case.split("+")[0]
 
 
 def build_tokenizer(dest: Path, vocab_size: int = 256):
@@ -82,9 +93,12 @@ def build_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dest = Path(dest)
+    # only for families that have key/value heads of their own (BLOOM, GPT-2, GPT-NeoX, Falcon do not: the
+    # field would only mislead PEFT, which sizes prefix-tuning prefixes by it when a config has it)
+    kv = {"num_key_value_heads": num_kv_heads} if hasattr(AutoConfig.for_model(family), "num_key_value_heads") else {}
     config = AutoConfig.for_model(
         family, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, **kv,
         vocab_size=vocab_size, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         **({"sliding_window": sliding_window} if sliding_window is not None else {}), **(overrides or {}),

@@ -87,6 +87,21 @@ def test_only_the_span_is_loaded(tiny_path, local_model, monkeypatch):
     assert all(not p.requires_grad for p in blocks.layers.parameters())  # frozen
 
 
+@pytest.mark.parametrize("family, prefix", [("gpt2", "transformer.h."), ("gpt_neox", "gpt_neox.layers.")])
+def test_other_layouts_load_only_the_span(family, prefix, tmp_path, monkeypatch):
+    """A family keeping its blocks elsewhere (transformer.h.N, gpt_neox.layers.N): blocks 1:3 read only
+    theirs, and hold the local model's tensors."""
+    path = build_checkpoint(tmp_path / family, family=family, num_layers=4, tokenizer=False)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    read = spy_on_reads(monkeypatch)
+    blocks = load_span(path, load_config(path), Span(1, 3), torch.float32)
+    assert read and all(name.startswith((f"{prefix}1.", f"{prefix}2.")) for name in read), read
+    for got, want in zip(blocks.layers, local.get_submodule(prefix.rstrip("."))[1:3], strict=True):
+        expected = want.state_dict()
+        assert got.state_dict().keys() == expected.keys()
+        assert all(torch.equal(t, expected[name]) for name, t in got.state_dict().items())
+
+
 def test_sharded_checkpoint_reads_only_needed_shards(tmp_path, monkeypatch):
     path = build_checkpoint(tmp_path / "sharded", num_layers=6, tokenizer=False, max_shard_size="100KB")
     index = json.loads((path / "model.safetensors.index.json").read_text())
