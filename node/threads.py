@@ -35,7 +35,7 @@ BUDGET = 0.5  # seconds of measuring per size class (each candidate still gets M
 MIN_ROUNDS, MAX_ROUNDS = 3, 15  # timed calls per candidate
 DECODE_GAP = 0.005  # seconds idle before each timed decode call: the network wait between two steps
 LARGE_TOKENS = 128  # positions of the larger step timed (through one block: all blocks cost the same)
-LOSING = 3.0  # a count this many times slower than the fastest after a round is not timed again
+LOSING = 3.0  # a count this many times slower than the fastest in its warm-up or a round is not timed again
 TIE = 0.05  # a count this much slower than the fastest still counts as as fast (fewer threads win ties)
 
 
@@ -87,22 +87,26 @@ def time_counts(run: Callable[[], object], counts: list[int], *, budget: float =
     """Median seconds of one ``run()`` on each thread count: one warm-up call each, then rounds of one
     timed call per count (each after ``gap`` seconds idle) until ``budget`` seconds have passed, at most
     ``max_rounds`` rounds; at least ``min_rounds`` unless that takes past twice the budget (slow calls on
-    a loaded machine), and one in any case. A count ``LOSING`` times slower than the fastest after a round
-    sits out the later ones."""
+    a loaded machine), and one in any case. A count ``LOSING`` times slower than the fastest in its warm-up
+    or after a round sits out the later rounds (a count timed in its warm-up only reports that time)."""
     if not counts or min_rounds < 1 or max_rounds < min_rounds or budget < 0 or gap < 0:
         raise ValueError("need counts, 1 <= min_rounds <= max_rounds, budget >= 0 and gap >= 0")
     start = clock()
+    warm: dict[int, float] = {}
     for n in counts:
         with torch_threads(n):
+            began = clock()
             run()
-    times: dict[int, list[float]] = {n: [] for n in counts}
+            warm[n] = clock() - began
+    # the first warm-up also pays the cold start, so this drops only counts clearly slower still
+    live = [n for n in counts if warm[n] <= LOSING * min(warm.values())]
+    times: dict[int, list[float]] = {n: [] for n in live}
     rounds = 0
 
     def more() -> bool:
         spent = clock() - start
         return rounds < 1 or spent < budget or (rounds < min_rounds and spent < 2 * budget)
 
-    live = list(counts)
     while rounds < max_rounds and more():
         for n in live:
             if gap:
@@ -114,7 +118,7 @@ def time_counts(run: Callable[[], object], counts: list[int], *, budget: float =
         rounds += 1
         best = min(statistics.median(times[n]) for n in live)
         live = [n for n in live if statistics.median(times[n]) <= LOSING * best]  # no more calls for a clear loser
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    return {n: statistics.median(times[n]) if n in times else warm[n] for n in counts}
 
 
 def fastest(medians: dict[int, float], tie: float = TIE) -> int:

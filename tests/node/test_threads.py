@@ -43,9 +43,9 @@ def test_each_count_is_timed_on_its_threads_and_the_fastest_wins():
     slow_threads = ThreadClock({1: 0.001, 2: 0.0015})
     assert fastest(time_counts(slow_threads.run, [1, 2], budget=0.05, clock=slow_threads)) == 1
     assert fastest({1: 0.00102, 2: 0.001}) == 1  # within 5%: the fewer threads
-    loser = ThreadClock({1: 0.001, 2: 0.01})  # over 3x slower after the first round: not timed again
-    assert fastest(time_counts(loser.run, [1, 2], budget=0.05, clock=loser)) == 1
-    assert loser.seen.count(2) == 2 and loser.seen.count(1) > 3
+    loser = ThreadClock({1: 0.001, 2: 0.01})  # over 3x slower in its warm-up: not timed again
+    assert time_counts(loser.run, [1, 2], budget=0.05, clock=loser) == pytest.approx({1: 0.001, 2: 0.01})
+    assert loser.seen.count(2) == 1 and loser.seen.count(1) > 3
     assert candidates(1) == [1] and candidates(2) == [1, 2] and candidates(12) == [1, 2, 4, 8, 12]
 
 
