@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.only and not args.out:
         parser.error("--only needs --out, so a partial run does not replace bench/README.md")
-    if args.threads is not None:  # (even set to its default value it switches MKL's dynamic threads off)
+    if args.threads is not None:  # a plain run never calls it (it also turns MKL's dynamic threads off)
         torch.set_num_threads(args.threads)
     threads = args.threads or torch.get_num_threads()
     repeats = {TINY.name: 3 if args.quick else 15, LLAMA_270M.name: 7}
