@@ -93,7 +93,7 @@ def test_given_counts_are_reported_and_used(start_nodes):
 
 
 def test_measured_counts_are_reported_and_used(start_nodes):
-    (node,) = start_nodes("0:3", metrics_port=0, cache_tokens=256)
+    (node,) = start_nodes("0:3", metrics_port=0, cache_tokens=256, small_step_threads=None, large_step_threads=None)
     choice = node.node.threads
     assert choice.source == "measured" and choice.seconds > 0
     assert set(choice.small_ms) == set(choice.large_ms) == set(candidates(max(choice.small_ms)))
