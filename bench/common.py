@@ -37,7 +37,7 @@ class Context:
     models: list[ModelSpec]  # smallest first; node memory is measured on the last
     repeats: dict[str, int]  # timed forward/backward repeats per model name, each after one warm-up
     gen_repeats: dict[str, int]  # timed generate() repeats per model name, each after one warm-up
-    node_env: dict[str, str]  # OMP/MKL thread count for nodes: the same as torch's in this process
+    node_env: dict[str, str]  # OMP/MKL thread count for nodes and client processes (--threads); empty: torch's default
     quick: bool = False  # fewer repeats and shorter windows everywhere
 
     def seconds(self, full: float) -> float:

@@ -41,20 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model only, fewer repeats")
     parser.add_argument("--repeats", type=int, help="timed forward repeats for every model (default 15 tiny, 7 270M)")
     parser.add_argument("--gen-repeats", type=int, help="timed generate() repeats for every model (default 8 tiny, 5 270M)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads everywhere")
+    parser.add_argument("--threads", type=int, help="torch threads everywhere (default: torch's own default, "
+                        "untouched: torch.set_num_threads() is not called, OMP_NUM_THREADS not set)")
     parser.add_argument("--only", nargs="+", metavar="SECTION", choices=[s.__name__ for s in SECTIONS],
                         help="run only these sections (then give --out: the default README holds them all)")
     parser.add_argument("--out", type=Path, help="markdown file (default bench/README.md, quick: bench/work/)")
     args = parser.parse_args(argv)
     if args.only and not args.out:
         parser.error("--only needs --out, so a partial run does not replace bench/README.md")
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:  # a plain run never calls it (it also turns MKL's dynamic threads off)
+        torch.set_num_threads(args.threads)
+    threads = args.threads or torch.get_num_threads()
     repeats = {TINY.name: 3 if args.quick else 15, LLAMA_270M.name: 7}
     gen_repeats = {TINY.name: 3 if args.quick else 8, LLAMA_270M.name: 5}
     ctx = Context(models=[TINY] if args.quick else [TINY, LLAMA_270M],
                   repeats={name: args.repeats or n for name, n in repeats.items()},
                   gen_repeats={name: args.gen_repeats or n for name, n in gen_repeats.items()},
-                  node_env={"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)},
+                  node_env={"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+                  if args.threads else {},
                   quick=args.quick)
     out = args.out or (WORK / "README.quick.md" if args.quick else BENCH_DIR / "README.md")
     WORK.mkdir(parents=True, exist_ok=True)
@@ -87,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         "`bench/work/`. Every process started is stopped at the end. Other work on the machine adds "
         "noise: compare ratios from one run, not seconds across runs.\n\n"
         f"Machine: nproc {os.cpu_count()} ({cpu}), torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, Python {platform.python_version()}; {args.threads} torch threads in "
-        f"the local baseline, every node and every client process (OMP_NUM_THREADS; nodes run decode-sized "
-        f"inference steps on one, their default `--small-step-threads 1`). Run {time.strftime('%Y-%m-%d %H:%M')} in "
+        f"{transformers.__version__}, Python {platform.python_version()}; {threads} torch threads in "
+        f"the benchmark process, every node and every client process ("
+        f"{'--threads: OMP_NUM_THREADS' if args.threads else 'torch default'}; each node measures at start "
+        f"how many of them its decode-sized and its larger steps run fastest on, see the generation section); "
+        f"the generation table's local baseline runs in a fresh process with torch's default threads. "
+        f"Run {time.strftime('%Y-%m-%d %H:%M')} in "
         f"{wall / 60:.1f} min{' (--quick)' if args.quick else ''}; other processes used {other.share():.0%} "
         "of the CPUs meanwhile.\n"
     )

@@ -37,7 +37,10 @@ class NodeConfig:
     lora_cache_mb: int = 1024  # MiB of client LoRA weights kept between requests (least recently used evicted)
     max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt
     activation_cache_mb: int = 1024  # MiB of forward activations kept for the next backward (0: always recompute)
-    small_step_threads: int = 1  # torch threads for decode-sized inference steps (<= 16 batch x positions); 0: all
+    small_step_threads: int | None = None  # torch threads for decode-sized inference steps (<= 16 batch x positions);
+    # None: the fastest count measured at start (node.threads); 0: as many as large_step_threads
+    large_step_threads: int | None = None  # torch threads for all other work (prefills, forward, backward);
+    # None: the fastest count measured at start; 0: all the process may use (OMP_NUM_THREADS or its CPUs)
     adapters: str | None = None  # folder of PEFT LoRA adapter folders to serve by name (their span's weights only)
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving helps the swarm
@@ -84,8 +87,9 @@ class NodeConfig:
             raise ValueError("rebalance_period needs num_blocks (automatic placement) and must be positive")
         if self.throughput is not None and not self.throughput > 0:
             raise ValueError(f"throughput must be positive, got {self.throughput}")
-        if self.small_step_threads < 0:
-            raise ValueError(f"small_step_threads must be >= 0, got {self.small_step_threads}")
+        for name in ("small_step_threads", "large_step_threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lora_cache_mb < 0:
             raise ValueError(f"lora_cache_mb must be >= 0, got {self.lora_cache_mb}")
         if self.max_sessions_per_client < 1:

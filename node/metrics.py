@@ -51,8 +51,9 @@ class NodeMetrics(Exposed):
         self.registry.register(self._collector)
         self.interceptor = MetricsInterceptor(self)
 
-    def watch(self, servicer: NodeServicer) -> None:
-        self._collector.servicer = servicer
+    def watch(self, servicer: NodeServicer, threads=None) -> None:
+        """Report ``servicer``'s counts, and ``threads`` (a node.threads.ThreadChoice) if given."""
+        self._collector.servicer, self._collector.threads = servicer, threads
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -167,11 +168,16 @@ class _ServicerCollector:
 
     def __init__(self) -> None:
         self.servicer: NodeServicer | None = None
+        self.threads = None  # node.threads.ThreadChoice
 
     def collect(self):
         s = self.servicer
         if s is None:
             return
+        if self.threads is not None:
+            yield _labelled(GaugeMetricFamily, "swarmlm_node_torch_threads", "torch intra-op threads per step "
+                            "size (measured at start unless --small/large-step-threads give them)", "steps",
+                            {"small": self.threads.small, "large": self.threads.large})
         yield _gauge("swarmlm_node_sessions_open", "inference sessions open", s.open_sessions)
         yield _gauge("swarmlm_node_cache_tokens_used", "inference cache tokens reserved (batch x max_length)",
                      s.budget.used)

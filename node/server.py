@@ -25,6 +25,7 @@ from node.progress import LoadProgress
 from swarm.arch import linear_shapes
 from node.requests import Limits, max_message_bytes
 from node.throughput import measure_rate
+from node.threads import ThreadChoice, choose_threads, set_pool_threads
 from node.sessions import CacheBudget, cache_bytes_per_token, default_cache_tokens
 from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__, lan
@@ -134,6 +135,7 @@ class Node:
         self._lan: lan.LanAnnouncer | None = None  # multicasts our DHT peer on the LAN (config.lan)
         self.metrics = NodeMetrics() if config.metrics_port is not None else None  # --metrics-port
         self._weights_check: WeightsCheck | bool | None = None  # our model's block hashes (False: not all known)
+        self.threads: ThreadChoice | None = None  # torch threads per step size, measured (or given) at start
 
     async def start(self) -> str:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
@@ -155,15 +157,25 @@ class Node:
             progress.close()
         weights = await asyncio.get_running_loop().run_in_executor(
             self._pool, weights_digests, folder, model_config, self.span)
+        await self._choose_threads(blocks)
         self.servicer = self._servicer(blocks, model_config, dtype)
         if self.metrics is not None:
-            self.metrics.watch(self.servicer)
+            self.metrics.watch(self.servicer, self.threads)
         self._listen(swarm_key, tls)
         await self._go_online(tls is not None, weights)
         if cfg.rebalance_period:
             self._rebalancer = asyncio.create_task(self._rebalance(folder, model_config, dtype,
                                                                    model_config.num_hidden_layers))
         return self.address
+
+    async def _choose_threads(self, blocks: SpanBlocks) -> None:
+        """Torch threads per step size (node.threads): measured on ``blocks`` unless the flags give them;
+        every compute thread then runs on the larger steps' count (decode-sized steps switch to theirs)."""
+        cfg, loop = self.config, asyncio.get_running_loop()
+        self.threads = await loop.run_in_executor(self._pool, partial(
+            choose_threads, blocks, cfg.small_step_threads, cfg.large_step_threads))
+        await loop.run_in_executor(None, set_pool_threads, self._pool, cfg.compute_threads, self.threads.large)
+        log.info("%s", self.threads.describe())
 
     def _checkpoint(self):
         """The checkpoint folder (only the span's shards fetched) and its config, checked against the flags;
@@ -239,7 +251,7 @@ class Node:
                              cfg.reclaim_idle)
         policy = SessionPolicy(max_length=limits.max_position, alloc_timeout=cfg.alloc_timeout,
                                step_timeout=cfg.step_timeout, max_chunk_tokens=cfg.max_chunk_tokens,
-                               activation_bytes=cfg.activation_cache_mb << 20, small_step_threads=cfg.small_step_threads,
+                               activation_bytes=cfg.activation_cache_mb << 20, small_step_threads=self.threads.small,
                                max_sessions_per_client=cfg.max_sessions_per_client,
                                lora_cache_bytes=cfg.lora_cache_mb << 20)
         hosted = load_adapter_dir(Path(cfg.adapters), span.start, span.end, linear_shapes(blocks.layers[0])) \

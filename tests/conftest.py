@@ -16,6 +16,9 @@ from swarm.dht import SwarmDHT
 from swarm.spans import Span
 
 NUM_LAYERS = 6
+# in-process test nodes skip measuring their thread counts at start (tests/node/test_threads.py measures):
+# one thread for decode-sized steps, all for the rest, as nodes did before they measured
+FIXED_THREADS = {"small_step_threads": 1, "large_step_threads": 0}
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +66,7 @@ def start_nodes(tiny_path, bootstrap) -> Iterator[Callable[..., list[NodeThread]
         nodes = []
         for text in spans or (None,):
             config = NodeConfig(model=str(model or tiny_path), blocks=Span.parse(text) if text else None,
-                                **{"initial_peers": tuple(bootstrap), **overrides})
+                                **{"initial_peers": tuple(bootstrap), **FIXED_THREADS, **overrides})
             node = NodeThread(config, wrap_servicer=wrap_servicer)
             started.append(node)
             nodes.append(node.start())

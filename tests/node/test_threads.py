@@ -1,0 +1,104 @@
+"""Torch thread counts per step size: measured at start (or given by flags), reported in the metrics and
+used for the steps they are meant for."""
+from __future__ import annotations
+
+import queue
+import urllib.request
+
+import grpc
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from node.threads import candidates, fastest, time_counts
+from proto import swarmlm_pb2 as pb
+from proto import swarmlm_pb2_grpc as pb_grpc
+from proto.tensors import serialize
+
+HIDDEN = 64  # the tiny checkpoint's hidden size (tests/conftest.py)
+
+
+class ThreadClock:
+    """A clock that a run advances by the time scripted for the torch thread count it runs on."""
+
+    def __init__(self, seconds_by_threads: dict[int, float]):
+        self.now, self.seconds, self.seen = 0.0, seconds_by_threads, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self) -> None:
+        n = torch.get_num_threads()
+        self.seen.append(n)
+        self.now += self.seconds[n]
+
+
+def test_each_count_is_timed_on_its_threads_and_the_fastest_wins():
+    clock = ThreadClock({1: 0.0025, 2: 0.001})
+    medians = time_counts(clock.run, [1, 2], budget=0.05, clock=clock)
+    assert medians == pytest.approx({1: 0.0025, 2: 0.001})
+    assert fastest(medians) == 2
+    assert set(clock.seen) == {1, 2} and clock.seen[:2] == [1, 2]  # warm-ups, then interleaved rounds
+    assert 3 <= clock.seen.count(1) - 1 <= 15  # MIN_ROUNDS..MAX_ROUNDS timed calls each
+    slow_threads = ThreadClock({1: 0.001, 2: 0.0015})
+    assert fastest(time_counts(slow_threads.run, [1, 2], budget=0.05, clock=slow_threads)) == 1
+    assert fastest({1: 0.00102, 2: 0.001}) == 1  # within 5%: the fewer threads
+    loser = ThreadClock({1: 0.001, 2: 0.01})  # over 3x slower in its warm-up: not timed again
+    assert time_counts(loser.run, [1, 2], budget=0.05, clock=loser) == pytest.approx({1: 0.001, 2: 0.01})
+    assert loser.seen.count(2) == 1 and loser.seen.count(1) > 3
+    assert candidates(1) == [1] and candidates(2) == [1, 2] and candidates(12) == [1, 2, 4, 8, 12]
+
+
+def scrape_threads(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {s.labels["steps"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "swarmlm_node_torch_threads"}
+
+
+def threads_seen(node, model: str) -> dict[str, list[int]]:
+    """Torch's thread count inside the first block during a decode step, a 20-position prefill and a
+    Forward call, sent over raw gRPC."""
+    seen: list[int] = []
+    hook = node.node.servicer.blocks.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    channel = grpc.insecure_channel(node.address)
+    stub = pb_grpc.NodeStub(channel)
+    found = {}
+    try:
+        requests: queue.Queue = queue.Queue()
+        requests.put(pb.InferenceRequest(open=pb.SessionOptions(model=model, start=0, end=3, batch_size=1,
+                                                                max_length=32)))
+        responses = stub.Inference(iter(requests.get, None))
+        next(responses)
+        for name, positions in (("prefill", 20), ("decode", 1)):
+            seen.clear()
+            requests.put(pb.InferenceRequest(hidden_states=serialize(torch.randn(1, positions, HIDDEN))))
+            next(responses)
+            found[name] = list(seen)
+        requests.put(None)
+        seen.clear()
+        stub.Forward(pb.ForwardRequest(model=model, start=0, end=3, hidden_states=serialize(torch.randn(1, 4, HIDDEN))))
+        found["forward"] = list(seen)
+    finally:
+        hook.remove()
+        channel.close()
+    return found
+
+
+def test_given_counts_are_reported_and_used(start_nodes):
+    (node,) = start_nodes("0:3", metrics_port=0, small_step_threads=1, large_step_threads=2, cache_tokens=256)
+    assert (node.node.threads.small, node.node.threads.large, node.node.threads.source) == (1, 2, "flags")
+    assert scrape_threads(node.node.metrics.server.url) == {"small": 1.0, "large": 2.0}
+    model = node.node.servicer.limits.model
+    assert threads_seen(node, model) == {"prefill": [2], "decode": [1], "forward": [2]}
+
+
+def test_measured_counts_are_reported_and_used(start_nodes):
+    (node,) = start_nodes("0:3", metrics_port=0, cache_tokens=256, small_step_threads=None, large_step_threads=None)
+    choice = node.node.threads
+    assert choice.source == "measured" and choice.seconds > 0
+    assert set(choice.small_ms) == set(choice.large_ms) == set(candidates(max(choice.small_ms)))
+    assert choice.small == fastest(choice.small_ms) and choice.large == fastest(choice.large_ms)
+    assert scrape_threads(node.node.metrics.server.url) == {"small": choice.small, "large": choice.large}
+    model = node.node.servicer.limits.model
+    assert threads_seen(node, model) == {"prefill": [choice.large], "decode": [choice.small],
+                                         "forward": [choice.large]}
