@@ -38,6 +38,8 @@ class NodeConfig:
     max_chunk_tokens: int = 1024  # batch x positions computed at once when prefilling a long prompt
     activation_cache_mb: int = 1024  # MiB of forward activations kept for the next backward (0: always recompute)
     small_step_threads: int = 1  # torch threads for decode-sized inference steps (<= 16 batch x positions); 0: all
+    decode_batch: int = 16  # most rows (sessions x batch) of different sessions' decode steps run as one call; 1: off
+    decode_batch_wait_ms: float = 5.0  # ms a decode step waits for other decoding sessions' steps to batch with
     adapters: str | None = None  # folder of PEFT LoRA adapter folders to serve by name (their span's weights only)
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving helps the swarm
@@ -86,6 +88,9 @@ class NodeConfig:
             raise ValueError(f"throughput must be positive, got {self.throughput}")
         if self.small_step_threads < 0:
             raise ValueError(f"small_step_threads must be >= 0, got {self.small_step_threads}")
+        if self.decode_batch < 1 or not 0 <= self.decode_batch_wait_ms <= 1000:
+            raise ValueError(f"decode_batch must be >= 1 and decode_batch_wait_ms in 0..1000, got "
+                             f"{self.decode_batch}, {self.decode_batch_wait_ms}")
         if self.lora_cache_mb < 0:
             raise ValueError(f"lora_cache_mb must be >= 0, got {self.lora_cache_mb}")
         if self.max_sessions_per_client < 1:
