@@ -3,7 +3,7 @@
 Every number comes from real processes on 127.0.0.1 started by ``tests.helpers.launch.LocalSwarm`` (and, for
 concurrent clients, ``bench.clients.ClientPool``) and stopped before exit. Each benchmark is a
 *section*: a function ``(Context) -> markdown`` listed in SECTIONS, living in bench/forward.py,
-bench/generation.py, bench/concurrency.py, bench/recovery.py or bench/training.py; bench/procs.py measures other processes' load and memory.
+bench/generation.py, bench/concurrency.py, bench/batching.py, bench/recovery.py or bench/training.py; bench/procs.py measures other processes' load and memory.
 ``--quick`` runs the tiny model only, with fewer repeats, and writes bench/work/README.quick.md.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from bench.common import BENCH_DIR, LLAMA_270M, TINY, WORK, Context, log
 from bench.api import section_api
+from bench.batching import section_batching
 from bench.forward import section_forward_backward, section_node_memory
 from bench.memory_moe import section_node_memory_moe
 from bench.concurrency import section_concurrent_clients, section_replicas
@@ -30,7 +31,7 @@ from bench.training import section_training
 
 SECTIONS: list[Callable[[Context], str]] = [
     section_forward_backward, section_node_memory, section_node_memory_moe, section_generation, section_concurrent_clients,
-    section_recovery, section_replicas, section_training, section_api,
+    section_batching, section_recovery, section_replicas, section_training, section_api,
 ]
 
 

@@ -99,3 +99,14 @@ def rotary_embeddings(rotary: nn.Module, hidden: torch.Tensor, position_ids: tor
         return {kind: rotary(hidden, position_ids, layer_type=kind) for kind in layer_types}
     shared = rotary(hidden, position_ids)
     return {kind: shared for kind in layer_types}
+
+
+def cached_keys_values(cache: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keys and values a ``DynamicCache`` holds for layer ``layer_idx`` ([batch, kv_heads, length,
+    head_dim] each), or None when that layer holds nothing yet: ``cache.layers[i].keys`` / ``.values`` of
+    a ``DynamicLayer`` (5.23, 5.24). Read by node.batching, which lays several sessions' caches side by side."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers) or not getattr(layers[layer_idx], "is_initialized", False):
+        return None
+    layer = layers[layer_idx]
+    return layer.keys, layer.values

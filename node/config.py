@@ -41,6 +41,8 @@ class NodeConfig:
     # None: the fastest count measured at start (node.threads); 0: as many as large_step_threads
     large_step_threads: int | None = None  # torch threads for all other work (prefills, forward, backward);
     # None: the fastest count measured at start; 0: all the process may use (OMP_NUM_THREADS or its CPUs)
+    decode_batch: int = 16  # most rows (sessions x batch) of different sessions' decode steps run as one call; 1: off
+    decode_batch_wait_ms: float = 5.0  # ms a decode step waits for other decoding sessions' steps to batch with
     adapters: str | None = None  # folder of PEFT LoRA adapter folders to serve by name (their span's weights only)
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving helps the swarm
@@ -90,6 +92,9 @@ class NodeConfig:
         for name in ("small_step_threads", "large_step_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.decode_batch < 1 or not 0 <= self.decode_batch_wait_ms <= 1000:
+            raise ValueError(f"decode_batch must be >= 1 and decode_batch_wait_ms in 0..1000, got "
+                             f"{self.decode_batch}, {self.decode_batch_wait_ms}")
         if self.lora_cache_mb < 0:
             raise ValueError(f"lora_cache_mb must be >= 0, got {self.lora_cache_mb}")
         if self.max_sessions_per_client < 1:

@@ -13,6 +13,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from node.activations import ActivationCache
+from node.batching import StepBatcher, run_together
 from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_backward, forward_span,
                          new_cache, prefixed_cache, torch_threads)
 from node.lora import LoraCache, active
@@ -54,6 +55,8 @@ class SessionPolicy:
     lora_cache_bytes: int = 1 << 30  # client LoRA weights kept between requests, so they need not be re-sent
     small_step_tokens: int = 16  # inference steps of at most this many batch x positions run on small_step_threads
     small_step_threads: int = 1  # torch threads for those (0: as many as for everything else)
+    decode_batch_rows: int = 16  # most rows (sessions x batch) of decode steps computed as one call (1: no batching)
+    decode_batch_wait: float = 0.005  # seconds a decode step waits for other sessions' (node.batching)
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -70,6 +73,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.in_flight = 0  # unary calls being computed
         self.state = NodeState.JOINING  # Info reports it; OFFLINE once the node starts shutting down
         self.counts = ServedCounts()
+        self.batcher = StepBatcher(blocks, policy.decode_batch_rows, policy.decode_batch_wait, pool, self._step,
+                                   self._together) if policy.decode_batch_rows > 1 else None
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -152,6 +157,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             self.counts.refuse(e.reason)
             await context.abort(e.code, str(e))
         self.open_sessions += 1
+        session = None
         try:
             virtual = prefix.shape[4] if prefix is not None else 0  # prefix-tuning positions the cache starts with
             cache = prefixed_cache(self.blocks, span, prefix) if prefix is not None else new_cache(self.blocks)
@@ -169,7 +175,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     session.computed += step.hidden.shape[1]
                     holding.busy = True
                     try:
-                        out = await self._compute(context, self._step, session, step)
+                        out = await self._run_step(context, session, step, lora is None and prefix is None)
                     finally:
                         holding.busy = False
                     self._count("decode" if step.hidden.shape[1] == 1 else "prefill", step.hidden)
@@ -177,6 +183,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                 request = await self._next(requests, context, holding)
         finally:
             self.open_sessions -= 1
+            if self.batcher is not None and session is not None:
+                self.batcher.leave(session)
             await self.budget.release(holding)
 
     async def _next(self, requests, context, holding: Holding | None = None) -> pb.InferenceRequest | None:
@@ -217,6 +225,26 @@ class NodeServicer(pb_grpc.NodeServicer):
         if not done:
             raise asyncio.TimeoutError
         return None
+
+    async def _run_step(self, context, session: Session, step: Step, plain: bool) -> torch.Tensor:
+        """One step: batched with other sessions' when node.batching may, else alone."""
+        if self.batcher is None or not self.batcher.accepts(session, step, plain):
+            if self.batcher is not None:
+                self.batcher.leave(session)
+            return await self._compute(context, self._step, session, step)
+        self.in_flight += 1
+        try:
+            return await self.batcher.step(session, step)
+        except Exception as e:  # as in _compute: this session's failure, reported to it alone
+            log.exception("request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, capped(f"{type(e).__name__}: {e}"))
+        finally:
+            self.in_flight -= 1
+
+    def _together(self, sessions: list[Session], steps: list[Step]) -> list[torch.Tensor]:
+        small = sum(st.hidden.shape[0] for st in steps) <= self.policy.small_step_tokens
+        with torch_threads(self.policy.small_step_threads if small else 0):
+            return run_together(self.blocks, sessions[0].span, sessions, steps)
 
     def _step(self, session: Session, step: Step) -> torch.Tensor:
         small = step.hidden.shape[0] * step.hidden.shape[1] <= self.policy.small_step_tokens

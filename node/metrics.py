@@ -191,6 +191,15 @@ class _ServicerCollector:
         yield _labelled(CounterMetricFamily, "swarmlm_node_lora_cache", "requests naming a client LoRA adapter "
                         "without its weights: cached here (hit) or not (miss: the client re-sends them)", "result",
                         {"hit": s.adapters.cache.hits, "miss": s.adapters.cache.misses})
+        if s.batcher is not None:
+            stats = s.batcher.stats
+            yield _labelled(CounterMetricFamily, "swarmlm_node_decode_calls", "decode block calls through the "
+                            "batcher (node.batching), by how many sessions' steps each computed", "sessions",
+                            {str(n): count for n, count in sorted(stats.calls.items())})
+            yield _labelled(CounterMetricFamily, "swarmlm_node_decode_batch_events", "batcher events: waits that "
+                            "ran out before every expected session came (expired), batched calls that failed and "
+                            "ran one session at a time (fallback)", "event",
+                            {"expired": stats.expired, "fallback": stats.fallbacks})
         yield _labelled(CounterMetricFamily, "swarmlm_node_sessions_refused", "inference sessions refused, by "
                         "reason", "reason", dict(s.counts.refused))
 
