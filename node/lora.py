@@ -178,6 +178,9 @@ def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, t
     config = json.loads((directory / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    if config.get("use_dora"):  # served as plain LoRA it would be another adapter: refused, never approximated
+        raise ValueError(f"{directory} is a DoRA adapter; nodes serve plain LoRA adapters only (a client applies "
+                         "DoRA: DistributedPeftModel.from_pretrained)")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     weights: dict[tuple[int, str], list] = {}

@@ -182,3 +182,61 @@ def test_nodes_refuse_malformed_adapters(method, module, match, swarm):
     assert __import__("re").search(match, err.value.details()), err.value.details()
     with grpc.insecure_channel(node.address) as channel:  # and keeps serving
         assert pb_grpc.NodeStub(channel).Info(pb.InfoRequest(), timeout=30).model == node.node.model_key
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["deep-prompts", "deep-prompts-projection"])
+def test_p_tuning_v2_trains_and_generates_like_local_peft(projection, client, tiny_path, tmp_path):
+    """p-tuning v2 (deep prompts at every layer) is PEFT's prefix tuning, with and without prefix_projection:
+    four AdamW steps equal local PEFT from the same start; the saved adapter gives plain PEFT the same logits;
+    generate() equals PEFT's greedy continuation (its forward() re-run: tests/peft_reference.py)."""
+    from peft import PrefixTuningConfig
+
+    from tests.peft_reference import greedy_by_forward, peft_generate_is_sound
+
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=projection,
+                                encoder_hidden_size=16)
+    torch.manual_seed(3)
+    local = local_get_peft_model(local_model(tiny_path), copy.deepcopy(config))
+    ours = get_peft_model(client(), copy.deepcopy(config))
+    local_params = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters()
+                    if "prompt_encoder" in k}
+    with torch.no_grad():  # large enough prefixes to change what the model says
+        for p in local_params.values():
+            p.mul_(8.0)
+    ours.adapter.encoder.load_state_dict(local_params)
+    ids, mask, labels = batch()
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    opt_local = torch.optim.AdamW(list(local_params.values()), lr=1e-2)
+    for _ in range(4):
+        step = []
+        for model, opt in ((ours, opt_ours), (local, opt_local)):
+            opt.zero_grad()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            step.append(loss.item())
+        assert step[0] == pytest.approx(step[1], abs=1e-5)
+    for name, p in ours.adapter.encoder.named_parameters():
+        assert torch.allclose(p, local_params[name], atol=1e-5), name
+    ours.save_pretrained(tmp_path / "prefix")
+    loaded = PeftModel.from_pretrained(local_model(tiny_path), tmp_path / "prefix").eval()
+    ours.eval(), local.eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids, attention_mask=mask).logits,
+                              loaded(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ref = greedy_by_forward(local, ids, mask, 10, position_offset=0)
+    with torch.no_grad():
+        assert not torch.equal(ref, local.get_base_model().generate(input_ids=ids, attention_mask=mask, **kwargs))
+        if peft_generate_is_sound():
+            assert torch.equal(local.generate(input_ids=ids, attention_mask=mask, **kwargs), ref)
+    assert torch.equal(ours.generate(ids, attention_mask=mask, **kwargs), ref)
+
+
+def test_nodes_do_not_serve_a_dora_adapter_as_plain_lora(tiny_path, tmp_path):
+    from node.lora import load_peft_adapter
+    from swarm.arch import projection_shapes
+
+    folder = saved_initialisation(tiny_path, METHODS["dora"], tmp_path / "dora")
+    with pytest.raises(ValueError, match="DoRA adapter"):
+        load_peft_adapter(folder, 0, 6, projection_shapes(local_model(tiny_path).config))
