@@ -71,6 +71,19 @@ class ClientAdapter(nn.Module):
     def module_tensors(self, i: int) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    def empty_module(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Tensors of an exact zero update of module ``i`` (sent when no module of a span has anything to send)."""
+        raise NotImplementedError
+
+    def _span_modules(self, span: Span) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+        """(index, tensors) of the modules sent for blocks ``span``: those with tensors (an AdaLoRA module whose
+        ranks are all masked has none), or one exact zero update if none has any (a message names its modules)."""
+        picked = [(i, self.module_tensors(i)) for i, key in enumerate(self.keys) if key[0] in span]
+        sent = [(i, tensors) for i, tensors in picked if tensors]
+        if picked and not sent:
+            sent = [(picked[0][0], self.empty_module(picked[0][0]))]
+        return sent
+
     def module_flags(self, i: int) -> dict[str, Any]:
         """Extra LoraModule fields of module ``i`` (IA3's ia3_input)."""
         return {}
@@ -102,9 +115,9 @@ class ClientAdapter(nn.Module):
         if with_weights or (version, span) not in self._digests:
             fields = MODULE_FIELDS[self.method]
             with torch.no_grad():
-                modules = [pb.LoraModule(block=block, module=path, **self.module_flags(i),
-                                         **{f: serialize(t.detach()) for f, t in zip(fields, self.module_tensors(i))})
-                           for i, (block, path) in enumerate(self.keys) if block in span]
+                modules = [pb.LoraModule(block=self.keys[i][0], module=self.keys[i][1], **self.module_flags(i),
+                                         **{f: serialize(t.detach()) for f, t in zip(fields, tensors)})
+                           for i, tensors in self._span_modules(span)]
             if any(v != version for v, _ in self._digests):  # only the current version's are ever named
                 self._digests.clear()
             self._digests[(version, span)] = lora_digest(modules)
@@ -116,10 +129,10 @@ class ClientAdapter(nn.Module):
     def shapes(self, span: Span) -> dict[tuple[int, str], tuple[torch.Tensor, ...]]:
         """The tensors of the modules inside ``span``: what their gradients must look like."""
         with torch.no_grad():
-            return {key: self.module_tensors(i) for i, key in enumerate(self.keys) if key[0] in span}
+            return {self.keys[i]: tensors for i, tensors in self._span_modules(span)}
 
     def gradients(self, grads: dict) -> list[torch.Tensor]:
-        """Gradients in ``wire_tensors`` order; zeros for modules not reached."""
+        """Gradients in ``wire_tensors`` order; zeros for modules not reached (an empty module's are dropped)."""
         out = []
         for i, key in enumerate(self.keys):
             tensors = self.module_tensors(i)

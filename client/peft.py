@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from client import compat
 from client.adapters import ClientAdapter, RemoteLora
+from client.adalora import RemoteAdaLora
 from client.ia3 import RemoteIA3
 from client.classification import DistributedModelForSequenceClassification
 from client.model import DistributedModelForCausalLM
@@ -40,7 +41,9 @@ class DistributedPeftModel(nn.Module):
         if isinstance(model, DistributedModelForSequenceClassification):
             model.score.requires_grad_(True)  # the head trains with the adapter, as PEFT's SEQ_CLS task does
         self.prompt: RemotePrompt | None = None
-        if isinstance(peft_config, LoraConfig):
+        if isinstance(peft_config, AdaLoraConfig):  # before LoraConfig: AdaLoraConfig is one
+            model.model.layers.lora = RemoteAdaLora(model.config, peft_config, loaded=not init_weights)
+        elif isinstance(peft_config, LoraConfig):
             model.model.layers.lora = RemoteLora(model.config, peft_config)
             if peft_config.use_dora and init_weights:
                 from client.dora import init_magnitudes
@@ -54,7 +57,7 @@ class DistributedPeftModel(nn.Module):
             model.model.layers.prefix = RemotePrefix(model.config, peft_config)
         else:
             raise TypeError(f"{type(peft_config).__name__} is not supported over the swarm; use LoraConfig, "
-                            "IA3Config, PromptTuningConfig, PromptEncoderConfig or PrefixTuningConfig")
+                            "AdaLoraConfig, IA3Config, PromptTuningConfig, PromptEncoderConfig or PrefixTuningConfig")
 
     @property
     def chain(self):
@@ -88,8 +91,20 @@ class DistributedPeftModel(nn.Module):
             inputs_embeds, attention_mask, labels = self.prompt.extend(inputs_embeds, attention_mask, labels)
             input_ids = position_ids = None
         extra = {"logits_to_keep": logits_to_keep} if isinstance(self.base_model, DistributedModelForCausalLM) else {}
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, labels=labels, **extra)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds, labels=labels, **extra)
+        if isinstance(self.adapter, RemoteAdaLora) and out.loss is not None and self.peft_config.task_type:
+            # AdaLoRA's orthogonal regularisation joins the loss as PEFT's task models (PeftModelForCausalLM, ...)
+            # add it; PEFT's plain PeftModel (no task_type) calls the transformers model directly and adds none
+            out.loss = out.loss + self.peft_config.orth_reg_weight * self.adapter.orthogonal_regularization()
+        return out
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update importances and the rank budget (PEFT's ``model.base_model.update_and_allocate``);
+        call after optimizer.step() and before zero_grad()."""
+        if not isinstance(self.adapter, RemoteAdaLora):
+            raise TypeError("update_and_allocate is AdaLoRA's; this model's adapter is another method")
+        self.adapter.update_and_allocate(global_step)
 
     def generate(self, *args, **kwargs):
         """generate() with the adapter, giving the tokens PEFT's generate() gives: LoRA (DoRA, IA3) weights go to every
@@ -168,6 +183,8 @@ class DistributedPeftModel(nn.Module):
         """Load a PEFT adapter (trained here or locally with PEFT) onto a distributed model."""
         directory = Path(directory)
         config = PeftConfig.from_pretrained(str(directory))
+        if isinstance(config, AdaLoraConfig):  # as PEFT loads it: the rank allocator only for a trainable adapter
+            config.inference_mode = not is_trainable
         peft = cls(model, config, init_weights=False)
         state = load_file(str(directory / ADAPTER_WEIGHTS))
         if isinstance(model, DistributedModelForSequenceClassification) and SCORE_KEY in state:

@@ -240,3 +240,52 @@ def test_nodes_do_not_serve_a_dora_adapter_as_plain_lora(tiny_path, tmp_path):
     folder = saved_initialisation(tiny_path, METHODS["dora"], tmp_path / "dora")
     with pytest.raises(ValueError, match="DoRA adapter"):
         load_peft_adapter(folder, 0, 6, projection_shapes(local_model(tiny_path).config))
+
+
+ADALORA = dict(task_type="CAUSAL_LM", init_r=6, target_r=2, tinit=1, tfinal=1, deltaT=1, total_step=5, lora_alpha=8, orth_reg_weight=0.5,
+               target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def test_adalora_with_its_rank_allocator_equals_local_peft(client, tiny_path, tmp_path):
+    """Five AdamW steps with update_and_allocate(step) after each: warm-up, two budgeting steps, the final
+    allocation, one step at the final budget. Losses (orthogonal regularisation included), the rank pattern and
+    the adapter equal local PEFT's; after the final allocation masked ranks are not sent; the saved adapter (resized
+    by its rank pattern, as PEFT saves it) gives plain PEFT the same logits and generate()."""
+    from peft import AdaLoraConfig
+
+    folder = saved_initialisation(tiny_path, AdaLoraConfig(**ADALORA), tmp_path / "start")
+    ours = DistributedPeftModel.from_pretrained(client(), folder, is_trainable=True)
+    local = PeftModel.from_pretrained(local_model(tiny_path), folder, is_trainable=True)
+    adapters_equal(ours, local)
+    ids, mask, labels = batch()
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=2e-2)
+    opt_local = torch.optim.AdamW([p for p in local.parameters() if p.requires_grad], lr=2e-2)
+    for step in range(1, 6):
+        losses = []
+        for model, opt, allocate in ((ours, opt_ours, ours.update_and_allocate),
+                                     (local, opt_local, local.base_model.update_and_allocate)):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            allocate(step)
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-5), step
+    pattern = local.peft_config["default"].rank_pattern
+    assert ours.peft_config.rank_pattern == pattern and pattern
+    kept = sum(sum(v) for v in pattern.values())
+    assert kept == 2 * len(pattern) < 6 * len(pattern)  # the budget: target_r per module
+    message = ours.adapter.message(Span(0, 6), with_weights=True)
+    assert sum(m.a.shape[0] for m in message.modules) == kept  # masked ranks cost no wire bytes
+    adapters_equal(ours, local)
+
+    ours.save_pretrained(tmp_path / "trained")
+    loaded = PeftModel.from_pretrained(local_model(tiny_path), tmp_path / "trained").eval()
+    again = DistributedPeftModel.from_pretrained(client(), tmp_path / "trained").eval()
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(logits, loaded(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+        assert torch.allclose(logits, again(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(again.generate(ids, **kwargs), loaded.generate(input_ids=ids, **kwargs))
