@@ -13,7 +13,7 @@ from typing import Awaitable, Callable, TypeVar
 import grpc
 import torch
 
-from client.adapters import RemoteLora
+from client.adapters import ClientAdapter
 
 from client.config import ClientConfig
 from client.routing import Router
@@ -65,7 +65,7 @@ class SwarmLink:
 class LoraUse:
     """The client's adapter as one forward/backward pair uses it (same dropout masks in both)."""
 
-    adapter: RemoteLora
+    adapter: ClientAdapter
     dropout_seed: int
     version: int  # the adapter's version when the forward pass started
 

@@ -88,7 +88,10 @@ def _add_generate(sub) -> None:
 
 
 def _add_finetune(sub) -> None:
-    ft = sub.add_parser("finetune", help="train a LoRA adapter through the swarm on a .jsonl or .txt file")
+    from client.methods import METHODS  # a plain tuple: client.methods imports peft only when a config is built
+
+    ft = sub.add_parser("finetune", help="train an adapter (LoRA, DoRA, AdaLoRA, IA3, prompt, p-tuning, prefix) "
+                                         "through the swarm on a .jsonl or .txt file")
     ft.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of DHT peers")
     ft.add_argument("--lan", action="store_true", help=LAN_LISTEN_HELP)
     ft.add_argument("--model", required=True, help="checkpoint directory or hub id (with its tokenizer)")
@@ -102,10 +105,26 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     ft.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     ft.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 for none (default 1)")
-    ft.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default 8)")
+    ft.add_argument("--method", default="lora", choices=METHODS,
+                    help="PEFT method (default lora): dora = LoRA with DoRA's magnitudes, adalora = budgeted ranks, "
+                         "ia3 = learned scaling, prompt = prompt tuning, ptuning = p-tuning, prefix = prefix tuning "
+                         "(p-tuning v2's deep prompts)")
+    ft.add_argument("--lora-r", type=int, default=8, help="LoRA / DoRA rank (default 8)")
     ft.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (default 16)")
     ft.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
-    ft.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated projections to adapt")
+    ft.add_argument("--target-modules", default=None, help="comma-separated projections to adapt (lora, dora, adalora, "
+                    "ia3; default q_proj,v_proj, for ia3 PEFT's defaults)")
+    ft.add_argument("--feedforward-modules", default=None,
+                    help="ia3: comma-separated projections whose input is scaled (default: PEFT's)")
+    ft.add_argument("--adalora-init-r", type=int, default=12, help="adalora: starting rank (default 12)")
+    ft.add_argument("--adalora-target-r", type=int, default=8, help="adalora: average final rank (default 8)")
+    ft.add_argument("--adalora-tinit", type=int, default=0, help="adalora: warm-up steps before masking (default 0)")
+    ft.add_argument("--adalora-tfinal", type=int, default=0, help="adalora: final steps at the final budget (default 0)")
+    ft.add_argument("--adalora-delta-t", type=int, default=1, help="adalora: steps between allocations (default 1)")
+    ft.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt, ptuning, prefix: virtual tokens (default 20)")
+    ft.add_argument("--encoder-hidden-size", type=int, default=None,
+                    help="ptuning, prefix with --prefix-projection: the prompt encoder's hidden size (default: PEFT's)")
+    ft.add_argument("--prefix-projection", action="store_true", help="prefix: reparameterise prefixes with an MLP")
     ft.add_argument("--save-every", type=int, default=0, help="also save OUTPUT/checkpoint-STEP every N steps")
     ft.add_argument("--log-every", type=int, default=1, help="print the loss every N steps (default 1)")
     ft.add_argument("--resume", action="store_true",

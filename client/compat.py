@@ -135,3 +135,42 @@ def prompt_encoders() -> tuple[type, type, type]:
     from peft.tuners.prompt_tuning import PromptEmbedding
 
     return PromptEmbedding, PromptEncoder, PrefixEncoder
+
+
+def ia3_modules(ia3_config: Any, model_config: Any) -> tuple[Any, Any]:
+    """An IA3Config's (target_modules, feedforward_modules), PEFT's defaults for the model type where unset
+    (``peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_*_MAPPING``, as ``IA3Model`` fills them)."""
+    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+
+    targets, feedforward = ia3_config.target_modules, ia3_config.feedforward_modules
+    if targets is None or feedforward is None:
+        kind = model_config.model_type
+        if kind not in TARGETS or kind not in FEEDFORWARD:
+            raise ValueError(f"PEFT has no default IA3 modules for {kind!r}: give target_modules and "
+                             "feedforward_modules")
+        targets = TARGETS[kind] if targets is None else targets
+        feedforward = FEEDFORWARD[kind] if feedforward is None else feedforward
+    return targets, feedforward
+
+
+def adalora_rank_allocator(weights: Any, config: Any, adapter: str) -> Any:
+    """PEFT's AdaLoRA ``RankAllocator`` over ``weights``, a module whose parameters are named as in PEFT's
+    wrapped model (``....lora_A.<adapter>``, ``lora_E``, ``lora_B``): the allocator only reads those names
+    (``peft.tuners.adalora.layer.RankAllocator``, 0.21)."""
+    from peft.tuners.adalora.layer import RankAllocator
+
+    return RankAllocator(weights, config, adapter)
+
+
+def adalora_update_and_allocate(weights: Any, config: Any, allocator: Any, adapter: str, global_step: int) -> None:
+    """PEFT's own ``AdaLoraModel.update_and_allocate`` run on the client's weights: it reads only
+    ``peft_config``, ``trainable_adapter_name``, ``rankallocator`` and ``model`` from its model (0.21), so the
+    budget schedule, masking and rank_pattern are PEFT's to the letter."""
+    from types import SimpleNamespace
+
+    from peft.tuners.adalora import AdaLoraModel
+
+    owner = SimpleNamespace(peft_config={adapter: config}, trainable_adapter_name=adapter, rankallocator=allocator,
+                            model=weights)
+    AdaLoraModel.update_and_allocate(owner, global_step)

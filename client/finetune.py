@@ -1,4 +1,5 @@
-"""`swarm finetune`: train a LoRA adapter through the swarm on a text file, with checkpoints and resume.
+"""`swarm finetune`: train an adapter (LoRA, DoRA, AdaLoRA, IA3, prompt / p- / prefix tuning: client/methods.py)
+through the swarm on a text file, with checkpoints and resume.
 
 The client holds every trainable weight (the adapter) and the optimizer; the nodes apply the adapter
 and return its gradients. Data: ``.jsonl`` (one JSON object per line: a "text", a "prompt" and a
@@ -51,7 +52,17 @@ class FinetuneOptions:
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
-    target_modules: str = "q_proj,v_proj"
+    target_modules: str | None = None  # None: q_proj,v_proj for the LoRA family, PEFT's defaults for IA3
+    method: str = "lora"  # lora, dora, adalora, ia3, prompt, ptuning or prefix (client/methods.py)
+    feedforward_modules: str | None = None  # IA3: projections whose input is scaled (None: PEFT's defaults)
+    adalora_init_r: int = 12  # AdaLoRA: starting rank of every module
+    adalora_target_r: int = 8  # AdaLoRA: average rank left when the budget is final
+    adalora_tinit: int = 0  # AdaLoRA: warm-up steps before ranks are masked
+    adalora_tfinal: int = 0  # AdaLoRA: last steps trained at the final budget
+    adalora_delta_t: int = 1  # AdaLoRA: steps between rank allocations
+    num_virtual_tokens: int = 20  # prompt / ptuning / prefix: virtual tokens
+    encoder_hidden_size: int | None = None  # ptuning / prefix with projection: the encoder's hidden size
+    prefix_projection: bool = False  # prefix: reparameterise the prefixes with an MLP (p-tuning v2's option)
     save_every: int = 0
     log_every: int = 1
     resume: bool = False
@@ -73,6 +84,12 @@ class FinetuneOptions:
             raise FinetuneError("--save-every, --max-grad-norm and --weight-decay must be >= 0 and --lr > 0")
         if not 0 <= self.lora_dropout < 1:
             raise FinetuneError("--lora-dropout must be in [0, 1)")
+        from client.methods import peft_config
+
+        try:  # the method's own checks (PEFT's config classes), before anything joins the swarm
+            peft_config(self)
+        except (ValueError, TypeError) as e:
+            raise FinetuneError(str(e)) from None
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -254,9 +271,8 @@ def say(msg: str) -> None:
 
 
 def build_model(opts: FinetuneOptions, resume_from: Path | None):
-    from peft import LoraConfig
-
     from client import AutoDistributedModelForCausalLM, DistributedPeftModel, get_peft_model
+    from client.methods import peft_config
 
     private = {"swarm_key": opts.swarm_key} if opts.swarm_key else {}
     if opts.tls_ca:
@@ -266,10 +282,7 @@ def build_model(opts: FinetuneOptions, resume_from: Path | None):
     try:
         if resume_from is not None:
             return DistributedPeftModel.from_pretrained(base, resume_from, is_trainable=True)
-        targets = [t.strip() for t in opts.target_modules.split(",") if t.strip()]
-        config = LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                            target_modules=targets)
-        return get_peft_model(base, config)
+        return get_peft_model(base, peft_config(opts))
     except (ValueError, TypeError) as e:
         base.close()
         raise FinetuneError(str(e)) from None
@@ -281,6 +294,8 @@ def build_model(opts: FinetuneOptions, resume_from: Path | None):
 def run(opts: FinetuneOptions) -> int:
     """Train; returns the exit status. Raises FinetuneError / CheckpointError / DHTStartError / NoRouteError /
     RemoteCallError for the CLI to report in one line."""
+    from client.methods import describe
+
     opts.check()
     output = Path(opts.output)
     texts = read_texts(opts.data)
@@ -299,9 +314,8 @@ def run(opts: FinetuneOptions) -> int:
         start = _resume(model, optimizer, resume, opts) if resume is not None else 0
         model.train()
         trainable, _ = model.trainable_parameters()
-        cfg = model.peft_config
-        say(f"{len(examples)} examples from {opts.data}; {trainable:,d} trainable parameters (LoRA r="
-            f"{getattr(cfg, 'r', '?')} on {','.join(sorted(getattr(cfg, 'target_modules', None) or []))})")
+        say(f"{len(examples)} examples from {opts.data}; {trainable:,d} trainable parameters "
+            f"({describe(model.peft_config)})")
         loss_value = _train(model, optimizer, params, tokenizer, examples, opts, output, start)
         if start >= opts.steps:
             say(f"already at step {start} (--steps {opts.steps}); nothing to train")
@@ -316,12 +330,22 @@ def run(opts: FinetuneOptions) -> int:
 def _check_output(opts: FinetuneOptions, output: Path) -> tuple[Path, int] | None:
     """The checkpoint to resume from (with --resume), refusing to overwrite a run without it."""
     resume = latest_checkpoint(output) if opts.resume else None
+    if opts.resume and (opts.method == "adalora" or (resume and _saved_method(resume[0]) == "ADALORA")):
+        raise FinetuneError("--resume is not supported for AdaLoRA: its rank allocator's importance scores are not "
+                            "checkpointed, so a resumed run would allocate other ranks than an uninterrupted one")
     if opts.resume and resume is None:
         raise FinetuneError(f"--resume: no checkpoint in {output} (a folder with {STATE_FILE})")
     if not opts.resume and latest_checkpoint(output) is not None:
         raise FinetuneError(f"{output} already holds a training run; pass --resume to continue it "
                             f"or choose another --output")
     return resume
+
+
+def _saved_method(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _resume(model, optimizer, resume: tuple[Path, int], opts: FinetuneOptions) -> int:
@@ -365,6 +389,8 @@ def _train(model, optimizer, params, tokenizer, examples, opts: FinetuneOptions,
             if opts.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
             optimizer.step()
+            if hasattr(model.adapter, "update_and_allocate"):  # AdaLoRA's rank budget, after the step as PEFT's
+                model.update_and_allocate(step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}")
             if step % opts.log_every == 0 or step == opts.steps:

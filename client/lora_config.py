@@ -1,9 +1,10 @@
 """Which PEFT ``LoraConfig`` settings the swarm runs exactly; everything else is refused, never approximated.
 
 The nodes apply ``y = W x + scaling * B A dropout(x)`` to whole projections of every targeted block, with A and
-B initialised as PEFT's default does. A setting that changes that math (AdaLoRA's SVD form, DoRA, per-module
-ranks, LoRA biases, ...) or needs the base weights on the client (PiSSA, LoftQ, EVA, ... initialisations) would
-silently give another adapter than local PEFT, so it is refused with its name.
+B initialised as PEFT's default does, or DoRA's form of it (``use_dora=True``: the nodes hold W, so they compute
+its row norms; client/dora.py). A setting that changes that math (per-module ranks, LoRA biases, ...) or needs
+the base weights on the client (PiSSA, LoftQ, EVA, ... initialisations) would silently give another adapter than
+local PEFT, so it is refused with its name. AdaLoRA has a config of its own (client/adalora.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ HONOURED = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "r", "target_modules", "lora_alpha", "lora_dropout", "use_rslora", "runtime_config",
     "fan_in_fan_out",  # how the base weight is stored (PEFT sets it from the module: True for GPT-2's Conv1D)
+    "use_dora",  # the nodes apply DoRA with PEFT's math (node/lora.py); magnitudes start as PEFT's (client/dora.py)
     "init_lora_weights",  # checked below: the initialisations that need no base weights are done as PEFT does
 })
 INITS = (True, False, "gaussian")

@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from client import compat
-from client.adapters import RemoteLora
+from client.adapters import ClientAdapter, RemoteLora
+from client.adalora import RemoteAdaLora
+from client.ia3 import RemoteIA3
 from client.classification import DistributedModelForSequenceClassification
 from client.model import DistributedModelForCausalLM
 from client.prompts import RemotePrefix, RemotePrompt
@@ -29,7 +31,9 @@ DistributedModel = DistributedModelForCausalLM | DistributedModelForSequenceClas
 class DistributedPeftModel(nn.Module):
     """A distributed causal LM with a client-held adapter; frozen everywhere else."""
 
-    def __init__(self, model: DistributedModel, peft_config: PeftConfig):
+    def __init__(self, model: DistributedModel, peft_config: PeftConfig, init_weights: bool = True):
+        """``init_weights=False``: weights that need the base model to start (DoRA's magnitudes) are left unset,
+        for ``from_pretrained`` to load."""
         super().__init__()
         self.base_model = model
         self.peft_config = peft_config
@@ -37,15 +41,23 @@ class DistributedPeftModel(nn.Module):
         if isinstance(model, DistributedModelForSequenceClassification):
             model.score.requires_grad_(True)  # the head trains with the adapter, as PEFT's SEQ_CLS task does
         self.prompt: RemotePrompt | None = None
-        if isinstance(peft_config, LoraConfig):
+        if isinstance(peft_config, AdaLoraConfig):  # before LoraConfig: AdaLoraConfig is one
+            model.model.layers.lora = RemoteAdaLora(model.config, peft_config, loaded=not init_weights)
+        elif isinstance(peft_config, LoraConfig):
             model.model.layers.lora = RemoteLora(model.config, peft_config)
+            if peft_config.use_dora and init_weights:
+                from client.dora import init_magnitudes
+
+                init_magnitudes(model.model.layers.lora, model.config)
+        elif isinstance(peft_config, IA3Config):
+            model.model.layers.lora = RemoteIA3(model.config, peft_config)
         elif isinstance(peft_config, (PromptTuningConfig, PromptEncoderConfig)):
             self.prompt = RemotePrompt(model.config, peft_config, model.get_input_embeddings())
         elif isinstance(peft_config, PrefixTuningConfig):
             model.model.layers.prefix = RemotePrefix(model.config, peft_config)
         else:
             raise TypeError(f"{type(peft_config).__name__} is not supported over the swarm; use LoraConfig, "
-                            "PromptTuningConfig, PromptEncoderConfig or PrefixTuningConfig")
+                            "AdaLoraConfig, IA3Config, PromptTuningConfig, PromptEncoderConfig or PrefixTuningConfig")
 
     @property
     def chain(self):
@@ -67,7 +79,7 @@ class DistributedPeftModel(nn.Module):
         self.close()
 
     @property
-    def adapter(self) -> RemoteLora | RemotePrompt | RemotePrefix:
+    def adapter(self) -> ClientAdapter | RemotePrompt | RemotePrefix:
         layers = self.base_model.model.layers
         return self.prompt or layers.prefix or layers.lora
 
@@ -79,14 +91,26 @@ class DistributedPeftModel(nn.Module):
             inputs_embeds, attention_mask, labels = self.prompt.extend(inputs_embeds, attention_mask, labels)
             input_ids = position_ids = None
         extra = {"logits_to_keep": logits_to_keep} if isinstance(self.base_model, DistributedModelForCausalLM) else {}
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                               inputs_embeds=inputs_embeds, labels=labels, **extra)
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              inputs_embeds=inputs_embeds, labels=labels, **extra)
+        if isinstance(self.adapter, RemoteAdaLora) and out.loss is not None and self.peft_config.task_type:
+            # AdaLoRA's orthogonal regularisation joins the loss as PEFT's task models (PeftModelForCausalLM, ...)
+            # add it; PEFT's plain PeftModel (no task_type) calls the transformers model directly and adds none
+            out.loss = out.loss + self.peft_config.orth_reg_weight * self.adapter.orthogonal_regularization()
+        return out
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA: update importances and the rank budget (PEFT's ``model.base_model.update_and_allocate``);
+        call after optimizer.step() and before zero_grad()."""
+        if not isinstance(self.adapter, RemoteAdaLora):
+            raise TypeError("update_and_allocate is AdaLoRA's; this model's adapter is another method")
+        self.adapter.update_and_allocate(global_step)
 
     def generate(self, *args, **kwargs):
-        """generate() with the adapter, giving the tokens PEFT's generate() gives: LoRA weights go to every
+        """generate() with the adapter, giving the tokens PEFT's generate() gives: LoRA (DoRA, IA3) weights go to every
         node of the session; prompt-tuning and p-tuning prompts are prepended when a session starts (their
         keys and values then stay in the nodes' caches); prefix-tuning keys/values start every node's cache."""
-        if isinstance(self.adapter, RemoteLora):
+        if isinstance(self.adapter, ClientAdapter):
             return self.base_model.generate(*args, **kwargs)
         if kwargs.get("use_cache") is False:
             raise ValueError("prompt and prefix adapters generate with the nodes' caches only (use_cache=True)")
@@ -159,13 +183,15 @@ class DistributedPeftModel(nn.Module):
         """Load a PEFT adapter (trained here or locally with PEFT) onto a distributed model."""
         directory = Path(directory)
         config = PeftConfig.from_pretrained(str(directory))
-        peft = cls(model, config)
+        if isinstance(config, AdaLoraConfig):  # as PEFT loads it: the rank allocator only for a trainable adapter
+            config.inference_mode = not is_trainable
+        peft = cls(model, config, init_weights=False)
         state = load_file(str(directory / ADAPTER_WEIGHTS))
         if isinstance(model, DistributedModelForSequenceClassification) and SCORE_KEY in state:
             with torch.no_grad():
                 model.score.weight.copy_(state.pop(SCORE_KEY))
             model.score.requires_grad_(is_trainable)
-        if not isinstance(peft.adapter, RemoteLora):
+        if not isinstance(peft.adapter, ClientAdapter):
             peft.adapter.load_peft_state_dict(state, is_trainable)
         else:
             peft.adapter.load_peft_state_dict(state)

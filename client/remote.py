@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from client.adapters import RemoteLora
+from client.adapters import ClientAdapter
 from client.chain import LoraUse, RemoteChain
 from client.prompts import RemotePrefix
 
@@ -32,7 +32,7 @@ class RemoteBlocks(nn.Module):
     def __init__(self, chain: RemoteChain):
         super().__init__()
         self.chain = chain
-        self.lora: RemoteLora | None = None  # client-held LoRA weights the nodes apply, if any
+        self.lora: ClientAdapter | None = None  # client-held LoRA / DoRA / IA3 / AdaLoRA weights the nodes apply, if any
         self.prefix: RemotePrefix | None = None  # client-held prefix-tuning keys/values, if any
 
     @property
@@ -48,7 +48,7 @@ class RemoteBlocks(nn.Module):
             if attention_mask is None:
                 attention_mask = torch.ones(batch, seq, dtype=torch.int64)
             attention_mask = torch.cat([attention_mask.new_ones(batch, self.prefix_length), attention_mask], dim=1)
-        params = [*self.lora.lora_A, *self.lora.lora_B] if self.lora is not None else []
+        params = self.lora.wire_tensors() if self.lora is not None else []
         # will a backward pass follow? then nodes keep this pass's activations instead of recomputing
         for_backward = torch.is_grad_enabled() and any(
             t.requires_grad for t in [hidden, *params, *([prefix] if prefix is not None else [])])

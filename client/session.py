@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from client.adapters import RemoteLora
+from client.adapters import ClientAdapter
 from client.chain import SwarmLink
 from client.policy import Attempts
 from client.prompts import RemotePrefix
@@ -89,7 +89,7 @@ class _OpenFailed(Exception):
 class InferenceSession:
     """Server-side caches along a route, for generation. Use as a context manager."""
 
-    def __init__(self, link: SwarmLink, max_length: int, lora: RemoteLora | None = None,
+    def __init__(self, link: SwarmLink, max_length: int, lora: ClientAdapter | None = None,
                  prefix: RemotePrefix | None = None):
         """``link``: the chain's connection to the swarm (``RemoteChain.link``). ``max_length`` counts every
         position, a prefix-tuning ``prefix``'s virtual ones included."""

@@ -254,14 +254,14 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
 
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
-                        timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                        timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, ...]] | None = None,
                         prefix_like: torch.Tensor | None = None, token: str = "", tls: bool | None = None):
     """d loss / d input, d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``) and
     d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
     try:
         request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad), backward_token=token)
         # gradients of the inputs, the prefix sent and the LoRA weights (which a weightless request only names)
-        grads = sum(4 * (a.numel() + b.numel()) for a, b in (lora_like or {}).values())
+        grads = sum(4 * t.numel() for like in (lora_like or {}).values() for t in like)
         resp = await conns.stub(address, tls, request.ByteSize() + grads).Backward(request, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise conns.error(address, e.code(), e.details() or "", tls) from None
@@ -272,8 +272,9 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
         key = (m.block, m.module)
         if lora_like is None or key not in lora_like:
             raise RemoteCallError(address, None, f"unexpected LoRA gradient for {key}")
-        a, b = lora_like[key]
-        lora_grads[key] = (decode_tensor(address, m.a, a), decode_tensor(address, m.b, b))
+        like = lora_like[key]  # LoRA (A, B), DoRA (A, B, magnitude) or IA3 (ia3_l,): proto.tensors.MODULE_FIELDS
+        fields = {2: ("a", "b"), 3: ("a", "b", "magnitude"), 1: ("ia3",)}[len(like)]
+        lora_grads[key] = tuple(decode_tensor(address, getattr(m, f), t) for f, t in zip(fields, like))
     grad_prefix = None
     if prefix_like is not None:
         if not resp.HasField("grad_prefix"):

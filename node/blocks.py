@@ -203,7 +203,7 @@ class SavedPass:
 
     span: Span
     out: torch.Tensor
-    leaves: list[torch.Tensor]  # [input hidden, (A, B) per LoRA module..., prefix?]
+    leaves: list[torch.Tensor]  # [input hidden, the tensors of each adapter module (A, B, ...)..., prefix?]
     lora: Lora | None
     has_prefix: bool
 
@@ -268,14 +268,16 @@ def forward_for_backward(
 
 
 def backward_saved(saved: SavedPass, grad_outputs: torch.Tensor
-                   ) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-    """Gradients of a kept forward pass: input, LoRA (A, B) per module, prefix."""
+                   ) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, ...]], torch.Tensor | None]:
+    """Gradients of a kept forward pass: input, each adapter module's tensors (LoRA A, B, ...), prefix."""
     grads = torch.autograd.grad(saved.out, saved.leaves, grad_outputs.to(saved.out.dtype), allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(t) for g, t in zip(grads, saved.leaves)]
     lora_grads = {}
     if saved.lora is not None:
-        for i, key in enumerate(saved.lora.weights):
-            lora_grads[key] = (grads[1 + 2 * i], grads[2 + 2 * i])
+        at = 1
+        for key, tensors in saved.lora.weights.items():  # each module's tensors, as laid out in leaves
+            lora_grads[key] = tuple(grads[at:at + len(tensors)])
+            at += len(tensors)
     return grads[0], lora_grads, grads[-1] if saved.has_prefix else None
 
 
@@ -288,7 +290,7 @@ def backward_span(
     position_ids: torch.Tensor | None = None,
     lora: Lora | None = None,
     prefix: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+) -> tuple[torch.Tensor, dict[tuple[int, str], tuple[torch.Tensor, ...]], torch.Tensor | None]:
     """d loss / d hidden for blocks ``span``, d loss / d (A, B) of ``lora``'s modules there and
     d loss / d ``prefix``, recomputing the forward pass (the node keeps nothing between calls)."""
     saved = forward_for_backward(blocks, span, hidden, attention_mask, position_ids, lora, prefix)

@@ -23,7 +23,7 @@ from node.requests import (Adapters, Limits, RequestError, capped, Step, parse_b
 from node.sessions import CacheBudget, ClientSessions, Holding, Session, client_of, run_step
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
-from proto.tensors import serialize
+from proto.tensors import MODULE_FIELDS, serialize
 from swarm import __version__
 from swarm.spans import NodeState
 
@@ -113,9 +113,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         else:  # stateless: recompute the forward pass from the inputs the client sent again
             out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
         self._count("backward", x.hidden)
+        fields = MODULE_FIELDS[x.lora.method] if x.lora is not None else ()
         response = pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
-            pb.LoraModule(block=block, module=name, a=serialize(ga), b=serialize(gb))
-            for (block, name), (ga, gb) in lora_grads.items()])
+            pb.LoraModule(block=block, module=name, **{f: serialize(g) for f, g in zip(fields, grads)})
+            for (block, name), grads in lora_grads.items()])
         if grad_prefix is not None:
             response.grad_prefix.CopyFrom(serialize(grad_prefix.to(x.prefix.dtype)))
         return response

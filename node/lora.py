@@ -14,7 +14,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -38,18 +38,22 @@ class Lora:
     scaling: float
     dropout: float
     seed: int
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (A [r, in], B [out, r])
+    # per module, by method (proto.tensors.MODULE_FIELDS): LoRA (A [r, in], B [out, r]); DoRA (A, B, magnitude
+    # [out]); IA3 (ia3_l [out], or [in] for the modules in ``inputs``)
+    weights: dict[tuple[int, str], tuple[torch.Tensor, ...]]
     blocks: frozenset[int] = frozenset()  # blocks whose weights were sent (some may have no module)
+    method: str = ""  # LoraAdapter.method: "" (LoRA), "dora" or "ia3"
+    inputs: frozenset[tuple[int, str]] = frozenset()  # IA3: modules whose input is scaled (feedforward modules)
 
     def for_span(self, start: int, end: int) -> "Lora":
         """The same adapter restricted to blocks [start, end), with fresh leaf tensors for autograd."""
-        weights = {k: (a.detach().requires_grad_(True), b.detach().requires_grad_(True))
-                   for k, (a, b) in self.weights.items() if start <= k[0] < end}
-        return Lora(self.id, self.version, self.scaling, self.dropout, self.seed, weights, self.blocks)
+        weights = {k: tuple(t.detach().requires_grad_(True) for t in ts)
+                   for k, ts in self.weights.items() if start <= k[0] < end}
+        return replace(self, weights=weights)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+        return sum(t.nbytes for ts in self.weights.values() for t in ts)
 
 
 def install_hooks(layers: nn.ModuleList, first_block: int) -> None:
@@ -59,6 +63,7 @@ def install_hooks(layers: nn.ModuleList, first_block: int) -> None:
         for name, module in layer.named_modules():
             if isinstance(module, PROJECTIONS):
                 module.register_forward_hook(_hook((first_block + offset, name)))
+                module.register_forward_pre_hook(_input_hook((first_block + offset, name)))
 
 
 def _hook(key: tuple[int, str]):
@@ -66,15 +71,62 @@ def _hook(key: tuple[int, str]):
         lora: Lora | None = getattr(_active, "lora", None)
         if lora is None or key not in lora.weights:
             return None
-        a, b = lora.weights[key]
+        if lora.method == "ia3":
+            if key in lora.inputs:  # scaled the input (_input_hook)
+                return None
+            (scale,) = lora.weights[key]
+            return (output.to(scale.dtype) * scale).to(output.dtype)
+        a, b = lora.weights[key][:2]
         x = args[0].to(a.dtype)
         if lora.dropout > 0:
             generator = torch.Generator().manual_seed((lora.seed * 1_000_003 + key[0] * 7919 + zlib.crc32(key[1].encode())) % (1 << 62))
             keep = torch.rand(x.shape, generator=generator) >= lora.dropout
             x = x * keep / (1 - lora.dropout)
+        if lora.method == "dora":
+            return output + _dora_delta(module, x, output, lora, lora.weights[key]).to(output.dtype)
         return output + ((x @ a.t()) @ b.t() * lora.scaling).to(output.dtype)
 
     return apply
+
+
+def _input_hook(key: tuple[int, str]):
+    """IA3 on a feedforward module: the input is scaled before the projection, as PEFT's IA3 Linear does."""
+    def apply(module: nn.Linear, args):
+        lora: Lora | None = getattr(_active, "lora", None)
+        if lora is None or lora.method != "ia3" or key not in lora.inputs:
+            return None
+        (scale,) = lora.weights[key]
+        return ((args[0].to(scale.dtype) * scale).to(args[0].dtype), *args[1:])
+
+    return apply
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """A projection's frozen weight as [out, in] floats (dequantized when the node quantized it)."""
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"DoRA is applied to nn.Linear projections only, not {type(module).__name__}")
+    weight = module.weight
+    if hasattr(weight, "dequantize"):  # a quantized tensor subclass (torchao)
+        weight = weight.dequantize()
+    return weight
+
+
+def _dora_delta(module: nn.Module, x: torch.Tensor, output: torch.Tensor, lora: Lora, weights) -> torch.Tensor:
+    """What DoRA adds to ``output`` (= W x + bias), with PEFT's math (peft.tuners.lora.dora.DoraLinearLayer):
+    magnitude / |W + scaling B A| per output row (the norm a constant: no gradient), times W x' + scaling B A x'
+    (x' the dropped-out input), minus the W x already in ``output``."""
+    a, b, magnitude = weights
+    weight = base_weight(module).to(a.dtype)
+    with torch.no_grad():
+        norm = torch.linalg.norm(weight + lora.scaling * (b @ a), dim=1)
+    scale = (magnitude / norm).view(1, -1)
+    if lora.dropout > 0:  # PEFT recomputes the base term on the dropped-out input
+        base = x @ weight.t()
+    else:
+        base = output.to(a.dtype)
+        if module.bias is not None:
+            base = base - module.bias.to(a.dtype)
+    return (scale - 1) * base + scale * ((x @ a.t()) @ b.t()) * lora.scaling
 
 
 @contextmanager
@@ -127,6 +179,9 @@ def load_peft_adapter(directory: Path, first: int, end: int, shapes: dict[str, t
     config = json.loads((directory / "adapter_config.json").read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{directory} is not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    if config.get("use_dora"):  # served as plain LoRA it would be another adapter: refused, never approximated
+        raise ValueError(f"{directory} is a DoRA adapter; nodes serve plain LoRA adapters only (a client applies "
+                         "DoRA: DistributedPeftModel.from_pretrained)")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     weights: dict[tuple[int, str], list] = {}

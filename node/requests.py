@@ -9,7 +9,8 @@ import grpc
 import torch
 
 from proto import swarmlm_pb2 as pb
-from proto.tensors import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, TensorError, deserialize, lora_digest, shape_text
+from proto.tensors import (FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, MODULE_FIELDS, TensorError, deserialize, lora_digest,
+                           shape_text)
 from node.lora import MAX_RANK, Lora, LoraCache
 from swarm.spans import Span
 
@@ -51,6 +52,9 @@ class SpanInputs:
     prefix: torch.Tensor | None = None  # [blocks, 2, batch, kv_heads, virtual, head_dim]
 
 
+METHODS = ("", "dora", "ia3")  # LoraAdapter.method values a node applies
+
+
 def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int]], cache: LoraCache) -> Lora:
     """Check a client's adapter against the blocks it targets, or find its unchanged copy in ``cache``."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
@@ -58,9 +62,13 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
         raise RequestError(bad, "lora.id must be 1..128 characters")
     if not math.isfinite(msg.scaling) or not 0 <= msg.dropout < 1:
         raise RequestError(bad, "lora.scaling must be finite and lora.dropout in [0, 1)")
+    if msg.method not in METHODS:
+        raise RequestError(bad, f"lora.method {msg.method[:40]!r} is not one of {list(METHODS)}")
+    if msg.method == "ia3" and msg.dropout:
+        raise RequestError(bad, "an IA3 adapter has no dropout")
     if not msg.modules:  # the weights named by their hash; scaling, dropout and seed are this request's
         cached = cache.get(msg.digest) if len(msg.digest) == 64 else None
-        if cached is None or not set(range(span.start, span.end)) <= cached.blocks:
+        if cached is None or not set(range(span.start, span.end)) <= cached.blocks or cached.method != msg.method:
             cache.misses += 1
             raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"adapter {msg.id!r} version {msg.version} is not cached here for blocks {span}; "
@@ -68,13 +76,42 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
         cache.hits += 1
         return replace(cached, id=msg.id, version=msg.version, scaling=msg.scaling, dropout=msg.dropout,
                        seed=msg.dropout_seed)
-    weights = {}
+    weights, inputs = {}, set()
     for m in msg.modules:
         if m.block not in span or m.module not in shapes:
             raise RequestError(bad, f"lora module {m.module!r} of block {m.block} is not a projection of blocks {span}")
         if (m.block, m.module) in weights:
             raise RequestError(bad, f"lora module {m.module!r} of block {m.block} given twice")
-        fan_in, fan_out = shapes[m.module]
+        weights[(m.block, m.module)] = _module_tensors(m, msg.method, shapes[m.module])
+        if m.ia3_input:
+            inputs.add((m.block, m.module))
+    lora = Lora(msg.id, msg.version, msg.scaling, msg.dropout, msg.dropout_seed, weights,
+                frozenset(range(span.start, span.end)), msg.method, frozenset(inputs))
+    return cache.put(lora_digest(msg.modules), lora)  # the hash we computed, never one the sender claims
+
+
+def _module_tensors(m: pb.LoraModule, method: str, shape: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """One module's tensors for ``method`` (proto.tensors.MODULE_FIELDS), each checked for shape and finiteness;
+    a field of another method present is refused (the digest must name one meaning)."""
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    fan_in, fan_out = shape
+    fields = MODULE_FIELDS[method]
+    vector_budget = 8 * max(fan_in, fan_out)  # room for a wrong size to be named (INVALID_ARGUMENT), no more
+    extra = [f for f in ("a", "b", "magnitude", "ia3") if f not in fields and m.HasField(f)]
+    if extra or (m.ia3_input and method != "ia3"):
+        raise RequestError(bad, f"lora {m.module} of block {m.block}: {extra or ['ia3_input']} do not belong to "
+                                f"method {method or 'lora'!r}")
+    missing = [f for f in fields if not m.HasField(f)]
+    if missing:
+        raise RequestError(bad, f"lora {m.module} of block {m.block} lacks {missing} (method {method or 'lora'!r})")
+    if method == "ia3":
+        size = fan_in if m.ia3_input else fan_out
+        scale = _tensor(m.ia3, f"ia3 {m.module}", FLOAT_DTYPES, vector_budget, 1).float()
+        if tuple(scale.shape) != (size,):
+            raise RequestError(bad, f"ia3 {m.module} has shape {list(scale.shape)}, not [{size}] "
+                                    f"({'input' if m.ia3_input else 'output'} features)")
+        tensors: tuple[torch.Tensor, ...] = (scale,)
+    else:
         budget = MAX_RANK * max(fan_in, fan_out) * 4
         a = _tensor(m.a, f"lora {m.module} A", FLOAT_DTYPES, budget, 2).float()
         b = _tensor(m.b, f"lora {m.module} B", FLOAT_DTYPES, budget, 2).float()
@@ -82,12 +119,15 @@ def parse_lora(msg: pb.LoraAdapter, span: Span, shapes: dict[str, tuple[int, int
         if not 0 < rank <= MAX_RANK or tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (fan_out, rank):
             raise RequestError(bad, f"lora {m.module} shapes A {list(a.shape)}, B {list(b.shape)} do not fit "
                                     f"[r, {fan_in}] and [{fan_out}, r] with 0 < r <= {MAX_RANK}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise RequestError(bad, f"lora {m.module} of block {m.block} contains NaN or infinity")
-        weights[(m.block, m.module)] = (a, b)
-    lora = Lora(msg.id, msg.version, msg.scaling, msg.dropout, msg.dropout_seed, weights,
-                frozenset(range(span.start, span.end)))
-    return cache.put(lora_digest(msg.modules), lora)  # the hash we computed, never one the sender claims
+        tensors = (a, b)
+        if method == "dora":
+            magnitude = _tensor(m.magnitude, f"dora {m.module} magnitude", FLOAT_DTYPES, vector_budget, 1).float()
+            if tuple(magnitude.shape) != (fan_out,):
+                raise RequestError(bad, f"dora {m.module} magnitude has shape {list(magnitude.shape)}, not [{fan_out}]")
+            tensors = (a, b, magnitude)
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise RequestError(bad, f"lora {m.module} of block {m.block} contains NaN or infinity")
+    return tensors
 
 
 def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int) -> torch.Tensor:

@@ -47,19 +47,25 @@ class InfoResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., hidden_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., throughput: _Optional[float] = ..., cache_tokens: _Optional[int] = ..., cache_tokens_free: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class LoraModule(_message.Message):
-    __slots__ = ("block", "module", "a", "b")
+    __slots__ = ("block", "module", "a", "b", "magnitude", "ia3", "ia3_input")
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     A_FIELD_NUMBER: _ClassVar[int]
     B_FIELD_NUMBER: _ClassVar[int]
+    MAGNITUDE_FIELD_NUMBER: _ClassVar[int]
+    IA3_FIELD_NUMBER: _ClassVar[int]
+    IA3_INPUT_FIELD_NUMBER: _ClassVar[int]
     block: int
     module: str
     a: Tensor
     b: Tensor
-    def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    magnitude: Tensor
+    ia3: Tensor
+    ia3_input: bool
+    def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ..., magnitude: _Optional[_Union[Tensor, _Mapping]] = ..., ia3: _Optional[_Union[Tensor, _Mapping]] = ..., ia3_input: _Optional[bool] = ...) -> None: ...
 
 class LoraAdapter(_message.Message):
-    __slots__ = ("id", "version", "scaling", "dropout", "dropout_seed", "modules", "digest")
+    __slots__ = ("id", "version", "scaling", "dropout", "dropout_seed", "modules", "digest", "method")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SCALING_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +73,7 @@ class LoraAdapter(_message.Message):
     DROPOUT_SEED_FIELD_NUMBER: _ClassVar[int]
     MODULES_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     scaling: float
@@ -74,7 +81,8 @@ class LoraAdapter(_message.Message):
     dropout_seed: int
     modules: _containers.RepeatedCompositeFieldContainer[LoraModule]
     digest: str
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., scaling: _Optional[float] = ..., dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., digest: _Optional[str] = ...) -> None: ...
+    method: str
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., scaling: _Optional[float] = ..., dropout: _Optional[float] = ..., dropout_seed: _Optional[int] = ..., modules: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., digest: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("model", "start", "end", "hidden_states", "attention_mask", "position_ids", "lora", "adapter_name", "prefix", "keep_for_backward")

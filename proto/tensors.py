@@ -88,7 +88,22 @@ def lora_digest(modules: Iterable[pb.LoraModule]) -> str:
         name = m.module.encode()
         h.update(struct.pack(">QI", m.block, len(name)) + name)
         for t in (m.a, m.b):
-            dtype = t.dtype.encode()
-            h.update(struct.pack(">II", len(dtype), len(t.shape)) + dtype)
-            h.update(struct.pack(f">{len(t.shape)}q", *t.shape) + struct.pack(">Q", len(t.data)) + t.data)
+            _hash_tensor(h, t)
+        for field in ("magnitude", "ia3"):  # DoRA's and IA3's tensors: hashed only when present, so a plain
+            if m.HasField(field):  # LoRA adapter's digest is what it always was
+                h.update(field.encode())
+                _hash_tensor(h, getattr(m, field))
+        if m.ia3_input:
+            h.update(b"ia3_input")
     return h.hexdigest()
+
+
+def _hash_tensor(h, t: pb.Tensor) -> None:
+    dtype = t.dtype.encode()
+    h.update(struct.pack(">II", len(dtype), len(t.shape)) + dtype)
+    h.update(struct.pack(f">{len(t.shape)}q", *t.shape) + struct.pack(">Q", len(t.data)) + t.data)
+
+
+# The LoraModule fields holding one module's tensors (its weights, or in a BackwardResponse their gradients),
+# by LoraAdapter.method, in the order the node and the client list them
+MODULE_FIELDS = {"": ("a", "b"), "dora": ("a", "b", "magnitude"), "ia3": ("ia3",)}

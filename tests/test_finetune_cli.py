@@ -136,6 +136,10 @@ def test_mistakes_give_one_line(case, message, tiny_path, data, tmp_path):
     ('{"text": "fine words"}\n', ("--steps", "0"), "--steps must be positive"),
     ('{"text": "fine words"}\n', ("--lora-dropout", "1"), "--lora-dropout must be in [0, 1)"),
     ('{"text": "fine words"}\n', ("--resume",), "--resume: no checkpoint in"),
+    ('{"text": "fine words"}\n', ("--method", "adalora", "--steps", "4", "--adalora-tinit", "4"),
+     "no budgeting phase"),
+    ('{"text": "fine words"}\n', ("--method", "adalora", "--resume"), "--resume is not supported for AdaLoRA"),
+    ('{"text": "fine words"}\n', ("--method", "prefix", "--num-virtual-tokens", "0"), "--num-virtual-tokens"),
 ])
 def test_data_and_option_mistakes_are_caught_before_joining(content, extra, message, tiny_path, tmp_path, capsys):
     """In-process (same code path as the command, without the start-up cost): fails before any network use."""
@@ -169,3 +173,38 @@ def test_txt_files_hold_one_example_per_line(tmp_path):
     (tmp_path / "train.csv").write_text("text\nx\n")
     with pytest.raises(FinetuneError, match="must end in .jsonl or .txt"):
         read_texts(tmp_path / "train.csv")
+
+
+METHOD_RUNS = {  # --method and its options -> the peft_type PEFT reads back
+    "dora": (("--method", "dora", "--target-modules", "q_proj,down_proj"), "LORA"),
+    "adalora": (("--method", "adalora", "--adalora-init-r", "4", "--adalora-target-r", "2"), "ADALORA"),
+    "ia3": (("--method", "ia3",), "IA3"),
+    "prompt": (("--method", "prompt", "--num-virtual-tokens", "4"), "PROMPT_TUNING"),
+    "ptuning": (("--method", "ptuning", "--num-virtual-tokens", "4", "--encoder-hidden-size", "16"), "P_TUNING"),
+    "prefix": (("--method", "prefix", "--num-virtual-tokens", "4", "--prefix-projection",
+                "--encoder-hidden-size", "16"), "PREFIX_TUNING"),
+}
+
+
+@pytest.mark.parametrize("method", METHOD_RUNS)
+def test_each_method_trains_and_saves_what_peft_loads(method, train, ft_swarm, tiny_path, tmp_path):
+    extra, peft_type = METHOD_RUNS[method]
+    result = train(tmp_path / "adapter", "--steps", "3", *extra)
+    assert result.returncode == 0, result.stderr
+    assert sorted(losses(result)) == [1, 2, 3], result.stdout
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == peft_type and config.get("use_dora", False) == (method == "dora")
+    local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
+                                      tmp_path / "adapter").eval()
+
+    from client import AutoDistributedModelForCausalLM, DistributedPeftModel
+
+    ours = DistributedPeftModel.from_pretrained(
+        AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), initial_peers=ft_swarm.peers),
+        tmp_path / "adapter")
+    try:
+        ids = torch.randint(3, 256, (2, 8))
+        with torch.no_grad():
+            assert torch.allclose(ours(input_ids=ids).logits, local(input_ids=ids).logits, atol=1e-4)
+    finally:
+        ours.base_model.close()

@@ -13,7 +13,6 @@ TARGETS = ["q_proj", "v_proj"]
 
 @pytest.mark.parametrize("config, match", [
     (AdaLoraConfig(r=4, target_modules=TARGETS, total_step=10), "AdaLoraConfig is not supported"),
-    (LoraConfig(r=4, target_modules=TARGETS, use_dora=True), "use_dora=True"),
     (LoraConfig(r=4, target_modules=TARGETS, bias="all"), "bias='all'"),
     (LoraConfig(r=4, target_modules=TARGETS, rank_pattern={"q_proj": 8}), "rank_pattern"),
     (LoraConfig(r=4, target_modules=TARGETS, alpha_pattern={"q_proj": 2}), "alpha_pattern"),
