@@ -12,6 +12,10 @@ over TLS. A plaintext node's record is what it always was, so every reader under
 that predate a field find a record with it malformed and skip that node, which is right for TLS
 (they could not dial it). ``"weights"`` is the digest of the node's span's weights (swarm.identity):
 clients that know the model's weights route only to nodes announcing the digest they compute themselves.
+``"wire"`` lists the activation formats a node accepts besides float32 (proto.tensors.WIRE_FORMATS:
+16-bit floats and blockwise 8-bit): clients send a node only formats it announces. A name this reader
+does not know is dropped (a newer node's format we would never send), anything else malformed in the
+list makes the record malformed.
 """
 from __future__ import annotations
 
@@ -37,6 +41,9 @@ OPTIONAL_FIELDS = {
     "tls": True,  # present (and exactly True) only for a node serving gRPC over TLS
 }
 DIGEST_FIELD = "weights"  # optional: 64 lowercase hex digits, the digest of the span's weights
+WIRE_FIELD = "wire"  # optional: activation formats accepted besides float32 (a list of names)
+WIRE_NAMES = ("bfloat16", "float16", "blockwise8")  # the ones this version knows (proto.tensors.WIRE_FORMATS)
+MAX_WIRE = 8  # entries in a record's wire list
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
@@ -94,7 +101,17 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         "adapters": list(info.adapters),
         **({"tls": True} if info.tls else {}),
         **({DIGEST_FIELD: info.weights} if info.weights else {}),
+        **({WIRE_FIELD: list(info.wire)} if info.wire else {}),
     }
+
+
+def _parse_wire(value: object) -> tuple[str, ...] | None:
+    """The known formats of a record's wire list (in our order); None when the list is malformed."""
+    if not isinstance(value, list) or len(value) > MAX_WIRE or len(set(map(repr, value))) != len(value):
+        return None
+    if not all(isinstance(name, str) and 0 < len(name) <= 32 for name in value):
+        return None
+    return tuple(name for name in WIRE_NAMES if name in value)
 
 
 def valid_digest(value: object) -> bool:
@@ -112,12 +129,15 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
     return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
-    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD}
+    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD, WIRE_FIELD}
     if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= allowed:
         return None
     if any(value[name] is not only for name, only in OPTIONAL_FIELDS.items() if name in value):
         return None
     if DIGEST_FIELD in value and not valid_digest(value[DIGEST_FIELD]):
+        return None
+    wire = _parse_wire(value[WIRE_FIELD]) if WIRE_FIELD in value else ()
+    if wire is None:
         return None
     for field, kind in RECORD_FIELDS.items():
         item = value[field]
@@ -151,4 +171,5 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         adapters=tuple(adapters),
         tls="tls" in value,
         weights=value.get(DIGEST_FIELD, ""),
+        wire=wire,
     )
