@@ -17,7 +17,8 @@ from client.adapters import ClientAdapter
 
 from client.config import ClientConfig
 from client.routing import Router
-from client.transport import Connections, RemoteCallError, call_backward, call_forward, forward_request
+from client.transport import (Connections, RemoteCallError, call_backward, call_forward, forward_request,
+                              wire_format)
 from client.verify import Verifier
 from swarm.aio import LoopThread
 from swarm import lan
@@ -59,6 +60,7 @@ class SwarmLink:
     adapter: str | None  # node-hosted adapter every request names, if any
     run: Callable[[Awaitable[T]], T]  # the sync -> async bridge onto the client's event loop
     call_soon: Callable[[Callable[[], object]], None]  # schedule a callable on that loop without waiting
+    wire_dtype: str | None = None  # format of inference activations (ClientConfig.wire_dtype; None: as computed)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ class RemoteChain:
                 raise
         self.verifier = Verifier(self.router, config)  # re-runs a fraction of hops elsewhere (verify_fraction)
         self.link = SwarmLink(model, num_blocks, self.router, self.connections, self.verifier, config.request_timeout,
-                              config.max_step_tokens, config.adapter, self.run, self.call_soon)
+                              config.max_step_tokens, config.adapter, self.run, self.call_soon, config.wire_dtype)
         self.last_route: list[Hop] = []  # hops of the latest forward pass, for inspection
         self._lora_sent: dict[tuple[str, str], int] = {}  # (address, adapter id) -> version it holds
 
@@ -202,8 +204,9 @@ class RemoteChain:
                 continue
             attempts.succeeded(hop)
             if self.verifier.wanted():  # re-run on another node; use what a majority agrees on
-                async def rerun(server: ServerInfo) -> torch.Tensor:
-                    return (await self._forward_hop(Hop(server, hop.span), hidden, mask, positions, lora, prefix))[0]
+                async def rerun(server: ServerInfo) -> torch.Tensor:  # (in the same wire format)
+                    return (await self._forward_hop(Hop(server, hop.span), hidden, mask, positions, lora, prefix,
+                                                    training=for_backward))[0]
 
                 out, outvoted = await self.verifier.check(hop, out, rerun, mask)
                 token = "" if outvoted else token  # nothing kept by a banned node is used
@@ -214,10 +217,15 @@ class RemoteChain:
         return hidden, trace
 
     async def _forward_hop(self, hop: Hop, hidden: torch.Tensor, mask, positions, lora: LoraUse | None,
-                           prefix: torch.Tensor | None, for_backward: bool = False) -> tuple[torch.Tensor, str]:
-        """One Forward call: the hop's outputs and the token of the activations it kept (or "")."""
+                           prefix: torch.Tensor | None, for_backward: bool = False, training: bool | None = None
+                           ) -> tuple[torch.Tensor, str]:
+        """One Forward call: the hop's outputs and the token of the activations it kept (or "").
+        ``training`` (default: ``for_backward``): a backward follows, so activations travel as train_wire."""
+        wire = wire_format(hop.server, self.config.wire(for_backward if training is None else training))
+
         async def send(message):
-            req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter, prefix)
+            req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter, prefix,
+                                  wire)
             req.keep_for_backward = for_backward
             return await call_forward(self.connections, hop.server.address, req, hidden, self.config.request_timeout)
 
@@ -266,10 +274,12 @@ class RemoteChain:
         like = extra.lora.adapter.shapes(hop.span) if extra.lora is not None else None
         prefix_like = extra.prefix[hop.span.start:hop.span.end] if extra.prefix is not None else None
 
+        wire = wire_format(hop.server, self.config.wire(training=True))
+
         async def send(message):
             req = forward_request(self.model, hop.span, hidden, mask, positions, message, self.config.adapter,
-                                  extra.prefix)
+                                  extra.prefix, wire)
             return await call_backward(self.connections, hop.server.address, req, grad,
-                                       self.config.request_timeout, like, prefix_like, token)
+                                       self.config.request_timeout, like, prefix_like, token, wire=wire)
 
         return await self._call(hop, extra.lora, send, 2 * hidden.shape[0] * hidden.shape[1], "backward")

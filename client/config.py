@@ -28,6 +28,14 @@ class ClientConfig:
     believe_claims: bool = False  # rank nodes by the throughput they announce, as given (every member trusted); default: by what this client measured
     metrics_port: int | None = None  # port of this client's Prometheus metrics endpoint (HTTP); None: off; 0 picks one
     metrics_host: str = "127.0.0.1"  # interface the metrics endpoint listens on
+    wire_dtype: str | None = None  # activations to and from nodes as float32, bfloat16 or float16; None: as computed
+    # (16-bit when the client computes in 16-bit); a 16-bit wire from float32 rounds what nodes see (opt-in)
+    train_wire: str | None = None  # training traffic (activations of a forward that a backward follows, and its
+    # gradients): "blockwise8" (int8, one absmax scale per 64 values) or a wire_dtype value; None: as wire_dtype
+
+    def wire(self, training: bool) -> str | None:
+        """The format activations should travel in (nodes that do not announce it get them as computed)."""
+        return self.train_wire if training and self.train_wire is not None else self.wire_dtype
 
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):
@@ -48,6 +56,14 @@ class ClientConfig:
             raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
         if self.verify_tolerance is not None and not self.verify_tolerance >= 0:
             raise ValueError(f"verify_tolerance must be >= 0, got {self.verify_tolerance}")
+        if self.wire_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"wire_dtype must be float32, bfloat16, float16 or None, got {self.wire_dtype!r}")
+        if self.train_wire not in (None, "float32", "bfloat16", "float16", "blockwise8"):
+            raise ValueError(f"train_wire must be blockwise8, float32, bfloat16, float16 or None, got {self.train_wire!r}")
+        rounded = {self.wire_dtype, self.train_wire} - {None, "float32"}
+        if self.verify_fraction > 0 and rounded and self.verify_tolerance is None:
+            raise ValueError(f"verification compares nodes' answers with a tolerance meant for unrounded activations; "
+                             f"with {' / '.join(sorted(rounded))} on the wire give verify_tolerance explicitly")
 
 
 def merge_client_config(config: ClientConfig | None, *, initial_peers: Sequence[str] = (), model_name: str | None = None,

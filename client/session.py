@@ -18,9 +18,9 @@ from client.adapters import ClientAdapter
 from client.chain import SwarmLink
 from client.policy import Attempts
 from client.prompts import RemotePrefix
-from client.transport import RemoteCallError, call_forward, decode_tensor, forward_request
+from client.transport import RemoteCallError, call_forward, decode_tensor, forward_request, wire_format
 from proto import swarmlm_pb2 as pb
-from proto.tensors import serialize
+from proto.tensors import encode, serialize
 from swarm.routing import Hop
 from swarm.spans import ServerInfo, Span
 
@@ -213,7 +213,8 @@ class InferenceSession:
             mask = torch.cat([mask.new_ones(mask.shape[0], self.virtual), mask], dim=1)
 
         async def rerun(server: ServerInfo) -> torch.Tensor:
-            req = forward_request(link.model, stream.hop.span, hidden, mask, positions, stream.lora, link.adapter, prefix)
+            req = forward_request(link.model, stream.hop.span, hidden, mask, positions, stream.lora, link.adapter, prefix,
+                                  wire_format(server, link.wire_dtype))
             full, _ = await call_forward(link.connections, server.address, req, hidden, link.request_timeout)
             return full[:, -new:]
 
@@ -309,9 +310,10 @@ class InferenceSession:
         batch = hidden.shape[0]
         size = max(1, self.link.max_step_tokens // batch)
         outputs, parts = [], []
+        wire = wire_format(stream.hop.server, self.link.wire_dtype)
         for lo in range(0, hidden.shape[1], size):
             part = (hidden[:, lo:lo + size], mask[:, lo:lo + size], positions[:, lo:lo + size])
-            request = pb.InferenceRequest(hidden_states=serialize(part[0]), attention_mask=serialize(part[1]),
+            request = pb.InferenceRequest(hidden_states=encode(part[0], wire), attention_mask=serialize(part[1]),
                                           position_ids=serialize(part[2]))
             if lo == 0:  # what the node's cache must forget or reorder first
                 request.drop = stream.drop
@@ -323,6 +325,8 @@ class InferenceSession:
             self.link.router.succeeded(stream.hop, seconds, part[0].shape[0] * part[0].shape[1])
             self.link.router.metrics.exchange("inference", stream.hop.server.address, seconds)
             stream.reorder, stream.drop = None, 0  # the node has applied them
+            self.link.connections.bytes_sent += request.ByteSize()  # (benchmarks read these)
+            self.link.connections.bytes_received += response.ByteSize()
             outputs.append(decode_tensor(stream.hop.server.address, response.hidden_states, part[0]))
             parts.append(part)
         stream.sent.extend(parts)  # only whole steps: a replay must not repeat half of one

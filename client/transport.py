@@ -15,7 +15,7 @@ import torch
 from client.auth import auth_interceptors, learn_epoch, stream_metadata
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
-from proto.tensors import FLOAT_DTYPES, TensorError, deserialize, serialize
+from proto.tensors import ENCODINGS, FLOAT_DTYPES, TensorError, deserialize, encode, serialize
 from swarm.keys import SwarmKey
 from swarm.spans import NodeState, ServerInfo, Span
 from swarm.tls import read_pem
@@ -211,10 +211,17 @@ class Connections:
         self._stubs.clear()
 
 
+def wire_format(server: ServerInfo, want: str | None) -> str | None:
+    """``want`` (ClientConfig.wire) if ``server`` announces it (float32 always goes), else None: as computed."""
+    return want if want == "float32" or want in server.wire else None
+
+
 def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Tensor | None,
                     positions: torch.Tensor | None, lora: pb.LoraAdapter | None = None,
-                    adapter_name: str | None = None, prefix: torch.Tensor | None = None) -> pb.ForwardRequest:
-    req = pb.ForwardRequest(model=model, start=span.start, end=span.end, hidden_states=serialize(hidden),
+                    adapter_name: str | None = None, prefix: torch.Tensor | None = None,
+                    wire: str | None = None) -> pb.ForwardRequest:
+    """``wire``: the format hidden states travel in (proto.tensors.encode; the answer comes in it too)."""
+    req = pb.ForwardRequest(model=model, start=span.start, end=span.end, hidden_states=encode(hidden, wire),
                             adapter_name=adapter_name or "")
     if prefix is not None:  # this hop's slice of the prefix-tuning keys/values
         req.prefix.CopyFrom(serialize(prefix[span.start:span.end].detach()))
@@ -229,7 +236,8 @@ def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Te
 
 def decode_tensor(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
     try:
-        out = deserialize(msg, name="response", allowed=FLOAT_DTYPES, max_bytes=like.numel() * 4, ndim=like.dim())
+        out = deserialize(msg, name="response", allowed=FLOAT_DTYPES, max_bytes=like.numel() * 4, ndim=like.dim(),
+                          encodings=ENCODINGS)
     except TensorError as e:
         raise RemoteCallError(address, None, f"malformed response: {e}") from None
     if out.shape != like.shape:
@@ -255,11 +263,12 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
                         timeout: float, lora_like: dict[tuple[int, str], tuple[torch.Tensor, ...]] | None = None,
-                        prefix_like: torch.Tensor | None = None, token: str = "", tls: bool | None = None):
+                        prefix_like: torch.Tensor | None = None, token: str = "", tls: bool | None = None,
+                        wire: str | None = None):
     """d loss / d input, d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``) and
-    d loss / d the prefix slice sent (shaped like ``prefix_like``)."""
+    d loss / d the prefix slice sent (shaped like ``prefix_like``). ``wire``: the gradients' format."""
     try:
-        request = pb.BackwardRequest(inputs=req, grad_outputs=serialize(grad), backward_token=token)
+        request = pb.BackwardRequest(inputs=req, grad_outputs=encode(grad, wire), backward_token=token)
         # gradients of the inputs, the prefix sent and the LoRA weights (which a weightless request only names)
         grads = sum(4 * t.numel() for like in (lora_like or {}).values() for t in like)
         resp = await conns.stub(address, tls, request.ByteSize() + grads).Backward(request, timeout=timeout)

@@ -23,7 +23,7 @@ from node.requests import (Adapters, Limits, RequestError, capped, Step, parse_b
 from node.sessions import CacheBudget, ClientSessions, Holding, Session, client_of, run_step
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
-from proto.tensors import MODULE_FIELDS, serialize
+from proto.tensors import MODULE_FIELDS, serialize, serialize_like
 from swarm import __version__
 from swarm.spans import NodeState
 
@@ -95,11 +95,11 @@ class NodeServicer(pb_grpc.NodeServicer):
                                         x.attention_mask, x.position_ids, x.lora, x.prefix)
             token = self.activations.put(saved)
             self._count("forward", x.hidden)
-            return pb.ForwardResponse(hidden_states=serialize(saved.out.detach().to(x.hidden.dtype)),
-                                      backward_token=token or "")
+            return pb.ForwardResponse(hidden_states=serialize_like(saved.out.detach().to(x.hidden.dtype),
+                                                                   request.hidden_states), backward_token=token or "")
         out = await self._compute(context, self._forward, x)
         self._count("forward", x.hidden)
-        return pb.ForwardResponse(hidden_states=serialize(out))
+        return pb.ForwardResponse(hidden_states=serialize_like(out, request.hidden_states))
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
         try:
@@ -114,7 +114,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
         self._count("backward", x.hidden)
         fields = MODULE_FIELDS[x.lora.method] if x.lora is not None else ()
-        response = pb.BackwardResponse(grad_inputs=serialize(out), lora_grads=[
+        response = pb.BackwardResponse(grad_inputs=serialize_like(out, request.grad_outputs), lora_grads=[
             pb.LoraModule(block=block, module=name, **{f: serialize(g) for f, g in zip(fields, grads)})
             for (block, name), grads in lora_grads.items()])
         if grad_prefix is not None:

@@ -9,8 +9,8 @@ import grpc
 import torch
 
 from proto import swarmlm_pb2 as pb
-from proto.tensors import (FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, MODULE_FIELDS, TensorError, deserialize, lora_digest,
-                           shape_text)
+from proto.tensors import (ENCODINGS, FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, MODULE_FIELDS, TensorError, deserialize,
+                           lora_digest, shape_text)
 from node.lora import MAX_RANK, Lora, LoraCache
 from swarm.spans import Span
 
@@ -130,9 +130,9 @@ def _module_tensors(m: pb.LoraModule, method: str, shape: tuple[int, int]) -> tu
     return tensors
 
 
-def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int) -> torch.Tensor:
+def _tensor(msg: pb.Tensor, name: str, allowed, max_bytes: int, ndim: int, encodings=()) -> torch.Tensor:
     try:
-        return deserialize(msg, name=name, allowed=allowed, max_bytes=max_bytes, ndim=ndim)
+        return deserialize(msg, name=name, allowed=allowed, max_bytes=max_bytes, ndim=ndim, encodings=encodings)
     except TensorError as e:
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if "over the limit" in str(e) else grpc.StatusCode.INVALID_ARGUMENT
         raise RequestError(code, str(e)) from None
@@ -163,9 +163,11 @@ def _check_model_and_span(model: str, start: int, end: int, limits: Limits) -> S
     return Span(start, end)
 
 
-def _parse_activations(msg: pb.Tensor, limits: Limits, name: str = "hidden_states") -> torch.Tensor:
+def _parse_activations(msg: pb.Tensor, limits: Limits, name: str = "hidden_states", encodings=()) -> torch.Tensor:
+    """``encodings``: accepted besides plain (training traffic may be blockwise8; inference steps are plain).
+    The budget bounds the decoded tensor, so an encoded one is never allowed more values than a plain one."""
     _check_shape_budget(msg, limits, name)
-    hidden = _tensor(msg, name, FLOAT_DTYPES, limits.max_batch_tokens * limits.hidden_size * 4, 3)
+    hidden = _tensor(msg, name, FLOAT_DTYPES, limits.max_batch_tokens * limits.hidden_size * 4, 3, encodings)
     if not torch.isfinite(hidden).all():
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"{name} contains NaN or infinity")
     return hidden
@@ -195,7 +197,7 @@ def parse_forward(req: pb.ForwardRequest, limits: Limits, adapters: "Adapters | 
     span = _check_model_and_span(req.model, req.start, req.end, limits)
     if not req.HasField("hidden_states"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "hidden_states is required")
-    hidden = _parse_activations(req.hidden_states, limits)
+    hidden = _parse_activations(req.hidden_states, limits, encodings=ENCODINGS)
     batch, seq = hidden.shape[:2]
     prefix = _parse_prefix(req.prefix, limits, span, batch) if req.HasField("prefix") else None
     virtual = prefix.shape[4] if prefix is not None else 0
@@ -324,7 +326,7 @@ def parse_backward(req: pb.BackwardRequest, limits: Limits, adapters: Adapters |
     if not req.HasField("inputs") or not req.HasField("grad_outputs"):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "inputs and grad_outputs are required")
     inputs = parse_forward(req.inputs, limits, adapters)
-    grad = _parse_activations(req.grad_outputs, limits, "grad_outputs")
+    grad = _parse_activations(req.grad_outputs, limits, "grad_outputs", encodings=ENCODINGS)
     if grad.shape != inputs.hidden.shape:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"grad_outputs shape {list(grad.shape)} does not match hidden_states {list(inputs.hidden.shape)}")

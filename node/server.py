@@ -35,7 +35,7 @@ from swarm.identity import WeightsCheck, span_digests, weights_check
 from swarm.keys import load_optional
 from swarm.ports import PortInUseError, check_free, in_use_message
 from swarm.placement import choose_blocks, should_move
-from swarm.records import default_model_name, model_key
+from swarm.records import WIRE_NAMES, default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
 from swarm.tls import cert_problems, host_of, load_cert, server_credentials
 
@@ -297,7 +297,7 @@ class Node:
         info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=self.span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
                           adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights[0],
-                          files=weights[1])
+                          files=weights[1], wire=WIRE_NAMES)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await asyncio.get_running_loop().run_in_executor(

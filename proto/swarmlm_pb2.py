@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/swarmlm.proto\x12\nswarmlm.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xdc\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x07 \x01(\x04\x12\x12\n\nthroughput\x18\x08 \x01(\x01\x12\x14\n\x0c\x63\x61\x63he_tokens\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\"\xc4\x01\n\nLoraModule\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x1d\n\x01\x61\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x1d\n\x01\x62\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12%\n\tmagnitude\x18\x64 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x1f\n\x03ia3\x18\x65 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x11\n\tia3_input\x18\x66 \x01(\x08\"\xab\x01\n\x0bLoraAdapter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07scaling\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\x12\x14\n\x0c\x64ropout_seed\x18\x05 \x01(\x04\x12\'\n\x07modules\x18\x06 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x64 \x01(\t\"\xb8\x02\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12)\n\rhidden_states\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12%\n\x04lora\x18\x07 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x08 \x01(\t\x12\"\n\x06prefix\x18\t \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x19\n\x11keep_for_backward\x18\n \x01(\x08\"T\n\x0f\x46orwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x16\n\x0e\x62\x61\x63kward_token\x18\x02 \x01(\t\"\x7f\n\x0f\x42\x61\x63kwardRequest\x12*\n\x06inputs\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.ForwardRequest\x12(\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x16\n\x0e\x62\x61\x63kward_token\x18\x03 \x01(\t\"\x90\x01\n\x10\x42\x61\x63kwardResponse\x12\'\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\nlora_grads\x18\x02 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\x12\'\n\x0bgrad_prefix\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\xc4\x01\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12%\n\x04lora\x18\x06 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x07 \x01(\t\x12\"\n\x06prefix\x18\x08 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\xdc\x01\n\x10InferenceRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.SessionOptions\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x0f\n\x07reorder\x18\x05 \x03(\r\x12\x0c\n\x04\x64rop\x18\x06 \x01(\r\"T\n\x11InferenceResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r2\x9a\x02\n\x04Node\x12\x39\n\x04Info\x12\x17.swarmlm.v1.InfoRequest\x1a\x18.swarmlm.v1.InfoResponse\x12\x42\n\x07\x46orward\x12\x1a.swarmlm.v1.ForwardRequest\x1a\x1b.swarmlm.v1.ForwardResponse\x12\x45\n\x08\x42\x61\x63kward\x12\x1b.swarmlm.v1.BackwardRequest\x1a\x1c.swarmlm.v1.BackwardResponse\x12L\n\tInference\x12\x1c.swarmlm.v1.InferenceRequest\x1a\x1d.swarmlm.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13proto/swarmlm.proto\x12\nswarmlm.v1\"j\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x10\n\x08\x65ncoding\x18x \x01(\t\x12\x0e\n\x06scales\x18y \x01(\x0c\x12\x12\n\nblock_size\x18z \x01(\r\"\r\n\x0bInfoRequest\"\xdc\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x13\n\x0bhidden_size\x18\x06 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x07 \x01(\x04\x12\x12\n\nthroughput\x18\x08 \x01(\x01\x12\x14\n\x0c\x63\x61\x63he_tokens\x18\t \x01(\x04\x12\x19\n\x11\x63\x61\x63he_tokens_free\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\"\xc4\x01\n\nLoraModule\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x1d\n\x01\x61\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x1d\n\x01\x62\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12%\n\tmagnitude\x18\x64 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x1f\n\x03ia3\x18\x65 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x11\n\tia3_input\x18\x66 \x01(\x08\"\xab\x01\n\x0bLoraAdapter\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07scaling\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropout\x18\x04 \x01(\x02\x12\x14\n\x0c\x64ropout_seed\x18\x05 \x01(\x04\x12\'\n\x07modules\x18\x06 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x64 \x01(\t\"\xb8\x02\n\x0e\x46orwardRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12)\n\rhidden_states\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x05 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x06 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12%\n\x04lora\x18\x07 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x08 \x01(\t\x12\"\n\x06prefix\x18\t \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x19\n\x11keep_for_backward\x18\n \x01(\x08\"T\n\x0f\x46orwardResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x16\n\x0e\x62\x61\x63kward_token\x18\x02 \x01(\t\"\x7f\n\x0f\x42\x61\x63kwardRequest\x12*\n\x06inputs\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.ForwardRequest\x12(\n\x0cgrad_outputs\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x16\n\x0e\x62\x61\x63kward_token\x18\x03 \x01(\t\"\x90\x01\n\x10\x42\x61\x63kwardResponse\x12\'\n\x0bgrad_inputs\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\nlora_grads\x18\x02 \x03(\x0b\x32\x16.swarmlm.v1.LoraModule\x12\'\n\x0bgrad_prefix\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\xc4\x01\n\x0eSessionOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0b\n\x03\x65nd\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12%\n\x04lora\x18\x06 \x01(\x0b\x32\x17.swarmlm.v1.LoraAdapter\x12\x14\n\x0c\x61\x64\x61pter_name\x18\x07 \x01(\t\x12\"\n\x06prefix\x18\x08 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\"\xdc\x01\n\x10InferenceRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x1a.swarmlm.v1.SessionOptions\x12)\n\rhidden_states\x18\x02 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12*\n\x0e\x61ttention_mask\x18\x03 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12(\n\x0cposition_ids\x18\x04 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x0f\n\x07reorder\x18\x05 \x03(\r\x12\x0c\n\x04\x64rop\x18\x06 \x01(\r\"T\n\x11InferenceResponse\x12)\n\rhidden_states\x18\x01 \x01(\x0b\x32\x12.swarmlm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x02 \x01(\r2\x9a\x02\n\x04Node\x12\x39\n\x04Info\x12\x17.swarmlm.v1.InfoRequest\x1a\x18.swarmlm.v1.InfoResponse\x12\x42\n\x07\x46orward\x12\x1a.swarmlm.v1.ForwardRequest\x1a\x1b.swarmlm.v1.ForwardResponse\x12\x45\n\x08\x42\x61\x63kward\x12\x1b.swarmlm.v1.BackwardRequest\x1a\x1c.swarmlm.v1.BackwardResponse\x12L\n\tInference\x12\x1c.swarmlm.v1.InferenceRequest\x1a\x1d.swarmlm.v1.InferenceResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.swarmlm_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=35
-  _globals['_TENSOR']._serialized_end=87
-  _globals['_INFOREQUEST']._serialized_start=89
-  _globals['_INFOREQUEST']._serialized_end=102
-  _globals['_INFORESPONSE']._serialized_start=105
-  _globals['_INFORESPONSE']._serialized_end=325
-  _globals['_LORAMODULE']._serialized_start=328
-  _globals['_LORAMODULE']._serialized_end=524
-  _globals['_LORAADAPTER']._serialized_start=527
-  _globals['_LORAADAPTER']._serialized_end=698
-  _globals['_FORWARDREQUEST']._serialized_start=701
-  _globals['_FORWARDREQUEST']._serialized_end=1013
-  _globals['_FORWARDRESPONSE']._serialized_start=1015
-  _globals['_FORWARDRESPONSE']._serialized_end=1099
-  _globals['_BACKWARDREQUEST']._serialized_start=1101
-  _globals['_BACKWARDREQUEST']._serialized_end=1228
-  _globals['_BACKWARDRESPONSE']._serialized_start=1231
-  _globals['_BACKWARDRESPONSE']._serialized_end=1375
-  _globals['_SESSIONOPTIONS']._serialized_start=1378
-  _globals['_SESSIONOPTIONS']._serialized_end=1574
-  _globals['_INFERENCEREQUEST']._serialized_start=1577
-  _globals['_INFERENCEREQUEST']._serialized_end=1797
-  _globals['_INFERENCERESPONSE']._serialized_start=1799
-  _globals['_INFERENCERESPONSE']._serialized_end=1883
-  _globals['_NODE']._serialized_start=1886
-  _globals['_NODE']._serialized_end=2168
+  _globals['_TENSOR']._serialized_end=141
+  _globals['_INFOREQUEST']._serialized_start=143
+  _globals['_INFOREQUEST']._serialized_end=156
+  _globals['_INFORESPONSE']._serialized_start=159
+  _globals['_INFORESPONSE']._serialized_end=379
+  _globals['_LORAMODULE']._serialized_start=382
+  _globals['_LORAMODULE']._serialized_end=578
+  _globals['_LORAADAPTER']._serialized_start=581
+  _globals['_LORAADAPTER']._serialized_end=752
+  _globals['_FORWARDREQUEST']._serialized_start=755
+  _globals['_FORWARDREQUEST']._serialized_end=1067
+  _globals['_FORWARDRESPONSE']._serialized_start=1069
+  _globals['_FORWARDRESPONSE']._serialized_end=1153
+  _globals['_BACKWARDREQUEST']._serialized_start=1155
+  _globals['_BACKWARDREQUEST']._serialized_end=1282
+  _globals['_BACKWARDRESPONSE']._serialized_start=1285
+  _globals['_BACKWARDRESPONSE']._serialized_end=1429
+  _globals['_SESSIONOPTIONS']._serialized_start=1432
+  _globals['_SESSIONOPTIONS']._serialized_end=1628
+  _globals['_INFERENCEREQUEST']._serialized_start=1631
+  _globals['_INFERENCEREQUEST']._serialized_end=1851
+  _globals['_INFERENCERESPONSE']._serialized_start=1853
+  _globals['_INFERENCERESPONSE']._serialized_end=1937
+  _globals['_NODE']._serialized_start=1940
+  _globals['_NODE']._serialized_end=2222
 # @@protoc_insertion_point(module_scope)

@@ -23,6 +23,12 @@ FLOAT_DTYPES = frozenset({"float32", "float16", "bfloat16"})
 INDEX_DTYPES = frozenset({"int64", "int32"})
 MASK_DTYPES = frozenset({"int64", "int32", "bool"})
 MAX_NDIM = 8
+BLOCKWISE8 = "blockwise8"  # int8 codes with one float32 absmax scale per block of values (Tensor.encoding)
+ENCODINGS = frozenset({BLOCKWISE8})  # encodings besides plain (""), as Tensor.encoding names them
+BLOCK_SIZE = 64  # values per scale we send: 1 + 4/64 bytes per value instead of 4 (float32)
+MIN_BLOCK, MAX_BLOCK = 8, 4096  # block sizes accepted
+# what activations may travel as (ClientConfig.wire_dtype / train_wire, the node record's "wire")
+WIRE_FORMATS = ("float32", "bfloat16", "float16", BLOCKWISE8)
 
 
 def shape_text(shape, limit: int = MAX_NDIM) -> str:
@@ -46,6 +52,43 @@ def serialize(tensor: torch.Tensor) -> pb.Tensor:
     return pb.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=data)
 
 
+def quantize_blockwise(tensor: torch.Tensor, block: int = BLOCK_SIZE) -> pb.Tensor:
+    """Encode a float tensor as ``blockwise8``: per block of ``block`` values (in C order), int8 codes
+    round(x / s) with s = absmax / 127 (an all-zero block has s = 0). Decoding gives codes x s in
+    ``tensor``'s dtype: at most s / 2 off per value."""
+    if DTYPE_NAMES.get(tensor.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"blockwise8 encodes float tensors, not {tensor.dtype}")
+    if not MIN_BLOCK <= block <= MAX_BLOCK:
+        raise ValueError(f"block size must be in {MIN_BLOCK}..{MAX_BLOCK}, got {block}")
+    flat = tensor.detach().to("cpu", torch.float32).reshape(-1)
+    n = flat.numel()
+    blocks = torch.nn.functional.pad(flat, (0, -n % block)).view(-1, block)
+    scales = blocks.abs().amax(dim=1) / 127
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = (blocks / safe[:, None]).round_().clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+    return pb.Tensor(dtype=DTYPE_NAMES[tensor.dtype], shape=list(tensor.shape), data=codes.numpy().tobytes(),
+                     encoding=BLOCKWISE8, scales=scales.numpy().tobytes(), block_size=block)
+
+
+def encode(tensor: torch.Tensor, wire: str | None) -> pb.Tensor:
+    """``tensor`` as activations travel in format ``wire`` (one of WIRE_FORMATS; None: its own dtype).
+    16-bit formats are torch's own cast (``tensor.to(bfloat16)``); the receiver gets that tensor exactly."""
+    if wire is None:
+        return serialize(tensor)
+    if wire == BLOCKWISE8:
+        return quantize_blockwise(tensor)
+    if wire not in FLOAT_DTYPES:
+        raise ValueError(f"unknown wire format {wire!r}; expected one of {', '.join(WIRE_FORMATS)}")
+    return serialize(tensor.to(DTYPES[wire]))
+
+
+def serialize_like(tensor: torch.Tensor, like: pb.Tensor) -> pb.Tensor:
+    """An answer encoded as its request's ``like`` was: blockwise8 with its block size, else plain."""
+    if like.encoding == BLOCKWISE8:
+        return quantize_blockwise(tensor, like.block_size)
+    return serialize(tensor)
+
+
 def deserialize(
     msg: pb.Tensor,
     *,
@@ -53,11 +96,17 @@ def deserialize(
     allowed: Collection[str],
     max_bytes: int,
     ndim: int | None = None,
+    encodings: Collection[str] = (),
 ) -> torch.Tensor:
     """Decode ``msg`` after checking dtype, rank, shape against bytes and a byte budget.
 
-    Every check uses only the declared header, so a hostile 1 GiB shape costs nothing.
+    Every check uses only the declared header, so a hostile 1 GiB shape costs nothing. ``max_bytes``
+    bounds the decoded tensor; ``encodings``: the encodings besides plain accepted here (ENCODINGS).
     """
+    if msg.encoding and msg.encoding not in encodings:
+        known = "unknown" if msg.encoding not in ENCODINGS else "not accepted here"
+        raise TensorError(f"{name}: encoding {capped_name(msg.encoding)!r} is {known}; expected "
+                          f"{' or '.join(['plain', *sorted(encodings)])}")
     if msg.dtype not in DTYPES:
         raise TensorError(f"{name}: unknown dtype {msg.dtype!r}; expected one of {sorted(allowed)}")
     if msg.dtype not in allowed:
@@ -71,12 +120,37 @@ def deserialize(
     nbytes = math.prod(shape) * itemsize
     if nbytes > max_bytes:
         raise TensorError(f"{name}: shape {shape_text(shape)} ({msg.dtype}) is {nbytes} bytes, over the limit of {max_bytes}")
+    if msg.encoding == BLOCKWISE8:
+        return _dequantize(msg, name, shape, math.prod(shape))
     if len(msg.data) != nbytes:
         raise TensorError(f"{name}: shape {shape_text(shape)} ({msg.dtype}) needs {nbytes} bytes, got {len(msg.data)}")
     if nbytes == 0:
         return torch.empty(shape, dtype=DTYPES[msg.dtype])
     raw = torch.frombuffer(bytearray(msg.data), dtype=torch.uint8)
     return raw.view(DTYPES[msg.dtype]).reshape(shape)
+
+
+def capped_name(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def _dequantize(msg: pb.Tensor, name: str, shape: list[int], n: int) -> torch.Tensor:
+    """A blockwise8 message whose decoded size is already within budget: check its byte counts, then decode."""
+    block = msg.block_size
+    if not MIN_BLOCK <= block <= MAX_BLOCK:
+        raise TensorError(f"{name}: blockwise8 block_size must be in {MIN_BLOCK}..{MAX_BLOCK}, got {block}")
+    blocks = -(-n // block)
+    if len(msg.data) != n or len(msg.scales) != 4 * blocks:
+        raise TensorError(f"{name}: blockwise8 shape {shape_text(shape)} needs {n} code bytes and {4 * blocks} "
+                          f"scale bytes (block {block}), got {len(msg.data)} and {len(msg.scales)}")
+    if n == 0:
+        return torch.empty(shape, dtype=DTYPES[msg.dtype])
+    scales = torch.frombuffer(bytearray(msg.scales), dtype=torch.float32)
+    if not (torch.isfinite(scales).all() and (scales >= 0).all()):
+        raise TensorError(f"{name}: blockwise8 scales must be finite and >= 0")
+    codes = torch.frombuffer(bytearray(msg.data), dtype=torch.int8).to(torch.float32)
+    padded = torch.nn.functional.pad(codes, (0, blocks * block - n)).view(blocks, block)
+    return (padded * scales[:, None]).reshape(-1)[:n].reshape(shape).to(DTYPES[msg.dtype])
 
 
 def lora_digest(modules: Iterable[pb.LoraModule]) -> str:

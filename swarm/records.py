@@ -13,6 +13,10 @@ that predate a field find a record with it malformed and skip that node, which i
 (they could not dial it). ``"weights"`` and ``"files"`` are the digests of the node's span's weights
 (swarm.identity: over its tensors' hashes, over its files' hashes): clients that know the model's weights
 route only to nodes announcing a digest they compute themselves.
+``"wire"`` lists the activation formats a node accepts besides float32 (proto.tensors.WIRE_FORMATS:
+16-bit floats and blockwise 8-bit): clients send a node only formats it announces. A name this reader
+does not know is dropped (a newer node's format we would never send), anything else malformed in the
+list makes the record malformed.
 """
 from __future__ import annotations
 
@@ -39,6 +43,9 @@ OPTIONAL_FIELDS = {
 }
 DIGEST_FIELD = "weights"  # optional: 64 lowercase hex digits, the digest of the span's tensor hashes
 FILES_FIELD = "files"  # optional: likewise, the digest of the span's file hashes (a hub model's, or a local copy's)
+WIRE_FIELD = "wire"  # optional: activation formats accepted besides float32 (a list of names)
+WIRE_NAMES = ("bfloat16", "float16", "blockwise8")  # the ones this version knows (proto.tensors.WIRE_FORMATS)
+MAX_WIRE = 8  # entries in a record's wire list
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
@@ -97,7 +104,17 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         **({"tls": True} if info.tls else {}),
         **({DIGEST_FIELD: info.weights} if info.weights else {}),
         **({FILES_FIELD: info.files} if info.files else {}),
+        **({WIRE_FIELD: list(info.wire)} if info.wire else {}),
     }
+
+
+def _parse_wire(value: object) -> tuple[str, ...] | None:
+    """The known formats of a record's wire list (in our order); None when the list is malformed."""
+    if not isinstance(value, list) or len(value) > MAX_WIRE or len(set(map(repr, value))) != len(value):
+        return None
+    if not all(isinstance(name, str) and 0 < len(name) <= 32 for name in value):
+        return None
+    return tuple(name for name in WIRE_NAMES if name in value)
 
 
 def valid_digest(value: object) -> bool:
@@ -115,12 +132,15 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
     return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
-    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD, FILES_FIELD}
+    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD, FILES_FIELD, WIRE_FIELD}
     if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= allowed:
         return None
     if any(value[name] is not only for name, only in OPTIONAL_FIELDS.items() if name in value):
         return None
     if any(field in value and not valid_digest(value[field]) for field in (DIGEST_FIELD, FILES_FIELD)):
+        return None
+    wire = _parse_wire(value[WIRE_FIELD]) if WIRE_FIELD in value else ()
+    if wire is None:
         return None
     for field, kind in RECORD_FIELDS.items():
         item = value[field]
@@ -155,4 +175,5 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         tls="tls" in value,
         weights=value.get(DIGEST_FIELD, ""),
         files=value.get(FILES_FIELD, ""),
+        wire=wire,
     )

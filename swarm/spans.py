@@ -62,3 +62,4 @@ class ServerInfo:
     tls: bool = False  # the node serves gRPC over TLS (node serve --tls-cert): dial it with a secure channel
     weights: str = ""  # digest of the span's tensor hashes (swarm.identity.span_digest); "": not announced
     files: str = ""  # digest of the span's file hashes (swarm.identity, kind FILES); "": not announced
+    wire: tuple[str, ...] = ()  # activation formats accepted besides float32 (bfloat16, float16, blockwise8)

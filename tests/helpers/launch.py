@@ -98,8 +98,13 @@ class LocalSwarm:
     """A bootstrap peer plus nodes, as separate processes on 127.0.0.1. Use as a context manager."""
 
     def __init__(self, model: str | Path, *, use_scripts: bool = False, ready_timeout: float = 120,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, link=None):
+        """``link``: a tests.helpers.link.LinkProfile; then each node listens behind a relay emulating that
+        link and announces the relay's address, so every call to it crosses the link (``set_link`` changes
+        the profile of all of them at once)."""
         self.model = str(model)
+        self.link = link
+        self.relays: list = []  # tests.helpers.link.LinkRelay in front of each node, with a link
         self.use_scripts, self.ready_timeout = use_scripts, ready_timeout
         self.env = {**os.environ, **(env or {})}
         self.bootstrap: Proc | None = None
@@ -125,11 +130,31 @@ class LocalSwarm:
         for i, blocks in enumerate(spans):
             argv = [*command("node", self.use_scripts), "serve", "--model", self.model, "--blocks", blocks,
                     "--host", "127.0.0.1", "--initial-peers", *self.peers, *extra, *(each[i] if i < len(each) else ())]
+            if self.link is not None:
+                argv += self._behind_relay()
             procs.append(Proc(argv, self.env))
         self.nodes.extend(procs)
         addresses = [proc.read_line(self.ready_timeout) for proc in procs]
         self.addresses.extend(addresses)
         return addresses
+
+    def _behind_relay(self) -> list[str]:
+        """Flags that put a node behind a new relay emulating ``self.link``."""
+        from tests.helpers.link import LinkRelay
+        from tests.helpers.network import free_port
+
+        port = free_port()
+        relay = LinkRelay(port, self.link)
+        self.relays.append(relay)
+        return ["--port", str(port), "--announce-host", relay.address]
+
+    def set_link(self, profile) -> None:
+        """Every relay emulates ``profile`` from now on (bytes already queued keep their times)."""
+        if self.link is None:
+            raise ValueError("this swarm was started without a link (LocalSwarm(..., link=PROFILES[...]))")
+        self.link = profile
+        for relay in self.relays:
+            relay.profile = profile
 
     def stop(self) -> None:
         """SIGTERM every node at once (they drain in parallel), wait for each, then the bootstrap peer."""
@@ -140,6 +165,8 @@ class LocalSwarm:
             proc.stop()
         if self.bootstrap is not None:
             self.bootstrap.stop()
+        for relay in self.relays:
+            relay.close()
 
     def __enter__(self) -> "LocalSwarm":
         return self

@@ -7,7 +7,7 @@ import torch
 from node.requests import max_message_bytes, Limits
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
-from proto.tensors import lora_digest, serialize
+from proto.tensors import BLOCKWISE8, lora_digest, quantize_blockwise, serialize
 from swarm.spans import Span
 
 HIDDEN = 64
@@ -56,6 +56,13 @@ CASES = [
     ("prefix", serialize(torch.zeros(2, 2, 2, 9, 3, 16)), grpc.StatusCode.INVALID_ARGUMENT, "prefix shape"),
     ("prefix", raw("float32", [2, 2, 2, 2, 1 << 30, 16], 0), grpc.StatusCode.INVALID_ARGUMENT, "prefix shape"),
     ("adapter_name", "missing", grpc.StatusCode.NOT_FOUND, "no adapter named"),
+    # blockwise 8-bit activations (issue 16): the decoded shape is held to the same budget, bytes to the shape
+    ("hidden_states", pb.Tensor(dtype="float32", shape=[1 << 20, 1 << 20, HIDDEN], encoding=BLOCKWISE8, block_size=64),
+     grpc.StatusCode.RESOURCE_EXHAUSTED, "over this node's limit"),
+    ("hidden_states", pb.Tensor(dtype="float32", shape=[2, 5, HIDDEN], data=b"\0" * 640, scales=b"\0" * 4,
+                                encoding=BLOCKWISE8, block_size=64), grpc.StatusCode.INVALID_ARGUMENT, "40 scale bytes"),
+    ("hidden_states", pb.Tensor(dtype="float32", shape=[2, 5, HIDDEN], data=b"\0" * 2560, encoding="zstd"),
+     grpc.StatusCode.INVALID_ARGUMENT, "encoding 'zstd' is unknown"),
 ]
 
 
@@ -82,6 +89,20 @@ def test_bad_backward(node):
     assert "does not match" in err.value.details()
     ok = stub.Backward(pb.BackwardRequest(inputs=good_request(model), grad_outputs=serialize(torch.ones(2, 5, HIDDEN))))
     assert list(ok.grad_inputs.shape) == [2, 5, HIDDEN]
+
+
+def test_8_bit_requests_get_8_bit_answers(node):
+    """Forward and Backward answer in the encoding of their activations (the client chose it per request)."""
+    _, stub = node
+    model = stub.Info(pb.InfoRequest()).model
+    hidden = quantize_blockwise(torch.randn(2, 5, HIDDEN))
+    out = stub.Forward(good_request(model, hidden_states=hidden), timeout=30)
+    assert out.hidden_states.encoding == BLOCKWISE8 and len(out.hidden_states.data) == 2 * 5 * HIDDEN
+    back = stub.Backward(pb.BackwardRequest(inputs=good_request(model, hidden_states=hidden),
+                                            grad_outputs=quantize_blockwise(torch.ones(2, 5, HIDDEN))), timeout=30)
+    assert back.grad_inputs.encoding == BLOCKWISE8 and list(back.grad_inputs.shape) == [2, 5, HIDDEN]
+    plain = stub.Forward(good_request(model), timeout=30)
+    assert plain.hidden_states.encoding == "" and len(plain.hidden_states.data) == 2 * 5 * HIDDEN * 4
 
 
 def test_oversized_message_is_refused_by_grpc(node):

@@ -14,7 +14,7 @@ from client.transport import Connections, RemoteCallError, call_forward, forward
 from node.requests import DRAFT_FACTOR
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
-from proto.tensors import serialize
+from proto.tensors import quantize_blockwise, serialize
 from tests.helpers.launch import wait_for
 from swarm.spans import Span
 
@@ -110,6 +110,8 @@ STEP_CASES = [  # sent after the open acknowledgement and one good step
      "cannot drop 2 positions: the session holds 1"),
     ("reorder-too-short", pb.InferenceRequest(hidden_states=serialize(torch.randn(2, 1, HIDDEN)), reorder=[1]),
      BAD, "got 1 entries"),
+    ("8-bit-step", message(hidden_states=quantize_blockwise(torch.randn(2, 1, HIDDEN))), BAD,
+     "encoding 'blockwise8' is not accepted here"),  # 8-bit is for training traffic, never a session's cache
 ]
 
 

@@ -8,7 +8,8 @@ from google.protobuf.descriptor import FieldDescriptor, FileDescriptor
 from proto import swarmlm_pb2 as pb
 from proto.generate import GENERATED, ROOT, generate
 
-RAW_BYTES = {("swarmlm.v1.Tensor", "data")}  # C-contiguous little-endian values of a declared dtype and shape
+RAW_BYTES = {("swarmlm.v1.Tensor", "data"),  # C-contiguous little-endian values of a declared dtype and shape
+             ("swarmlm.v1.Tensor", "scales")}  # blockwise8: float32 scales, their count fixed by shape and block
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path):

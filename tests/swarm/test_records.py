@@ -89,3 +89,17 @@ def test_fingerprint_is_family_neutral():
     relabelled = AutoConfig.for_model("gemma2", num_hidden_layers=2, num_labels=5, pad_token_id=3)
     relabelled._name_or_path = "/elsewhere"
     assert config_fingerprint(relabelled) == config_fingerprint(gemma)
+
+
+def test_wire_formats_are_an_optional_strict_field():
+    from dataclasses import replace
+
+    wired = replace(INFO, wire=("bfloat16", "float16", "blockwise8"))
+    assert make_record(wired)["wire"] == ["bfloat16", "float16", "blockwise8"]
+    assert parse_record("peerA", make_record(wired), block=3, num_blocks=8) == wired
+    assert "wire" not in make_record(INFO)  # nothing announced: the record is what it was
+    # a format this reader does not know is dropped (never sent); a malformed list drops the record
+    newer = {**make_record(INFO), "wire": ["blockwise4", "blockwise8"]}
+    assert parse_record("peerA", newer, block=3, num_blocks=8).wire == ("blockwise8",)
+    for bad in ("blockwise8", ["blockwise8", "blockwise8"], [1], ["x" * 100], ["a"] * 9, {"blockwise8": 1}):
+        assert parse_record("peerA", {**make_record(INFO), "wire": bad}, block=3, num_blocks=8) is None
