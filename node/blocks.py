@@ -18,6 +18,7 @@ from node import compat
 from swarm.arch import get_family, layer_type, uses_sliding_window
 from swarm.checkpoint import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
+from node.quantize import inner_tensors, quantize_linears
 from swarm.spans import Span
 
 
@@ -30,16 +31,17 @@ class SpanBlocks:
     layers: nn.ModuleList  # layers[i - span.start] is block i
     rotary: nn.Module  # the family's rotary embedding (one (cos, sin) per attention layer type)
     dtype: torch.dtype  # compute dtype
+    quantization: str = "none"  # how the Linear weights are stored (node.quantize): none or int8
 
     def layer(self, block: int) -> nn.Module:
         return self.layers[block - self.span.start]
 
 
 def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
-              progress: Callable[[int], None] | None = None) -> SpanBlocks:
+              progress: Callable[[int], None] | None = None, quantize: str = "none") -> SpanBlocks:
     """Build blocks ``span`` and fill them with their checkpoint tensors only (converted as transformers
     converts them when it loads the checkpoint), read one block at a time (``progress(block)`` after each:
-    the node's progress bar)."""
+    the node's progress bar); ``quantize``: their Linear weights then quantized (node.quantize)."""
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
@@ -63,9 +65,11 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
     if unset:
         raise CheckpointError(f"checkpoint {folder}: blocks {span} have no value for {unset[:3]}")
     layers.eval().requires_grad_(False)
+    del tensors, skeleton, block_list  # the float weights go as each Linear is quantized
+    quantize_linears(layers, quantize)
     install_hooks(layers, span.start)
     rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
-    return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype)
+    return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype, quantization=quantize)
 
 
 @contextmanager
@@ -218,9 +222,10 @@ class KeptBytes(torch.autograd.graph.saved_tensors_hooks):
 
 
 def weight_storages(blocks: SpanBlocks) -> set[int]:
-    """Data pointers of the storages of ``blocks``' parameters and buffers."""
-    tensors = [*blocks.layers.parameters(), *blocks.layers.buffers(), *blocks.rotary.parameters(),
-               *blocks.rotary.buffers()]
+    """Data pointers of the storages of ``blocks``' parameters and buffers (a quantized weight's: those
+    of the tensors inside it)."""
+    tensors = [t for p in [*blocks.layers.parameters(), *blocks.layers.buffers(), *blocks.rotary.parameters(),
+                           *blocks.rotary.buffers()] for t in inner_tensors(p)]
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 

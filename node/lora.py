@@ -71,7 +71,7 @@ def _hook(key: tuple[int, str]):
             generator = torch.Generator().manual_seed((lora.seed * 1_000_003 + key[0] * 7919 + zlib.crc32(key[1].encode())) % (1 << 62))
             keep = torch.rand(x.shape, generator=generator) >= lora.dropout
             x = x * keep / (1 - lora.dropout)
-        return output + ((x @ a.t()) @ b.t() * lora.scaling).to(output.dtype)
+        return (output + (x @ a.t()) @ b.t() * lora.scaling).to(output.dtype)  # summed in float32, as PEFT does
 
     return apply
 

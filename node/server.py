@@ -22,6 +22,7 @@ from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
 from node.lora import load_adapter_dir
 from node.metrics import NodeMetrics
 from node.progress import LoadProgress
+from node.quantize import check_available as check_quantization
 from swarm.arch import linear_shapes
 from node.requests import Limits, max_message_bytes
 from node.throughput import measure_rate
@@ -142,6 +143,7 @@ class Node:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
         cfg = self.config
         check_ports(cfg)  # before anything is loaded: a busy port is refused at once
+        check_quantization(cfg.quantize)  # nf4 on a machine without CUDA + bitsandbytes: refused at once
         swarm_key = load_optional(cfg.swarm_key)
         tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
         folder, model_config = self._checkpoint()
@@ -153,7 +155,7 @@ class Node:
         progress = LoadProgress(self.span)
         try:
             blocks = await asyncio.get_running_loop().run_in_executor(
-                self._pool, load_span, folder, model_config, self.span, dtype, progress)
+                self._pool, load_span, folder, model_config, self.span, dtype, progress, cfg.quantize)
         finally:
             progress.close()
         weights = await asyncio.get_running_loop().run_in_executor(
@@ -285,7 +287,8 @@ class Node:
         cfg, servicer = self.config, self.servicer
         info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=self.span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
-                          adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights)
+                          adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights,
+                          quantization=cfg.quantize)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await asyncio.get_running_loop().run_in_executor(
@@ -313,7 +316,8 @@ class Node:
                 weights = await loop.run_in_executor(self._pool, weights_digest, folder, model_config, target)
                 await self._announcer.move(target, NodeState.JOINING, weights)
                 await asyncio.sleep(min(self.config.ttl, self.config.rebalance_period))
-                blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype)
+                blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype,
+                                                    None, self.config.quantize)
                 if self.config.adapters:
                     self.servicer.adapters.hosted = load_adapter_dir(
                         Path(self.config.adapters), target.start, target.end, linear_shapes(blocks.layers[0]))

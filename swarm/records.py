@@ -12,6 +12,9 @@ over TLS. A plaintext node's record is what it always was, so every reader under
 that predate a field find a record with it malformed and skip that node, which is right for TLS
 (they could not dial it). ``"weights"`` is the digest of the node's span's weights (swarm.identity):
 clients that know the model's weights route only to nodes announcing the digest they compute themselves.
+``"quantization"`` (``"int8"`` or ``"nf4"``) marks a node whose frozen weights are quantized (node serve
+--quantize); an unquantized node's record has none. Readers that predate it skip quantized nodes, which is
+right too: their results differ from the float model's by more than float noise.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ OPTIONAL_FIELDS = {
     "tls": True,  # present (and exactly True) only for a node serving gRPC over TLS
 }
 DIGEST_FIELD = "weights"  # optional: 64 lowercase hex digits, the digest of the span's weights
+QUANTIZATION_FIELD = "quantization"  # optional: how the node's frozen weights are quantized
+ALLOWED_QUANTIZATIONS = frozenset({"int8", "nf4"})  # "none" is the field's absence
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
@@ -94,6 +99,7 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         "adapters": list(info.adapters),
         **({"tls": True} if info.tls else {}),
         **({DIGEST_FIELD: info.weights} if info.weights else {}),
+        **({QUANTIZATION_FIELD: info.quantization} if info.quantization != "none" else {}),
     }
 
 
@@ -112,12 +118,15 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
     return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
-    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD}
+    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD, QUANTIZATION_FIELD}
     if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= allowed:
         return None
     if any(value[name] is not only for name, only in OPTIONAL_FIELDS.items() if name in value):
         return None
     if DIGEST_FIELD in value and not valid_digest(value[DIGEST_FIELD]):
+        return None
+    quantization = value.get(QUANTIZATION_FIELD, "none")
+    if QUANTIZATION_FIELD in value and (type(quantization) is not str or quantization not in ALLOWED_QUANTIZATIONS):
         return None
     for field, kind in RECORD_FIELDS.items():
         item = value[field]
@@ -151,4 +160,5 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         adapters=tuple(adapters),
         tls="tls" in value,
         weights=value.get(DIGEST_FIELD, ""),
+        quantization=quantization,
     )

@@ -61,3 +61,4 @@ class ServerInfo:
     adapters: tuple[str, ...] = ()  # names of LoRA adapters the node hosts (node serve --adapters)
     tls: bool = False  # the node serves gRPC over TLS (node serve --tls-cert): dial it with a secure channel
     weights: str = ""  # digest of the span's weights (swarm.identity.span_digest); "": not announced
+    quantization: str = "none"  # how its frozen weights are stored: none, int8 or nf4 (node serve --quantize)
