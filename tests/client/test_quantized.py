@@ -19,11 +19,16 @@ from node.quantize import QuantizationUnavailable, check_available, quantize_lin
 from node.server import NodeThread
 from swarm.routing import NoRouteError
 from swarm.spans import Span
+from tests.client.test_lora import lora_grads_local, lora_grads_ours
 from tests.helpers.launch import command
 
 MODEL = "tiny-quantized"  # a model name of its own: these nodes' records never meet other tests' clients
 INT8_VS_FLOAT32 = 0.05  # stated tolerance: relative L2 difference of each real position's logits, int8 blocks vs
 # float32 (measured about 0.02 on this model; client.verify.relative_difference)
+# bfloat16 tolerances: logits within about one bfloat16 rounding step of values ~1-3 (adding the LoRA product
+# after rounding it to bfloat16, not in float32 as PEFT does, is 0.03 off); relative L2 of each LoRA gradient;
+# loss and float32 adapter weights after four AdamW steps at lr 1e-2
+BF16_LOGITS, BF16_GRADS, BF16_LOSS, BF16_WEIGHTS = 1e-2, 1e-2, 1e-3, 1e-4
 LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 PROMPT = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
 
@@ -121,7 +126,7 @@ def local_qlora(tiny_path, config):
     return model
 
 
-def train_both(ours, local, steps: int = 4) -> list[float]:
+def train_both(ours, local, steps: int = 4, tolerance: float = 1e-5) -> list[float]:
     ids, mask, labels = batch()
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, local)]
     losses = []
@@ -133,7 +138,7 @@ def train_both(ours, local, steps: int = 4) -> list[float]:
             loss.backward()
             opt.step()
             pair.append(loss.item())
-        assert pair[0] == pytest.approx(pair[1], abs=1e-5)
+        assert pair[0] == pytest.approx(pair[1], abs=tolerance)
         losses.append(pair[0])
     return losses
 
@@ -147,8 +152,10 @@ def fresh_int8_client(swarm, tiny_path, bootstrap):
 def test_qlora_through_int8_nodes_equals_local_qlora(fresh_int8_client, tiny_path):
     ours = get_peft_model(fresh_int8_client, copy.deepcopy(LORA))
     local = local_qlora(tiny_path, LORA)
-    state = ours.adapter.peft_state_dict()
     with torch.no_grad():
+        for b in ours.adapter.lora_B:  # PEFT starts B at zero; make the adapter matter from the first step
+            b.normal_(0, 0.1)
+        state = ours.adapter.peft_state_dict()
         for name, p in local.named_parameters():
             if "lora_" in name:
                 p.copy_(state[name.replace(".default", "")])
@@ -194,3 +201,54 @@ def test_node_serve_quantize_nf4_refuses_in_one_line(tiny_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert lines[-1].startswith("node: error: --quantize nf4 needs a CUDA GPU"), lines
     assert not result.stdout
+
+
+@pytest.fixture(scope="module")
+def bf16_node(tiny_path, bootstrap):
+    node = NodeThread(NodeConfig(model=str(tiny_path), blocks=Span(0, 6), dtype="bfloat16", model_name=MODEL + "-bf16",
+                                 initial_peers=tuple(bootstrap), throughput=100.0))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop(grace=0.5)
+
+
+def test_lora_through_bfloat16_nodes_equals_local_peft_on_a_bfloat16_model(bf16_node, tiny_path, bootstrap):
+    """Client and local model in bfloat16, LoRA weights float32 on both (PEFT's autocast_adapter_dtype): the
+    adapter's product is added to the bfloat16 output in float32, then rounded, as PEFT does."""
+    base = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), dtype=torch.bfloat16, client_config=ClientConfig(
+        initial_peers=tuple(bootstrap), model_name=MODEL + "-bf16"))
+    try:
+        ours = get_peft_model(base, copy.deepcopy(LORA))
+        local = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.bfloat16),
+                                     copy.deepcopy(LORA))
+        with torch.no_grad():
+            for b in ours.adapter.lora_B:  # PEFT starts B at zero; make the adapter matter
+                b.normal_(0, 0.1)
+            state = ours.adapter.peft_state_dict()
+            for name, p in local.named_parameters():
+                if "lora_" in name:
+                    assert p.dtype == torch.float32
+                    p.copy_(state[name.replace(".default", "")])
+        ids, mask, labels = batch()
+        out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        ref = local(input_ids=ids, attention_mask=mask, labels=labels)
+        assert {hop.server.dtype for hop in base.model.layers.chain.last_route} == {"bfloat16"}
+        assert out.logits.dtype == ref.logits.dtype == torch.bfloat16
+        assert (out.logits.float() - ref.logits.float()).abs().max() <= BF16_LOGITS
+        out.loss.backward()
+        ref.loss.backward()
+        expected, got = lora_grads_local(local), lora_grads_ours(ours)
+        assert set(got) == set(expected) and all(g.dtype == torch.float32 for g in got.values())
+        for name in expected:
+            assert relative_difference(got[name].reshape(1, 1, -1), expected[name].reshape(1, 1, -1)) <= BF16_GRADS, name
+        ours.zero_grad(), local.zero_grad()
+        losses = train_both(ours, local, tolerance=BF16_LOSS)
+        assert losses[-1] < losses[0]
+        state = ours.adapter.peft_state_dict()
+        for name, p in local.named_parameters():
+            if "lora_" in name:
+                assert torch.allclose(state[name.replace(".default", "")], p, atol=BF16_WEIGHTS), name
+    finally:
+        base.close()
