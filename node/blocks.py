@@ -18,7 +18,7 @@ from node import compat
 from swarm.arch import get_family, layer_type, uses_sliding_window
 from swarm.checkpoint import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
-from node.quantize import inner_tensors, quantize_linears
+from node.quantize import inner_tensors, lean_backward, quantize_linears
 from swarm.spans import Span
 
 
@@ -66,7 +66,7 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
         raise CheckpointError(f"checkpoint {folder}: blocks {span} have no value for {unset[:3]}")
     layers.eval().requires_grad_(False)
     del tensors, skeleton, block_list  # the float weights go as each Linear is quantized
-    quantize_linears(layers, quantize)
+    lean_backward(quantize_linears(layers, quantize))
     install_hooks(layers, span.start)
     rotary = family.rotary_cls(config=config).to(dtype=torch.float32)
     return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype, quantization=quantize)
