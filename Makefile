@@ -8,7 +8,7 @@ LOCK    = requirements.lock
 # the CPU build of torch, installed first (it lies on this kind of machine's disk; an unpinned torch may
 # pull a multi-GB CUDA build); the lock pins the same version without the local "+cpu" label
 TORCH  ?= torch==2.13.0
-EXTRAS  = dev,bench
+EXTRAS  = dev,bench,quant
 # CI's test command: the contract tests first (seconds; they name what moved in transformers/PEFT), then the rest
 PYTEST  = -m pytest -q
 

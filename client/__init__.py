@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 
+import swarm  # noqa: F401  first: quiets torchao's import-time noise before transformers imports it (see there)
+
 _WHERE = {
     "AutoDistributedModelForCausalLM": "client.model",
     "AutoDistributedModelForSequenceClassification": "client.classification",

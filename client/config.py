@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+QUANTIZATION_CHOICES = ("none", "int8", "nf4", "any")  # ClientConfig.quantization: which nodes routes may use
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -16,6 +18,7 @@ class ClientConfig:
     max_wait: float = 30.0  # seconds to wait for blocks with no live node before raising NoRouteError
     refresh_seconds: float = 5.0  # the swarm view from the DHT is re-read when older than this
     adapter: str | None = None  # name of a node-hosted LoRA adapter to use; routes only use nodes hosting it
+    quantization: str = "none"  # nodes routed through: none (unquantized only), int8 or nf4 (only those), any
     max_step_tokens: int = 2048  # batch x positions per inference message; longer prompts go in pieces
     nat_port_map: bool = False  # UPnP/NAT-PMP port mapping on the LAN gateway: explicit opt-in only
     max_message_mb: int = 1024  # largest gRPC message sent to or accepted from a node, MiB
@@ -24,7 +27,7 @@ class ClientConfig:
     swarm_key: str | None = None  # path of the swarm key file of a private swarm (`swarm keygen`); None: open
     tls_ca: str | None = None  # CA certificate (PEM, `swarm tls-cert`) of the swarm's nodes: only TLS nodes it signed are used
     verify_fraction: float = 0.0  # fraction of span computations re-run on another node serving them and compared
-    verify_tolerance: float | None = None  # largest relative difference still agreeing; None: 1e-3, 0.05 with bfloat16
+    verify_tolerance: float | None = None  # largest relative difference still agreeing; None: 1e-3, 0.05 with bfloat16 or int8 vs float (client.verify)
     believe_claims: bool = False  # rank nodes by the throughput they announce, as given (every member trusted); default: by what this client measured
     metrics_port: int | None = None  # port of this client's Prometheus metrics endpoint (HTTP); None: off; 0 picks one
     metrics_host: str = "127.0.0.1"  # interface the metrics endpoint listens on
@@ -52,6 +55,8 @@ class ClientConfig:
             raise ValueError(f"max_message_mb must be in 1..2047 (gRPC's limit is 2 GiB), got {self.max_message_mb}")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, got {self.quantization!r}")
         if not 0.0 <= self.verify_fraction <= 1.0:
             raise ValueError(f"verify_fraction must be in [0, 1], got {self.verify_fraction}")
         if self.verify_tolerance is not None and not self.verify_tolerance >= 0:

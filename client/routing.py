@@ -70,6 +70,8 @@ class Router:
                     self.weights.warn_once(s)
             if self.config.adapter:  # only nodes that host the chosen adapter can serve us
                 servers = [s for s in servers if self.config.adapter in s.adapters]
+            if self.config.quantization != "any":  # unquantized nodes only, unless asked for others
+                servers = [s for s in servers if s.quantization == self.config.quantization]
             if self.config.tls_ca is not None:  # TLS required: plaintext nodes are never dialed
                 for s in servers:
                     if not s.tls:

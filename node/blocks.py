@@ -18,6 +18,7 @@ from node import compat
 from swarm.arch import ALIBI, Family, get_family, layer_type, uses_sliding_window
 from swarm.checkpoint import CheckpointError, read_tensors
 from node.lora import Lora, active, install_hooks
+from node.quantize import inner_tensors, lean_backward, quantize_linears
 from swarm.spans import Span
 
 
@@ -31,18 +32,20 @@ class SpanBlocks:
     rotary: nn.Module | None  # the family's rotary embedding (one (cos, sin) per attention layer type), if any
     dtype: torch.dtype  # compute dtype
     family: Family | None = None  # how the blocks are called (rotary, ALiBi, mask); None: from config
+    quantization: str = "none"  # how the Linear weights are stored (node.quantize): none or int8
 
     def layer(self, block: int) -> nn.Module:
         return self.layers[block - self.span.start]
 
 
 def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
-              progress: Callable[[int], None] | None = None) -> SpanBlocks:
+              progress: Callable[[int], None] | None = None, quantize: str = "none") -> SpanBlocks:
     """Build blocks ``span`` and fill them with their checkpoint tensors only (converted as transformers
     converts them when it loads the checkpoint), read and converted one block at a time (``progress(block)``
     after each: the node's progress bar). One block at a time: a conversion that makes new tensors (MoE
     experts fused into 3-D tensors) holds a second copy of one block's tensors, not of the span's (for the
-    MoE node serving 8 blocks in bench/README.md: peak RSS 1,086 MiB instead of 1,481)."""
+    MoE node serving 8 blocks in bench/README.md: peak RSS 1,086 MiB instead of 1,481). ``quantize``: their
+    Linear weights then quantized (node.quantize)."""
     if span.end > config.num_hidden_layers:
         raise CheckpointError(f"blocks {span} are outside the model's {config.num_hidden_layers} blocks")
     family = get_family(config)
@@ -66,10 +69,13 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
     if unset:
         raise CheckpointError(f"checkpoint {folder}: blocks {span} have no value for {unset[:3]}")
     layers.eval().requires_grad_(False)
+    del tensors, skeleton, block_list  # the float weights go as each Linear is quantized
+    lean_backward(quantize_linears(layers, quantize))
     install_hooks(layers, span.start)
     rotary_cls = family.rotary_cls
     rotary = rotary_cls(config=config).to(dtype=torch.float32) if rotary_cls is not None else None
-    return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype, family=family)
+    return SpanBlocks(config=config, span=span, layers=layers, rotary=rotary, dtype=dtype, family=family,
+                      quantization=quantize)
 
 
 @contextmanager
@@ -237,9 +243,11 @@ class KeptBytes(torch.autograd.graph.saved_tensors_hooks):
 
 
 def weight_storages(blocks: SpanBlocks) -> set[int]:
-    """Data pointers of the storages of ``blocks``' parameters and buffers."""
+    """Data pointers of the storages of ``blocks``' parameters and buffers (a quantized weight's: those
+    of the tensors inside it)."""
     rotary = blocks.rotary if blocks.rotary is not None else nn.Module()
-    tensors = [*blocks.layers.parameters(), *blocks.layers.buffers(), *rotary.parameters(), *rotary.buffers()]
+    tensors = [t for p in [*blocks.layers.parameters(), *blocks.layers.buffers(), *rotary.parameters(),
+                           *rotary.buffers()] for t in inner_tensors(p)]
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 

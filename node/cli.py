@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from node.config import COMPUTE_DTYPES, NodeConfig
+from node.config import COMPUTE_DTYPES, QUANTIZATIONS, NodeConfig
 from swarm.cliargs import OneLineParser, fail
 from swarm.configcli import add_config_arguments, config_from_args, markdown_table
 from swarm.ports import check_free
@@ -20,7 +20,7 @@ from swarm.spans import Span
 
 PARSERS = {Span: Span.parse}  # --blocks 0:12
 ONE_OF = (("blocks", "num_blocks"),)  # exactly one: a fixed span or automatic placement
-CHOICES = {"dtype": COMPUTE_DTYPES}
+CHOICES = {"dtype": COMPUTE_DTYPES, "quantize": QUANTIZATIONS}
 
 
 def build_parser() -> OneLineParser:

@@ -8,6 +8,7 @@ from swarm.spans import Span
 from swarm.records import MAX_RECORD_LIFETIME  # not swarm.validator: that imports hivemind (seconds)
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+QUANTIZATIONS = ("none", "int8", "nf4")  # --quantize choices (node.quantize); records announce all but "none"
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class NodeConfig:
     announce_host: str | None = None  # "host" or "host:port" clients should dial, when not where we listen (0.0.0.0)
     dht_port: int = 0  # DHT (libp2p) port; 0 picks a free one
     dtype: str = "float32"  # compute dtype of the blocks: float32 or bfloat16
+    quantize: str = "none"  # frozen block weights: none, int8 (torchao weight-only, CPU) or nf4 (CUDA + bitsandbytes)
     model_name: str | None = None  # name in the DHT model key; None: the checkpoint directory's name or the hub id
     max_batch_tokens: int = 8192  # largest batch * sequence length accepted in one request
     ttl: float = 15.0  # seconds a DHT record lives unless the heartbeat (every ttl/3) refreshes it
@@ -65,6 +67,8 @@ class NodeConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}")
         for name in ("port", "dht_port", "metrics_port"):
             if getattr(self, name) is not None and not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in 0..65535, got {getattr(self, name)}")

@@ -84,7 +84,7 @@ def _hook(key: tuple[int, str]):
             x = x * keep / (1 - lora.dropout)
         if lora.method == "dora":
             return output + _dora_delta(module, x, output, lora, lora.weights[key]).to(output.dtype)
-        return output + ((x @ a.t()) @ b.t() * lora.scaling).to(output.dtype)
+        return (output + (x @ a.t()) @ b.t() * lora.scaling).to(output.dtype)  # summed in float32, as PEFT does
 
     return apply
 

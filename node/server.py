@@ -22,6 +22,7 @@ from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
 from node.lora import load_adapter_dir
 from node.metrics import NodeMetrics
 from node.progress import LoadProgress
+from node.quantize import check_available as check_quantization
 from swarm.arch import linear_shapes
 from node.requests import Limits, max_message_bytes
 from node.throughput import measure_rate
@@ -141,6 +142,7 @@ class Node:
         """Load weights, start serving, announce ONLINE; returns the gRPC address ``host:port``."""
         cfg = self.config
         check_ports(cfg)  # before anything is loaded: a busy port is refused at once
+        check_quantization(cfg.quantize)  # nf4 on a machine without CUDA + bitsandbytes: refused at once
         swarm_key = load_optional(cfg.swarm_key)
         tls = server_credentials(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None  # bad files fail right here
         folder, model_config = self._checkpoint()
@@ -152,7 +154,7 @@ class Node:
         progress = LoadProgress(self.span)
         try:
             blocks = await asyncio.get_running_loop().run_in_executor(
-                self._pool, load_span, folder, model_config, self.span, dtype, progress)
+                self._pool, load_span, folder, model_config, self.span, dtype, progress, cfg.quantize)
         finally:
             progress.close()
         weights = await asyncio.get_running_loop().run_in_executor(
@@ -297,7 +299,7 @@ class Node:
         info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=self.span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
                           adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights[0],
-                          files=weights[1], wire=WIRE_NAMES)
+                          files=weights[1], wire=WIRE_NAMES, quantization=cfg.quantize)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await asyncio.get_running_loop().run_in_executor(
@@ -325,7 +327,8 @@ class Node:
                 weights, files = await loop.run_in_executor(self._pool, weights_digests, folder, model_config, target)
                 await self._announcer.move(target, NodeState.JOINING, weights, files)
                 await asyncio.sleep(min(self.config.ttl, self.config.rebalance_period))
-                blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype)
+                blocks = await loop.run_in_executor(self._pool, load_span, folder, model_config, target, dtype,
+                                                    None, self.config.quantize)
                 if self.config.adapters:
                     self.servicer.adapters.hosted = load_adapter_dir(
                         Path(self.config.adapters), target.start, target.end, linear_shapes(blocks.layers[0]))

@@ -17,6 +17,9 @@ route only to nodes announcing a digest they compute themselves.
 16-bit floats and blockwise 8-bit): clients send a node only formats it announces. A name this reader
 does not know is dropped (a newer node's format we would never send), anything else malformed in the
 list makes the record malformed.
+``"quantization"`` (``"int8"`` or ``"nf4"``) marks a node whose frozen weights are quantized (node serve
+--quantize); an unquantized node's record has none. Readers that predate it skip quantized nodes, which is
+right too: their results differ from the float model's by more than float noise.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ FILES_FIELD = "files"  # optional: likewise, the digest of the span's file hashe
 WIRE_FIELD = "wire"  # optional: activation formats accepted besides float32 (a list of names)
 WIRE_NAMES = ("bfloat16", "float16", "blockwise8")  # the ones this version knows (proto.tensors.WIRE_FORMATS)
 MAX_WIRE = 8  # entries in a record's wire list
+QUANTIZATION_FIELD = "quantization"  # optional: how the node's frozen weights are quantized
+ALLOWED_QUANTIZATIONS = frozenset({"int8", "nf4"})  # "none" is the field's absence
 MAX_ADAPTERS = 64
 ALLOWED_DTYPES = frozenset({"float32", "bfloat16", "float16"})
 MAX_STRING = 256
@@ -105,6 +110,7 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         **({DIGEST_FIELD: info.weights} if info.weights else {}),
         **({FILES_FIELD: info.files} if info.files else {}),
         **({WIRE_FIELD: list(info.wire)} if info.wire else {}),
+        **({QUANTIZATION_FIELD: info.quantization} if info.quantization != "none" else {}),
     }
 
 
@@ -132,7 +138,7 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
     return None when it is malformed in any way."""
     if not isinstance(node_id, str) or not 0 < len(node_id) <= MAX_NODE_ID:
         return None
-    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD, FILES_FIELD, WIRE_FIELD}
+    allowed = set(RECORD_FIELDS) | set(OPTIONAL_FIELDS) | {DIGEST_FIELD, FILES_FIELD, WIRE_FIELD, QUANTIZATION_FIELD}
     if not isinstance(value, dict) or not set(RECORD_FIELDS) <= set(value) <= allowed:
         return None
     if any(value[name] is not only for name, only in OPTIONAL_FIELDS.items() if name in value):
@@ -141,6 +147,9 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         return None
     wire = _parse_wire(value[WIRE_FIELD]) if WIRE_FIELD in value else ()
     if wire is None:
+        return None
+    quantization = value.get(QUANTIZATION_FIELD, "none")
+    if QUANTIZATION_FIELD in value and (type(quantization) is not str or quantization not in ALLOWED_QUANTIZATIONS):
         return None
     for field, kind in RECORD_FIELDS.items():
         item = value[field]
@@ -176,4 +185,5 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         weights=value.get(DIGEST_FIELD, ""),
         files=value.get(FILES_FIELD, ""),
         wire=wire,
+        quantization=quantization,
     )

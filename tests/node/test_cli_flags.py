@@ -28,6 +28,7 @@ def test_every_flag_sets_its_field():
     """A command line giving every field a value other than its default builds exactly that config."""
     argv = ["serve", "--model", "m", "--revision", "v1", "--num-blocks", "2", "--initial-peers", "/ip4/1.2.3.4/tcp/1,/ip4/1.2.3.4/tcp/2",
             "--host", "0.0.0.0", "--port", "1", "--announce-host", "a:3", "--dht-port", "2", "--dtype", "bfloat16",
+            "--quantize", "int8",
             "--model-name", "n", "--max-batch-tokens", "3", "--ttl", "4", "--shutdown-grace", "5",
             "--compute-threads", "6", "--cache-tokens", "7", "--alloc-timeout", "8", "--step-timeout", "9",
             "--max-sessions-per-client", "10", "--client-cache-share", "0.25", "--reclaim-idle", "3",
@@ -41,7 +42,7 @@ def test_every_flag_sets_its_field():
     config = config_from_args(NodeConfig, build_parser().parse_args(argv))
     expected = NodeConfig(
         model="m", revision="v1", num_blocks=2, initial_peers=("/ip4/1.2.3.4/tcp/1", "/ip4/1.2.3.4/tcp/2"), host="0.0.0.0",
-        port=1, announce_host="a:3", dht_port=2, dtype="bfloat16", model_name="n", max_batch_tokens=3, ttl=4.0,
+        port=1, announce_host="a:3", dht_port=2, dtype="bfloat16", quantize="int8", model_name="n", max_batch_tokens=3, ttl=4.0,
         shutdown_grace=5.0, compute_threads=6, cache_tokens=7, alloc_timeout=8.0, step_timeout=9.0,
         max_sessions_per_client=10, client_cache_share=0.25, reclaim_idle=3.0, max_message_mb=11, lora_cache_mb=12, max_chunk_tokens=13,
         activation_cache_mb=14, small_step_threads=15, large_step_threads=20, decode_batch=21,

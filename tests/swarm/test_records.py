@@ -76,6 +76,29 @@ def test_weights_digests_are_optional_strict_fields(field):
         assert parse_record("peerA", {**make_record(info), field: bad}, block=3, num_blocks=8) is None
 
 
+def test_quantization_is_an_optional_strict_field_old_readers_skip():
+    info = ServerInfo("peerA", "127.0.0.1:5000", Span(2, 6), NodeState.ONLINE, 123.0, "0.1.0", "float32",
+                      quantization="int8")
+    assert make_record(info)["quantization"] == "int8"
+    assert parse_record("peerA", make_record(info), block=3, num_blocks=8) == info
+    assert "quantization" not in make_record(INFO)  # an unquantized node's record is what it always was
+    assert parse_record("peerA", make_record(INFO), block=3, num_blocks=8).quantization == "none"
+    assert set(make_record(info)) - set(RECORD_FIELDS) == {"quantization"}  # readers with the old schema skip it
+    for bad in ("none", "int4", "INT8", "", 8, None, ["int8"]):  # "none" is said by the field's absence
+        assert parse_record("peerA", {**make_record(info), "quantization": bad}, block=3, num_blocks=8) is None
+
+
+def test_verification_tolerance_follows_dtype_and_quantization():
+    from dataclasses import replace
+
+    from client.verify import BFLOAT16_TOLERANCE, FLOAT32_TOLERANCE, QUANTIZED_TOLERANCE, default_tolerance
+
+    int8, bf16 = replace(INFO, quantization="int8"), replace(INFO, dtype="bfloat16")
+    assert default_tolerance(INFO, INFO) == default_tolerance(int8, int8) == FLOAT32_TOLERANCE  # same math
+    assert default_tolerance(INFO, bf16) == BFLOAT16_TOLERANCE
+    assert default_tolerance(INFO, int8) == default_tolerance(bf16, int8) == QUANTIZED_TOLERANCE
+
+
 def test_fingerprint_is_family_neutral():
     """Fields only one family has (Gemma's soft-caps, an MoE's expert count) separate models; fields every
     config has for bookkeeping (labels of a classification head, token ids, paths) do not."""
