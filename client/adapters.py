@@ -144,6 +144,17 @@ class ClientAdapter(nn.Module):
         return out
 
 
+def _refuse_dora_off_linear(model_config: Any, paths: list[str]) -> None:
+    """The nodes run DoRA on nn.Linear projections only (node/lora.py base_weight); GPT-2's Conv1D stores its
+    weight transposed and is not covered by a test, so it is refused rather than run."""
+    with torch.device("meta"):
+        modules = dict(get_family(model_config).layer_cls(model_config, 0).named_modules())
+    other = sorted(p for p in paths if not isinstance(modules[p], nn.Linear))
+    if other:
+        raise ValueError(f"DoRA (use_dora=True) runs on nn.Linear projections only; {other} of "
+                         f"{model_config.model_type!r} are {type(modules[other[0]]).__name__}: use plain LoRA there")
+
+
 class RemoteLora(ClientAdapter):
     """LoRA A/B matrices (and DoRA's magnitudes) for every (block, projection) of the model, kept by the client."""
 
@@ -157,6 +168,8 @@ class RemoteLora(ClientAdapter):
         self.scaling = alpha / math.sqrt(r) if lora_config.use_rslora else alpha / r
         self.dropout = float(lora_config.lora_dropout)
         self.method = "dora" if lora_config.use_dora else ""
+        if self.method == "dora":
+            _refuse_dora_off_linear(model_config, self.paths)
         blocks = list(layers if layers is not None else range(model_config.num_hidden_layers))
         self.keys = [(b, p) for b in blocks for p in self.paths]
         self.lora_A = nn.ParameterList()

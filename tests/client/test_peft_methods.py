@@ -289,3 +289,15 @@ def test_adalora_with_its_rank_allocator_equals_local_peft(client, tiny_path, tm
         assert torch.allclose(logits, again(input_ids=ids, attention_mask=mask).logits, atol=1e-4)
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(again.generate(ids, **kwargs), loaded.generate(input_ids=ids, **kwargs))
+
+
+def test_dora_on_gpt2_conv1d_is_refused_by_name():
+    from peft import LoraConfig
+    from transformers import GPT2Config
+
+    from client.adapters import RemoteLora
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)
+    RemoteLora(config, LoraConfig(r=2, target_modules=["c_attn"]))  # plain LoRA on Conv1D is fine
+    with pytest.raises(ValueError, match=r"DoRA .* nn.Linear projections only.*c_attn.*Conv1D"):
+        RemoteLora(config, LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
