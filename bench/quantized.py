@@ -120,9 +120,8 @@ def section_quantized(ctx: Context) -> str:
         "VmRSS of one `node serve` process serving a quarter or all of the blocks: ready, after one Forward and "
         f"after one Backward of 4 x 64 tokens; peak = VmHWM. *span* = RSS ready (all) - RSS ready (quarter): "
         f"what {three_quarters} blocks ({three_quarters * block_mib:.0f} MiB of float32 weights) cost, the "
-        "process' own memory cancelling out. A Backward's forward pass keeps a float copy of each int8 weight "
-        "it multiplied by (torchao dequantizes for the matrix product), so after a Backward an int8 node "
-        "holds more until that pass's activations are freed.\n",
+        "process' own memory cancelling out. A Backward rebuilds each layer's float weight only for that "
+        "layer's own backward step (node.quantize), so it adds one layer's float weights at a time.\n",
         "| weights | blocks served | RSS ready MiB | after fwd MiB | after bwd MiB | peak MiB |",
         "|---|---|---|---|---|---|",
         *memory_rows,
