@@ -69,7 +69,7 @@ def load_span(folder: Path, config: Any, span: Span, dtype: torch.dtype,
     if unset:
         raise CheckpointError(f"checkpoint {folder}: blocks {span} have no value for {unset[:3]}")
     layers.eval().requires_grad_(False)
-    del tensors, skeleton, block_list  # the float weights go as each Linear is quantized
+    del skeleton, block_list  # the float weights go as each Linear is quantized
     lean_backward(quantize_linears(layers, quantize))
     install_hooks(layers, span.start)
     rotary_cls = family.rotary_cls
