@@ -266,7 +266,9 @@ class InferenceSession:
                 expected = max(link.max_step_tokens, self.batch_size) * self._position_bytes
                 stream.call = await link.connections.inference(hop.server.address, first, link.request_timeout,
                                                                expected=expected)
-                await stream.exchange(first, link.request_timeout)
+                answer = await stream.exchange(first, link.request_timeout)
+                link.connections.bytes_sent += first.ByteSize()  # counted as every step is (benchmarks read these)
+                link.connections.bytes_received += answer.ByteSize()
                 return stream
             except RemoteCallError as error:
                 if not (retry and link.connections.learn_epoch(error)):

@@ -79,9 +79,9 @@ def test_node_counters_equal_the_traffic_sent(start_nodes, open_client, tiny_pat
         assert value(s, "swarmlm_node_received_bytes_total", rpc="Forward") >= 2 * tokens * HIDDEN * 4
         assert value(s, "swarmlm_node_sent_bytes_total", rpc="Forward") >= 2 * tokens * HIDDEN * 4
         assert value(s, "swarmlm_node_received_bytes_total", rpc="Inference") > 0
-        received += sum(value(s, "swarmlm_node_received_bytes_total", rpc=r) for r in ("Forward", "Backward"))
-        sent += sum(value(s, "swarmlm_node_sent_bytes_total", rpc=r) for r in ("Forward", "Backward"))
-    # the nodes' wire bytes of the unary calls are exactly the serialized messages the client counted
+        received += sum(value(s, "swarmlm_node_received_bytes_total", rpc=r) for r in ("Forward", "Backward", "Inference"))
+        sent += sum(value(s, "swarmlm_node_sent_bytes_total", rpc=r) for r in ("Forward", "Backward", "Inference"))
+    # the nodes' wire bytes (unary calls and session streams) are exactly the serialized messages the client counted
     assert received == model.chain.connections.bytes_sent
     assert sent == model.chain.connections.bytes_received
 
