@@ -14,7 +14,9 @@ FORWARDS = 24
 
 def test_an_absurd_throughput_does_not_capture_the_traffic(tiny_path, local_model):
     with LocalSwarm(tiny_path, ready_timeout=120) as swarm:
-        honest, liar = swarm.start_nodes(["0:6", "0:6"], "--ttl", "5",
+        # the same thread counts on both (measured at start side by side, they can differ and so would their speeds)
+        honest, liar = swarm.start_nodes(["0:6", "0:6"], "--ttl", "5", "--small-step-threads", "1",
+                                         "--large-step-threads", "1",
                                          each=[("--throughput", "1000"), ("--throughput", "1000000")])
         config = ClientConfig(initial_peers=tuple(swarm.peers), max_wait=30.0)
         model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), client_config=config)
@@ -28,7 +30,8 @@ def test_an_absurd_throughput_does_not_capture_the_traffic(tiny_path, local_mode
                     used.update(hop.server.address for hop in model.chain.last_route)
             # believing claims, the liar took 1000 draws in 1001 (16 of 16 forwards, measured); now, by measured
             # speeds, the honest node got 4 to 14 of 16 (three clients, a machine at a load average of 20-30)
-            assert used[honest] >= 3, used
+            # (believing claims it would get 2 or more in 24 with probability ~3e-4)
+            assert used[honest] >= 2, used
             servers = {s.address: s for s in model.chain.servers()}
             believed = model.chain.router.believed(list(servers.values()))
             # what counts is what the client measured (the same speed, give or take the machine's load), not
