@@ -60,6 +60,22 @@ def local_model(tiny_path):
     return AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
 
 
+def adamw_steps_agree(ours, opt_ours, local, opt_local, ids, mask, labels, steps: int = 4) -> list[float]:
+    """``steps`` optimizer steps of both models on one batch; each step's losses agree within 1e-5. Our losses."""
+    losses = []
+    for _ in range(steps):
+        step = []
+        for model, opt in ((ours, opt_ours), (local, opt_local)):
+            opt.zero_grad()
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            step.append(loss.item())
+        assert step[0] == pytest.approx(step[1], abs=1e-5)
+        losses.append(step[0])
+    return losses
+
+
 def saved_initialisation(tiny_path, config, folder):
     """A local PEFT adapter with every trainable tensor moved off its start (so each one matters), saved."""
     torch.manual_seed(5)
@@ -91,17 +107,7 @@ def test_four_adamw_steps_equal_local_peft_from_the_same_saved_start(method, cli
     opt_local = torch.optim.AdamW([p for p in local.parameters() if p.requires_grad], lr=1e-2)
     assert sum(p.numel() for p in opt_ours.param_groups[0]["params"]) == \
         sum(p.numel() for p in opt_local.param_groups[0]["params"])
-    losses = []
-    for _ in range(4):
-        step = []
-        for model, opt in ((ours, opt_ours), (local, opt_local)):
-            opt.zero_grad()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            opt.step()
-            step.append(loss.item())
-        assert step[0] == pytest.approx(step[1], abs=1e-5)
-        losses.append(step[0])
+    losses = adamw_steps_agree(ours, opt_ours, local, opt_local, ids, mask, labels)
     assert losses[-1] < losses[0]
     adapters_equal(ours, local)
 
@@ -207,15 +213,7 @@ def test_p_tuning_v2_trains_and_generates_like_local_peft(projection, client, ti
     ids, mask, labels = batch()
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
     opt_local = torch.optim.AdamW(list(local_params.values()), lr=1e-2)
-    for _ in range(4):
-        step = []
-        for model, opt in ((ours, opt_ours), (local, opt_local)):
-            opt.zero_grad()
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            opt.step()
-            step.append(loss.item())
-        assert step[0] == pytest.approx(step[1], abs=1e-5)
+    adamw_steps_agree(ours, opt_ours, local, opt_local, ids, mask, labels)
     for name, p in ours.adapter.encoder.named_parameters():
         assert torch.allclose(p, local_params[name], atol=1e-5), name
     ours.save_pretrained(tmp_path / "prefix")
