@@ -11,18 +11,30 @@ threads fall asleep), and keeps the fastest count per size: within ``TIE`` of th
 threads (they leave the CPU to others). The measuring time is bounded: about ``BUDGET`` seconds per
 size, twice that at most unless a single round of calls takes longer (see time_counts).
 
+Nodes on one machine measure one at a time (``measuring_alone``: a lock file every node of the machine
+opens): two nodes measuring at once share the cores, so both saw more threads lose and picked one, while
+in a generation only one of them computes at any moment (on 2 cores the 271M model's nodes chose 1
+thread and generated at 0.85x local).
+
 ``node serve --small-step-threads N`` / ``--large-step-threads N`` override either measurement.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: nodes measure without waiting for each other
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 
@@ -37,6 +49,8 @@ DECODE_GAP = 0.005  # seconds idle before each timed decode call: the network wa
 LARGE_TOKENS = 128  # positions of the larger step timed (through one block: all blocks cost the same)
 LOSING = 3.0  # a count this many times slower than the fastest in its warm-up or a round is not timed again
 TIE = 0.05  # a count this much slower than the fastest still counts as as fast (fewer threads win ties)
+LOCK_WAIT = 60.0  # seconds a node waits for another one's measuring before it measures anyway
+LOCK_FILE = "swarmlm-threads.lock"  # in the temporary directory (TMPDIR), shared by the machine's nodes
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,35 @@ def available_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def measuring_alone(path: str | None = None, wait: float = LOCK_WAIT) -> Iterator[bool]:
+    """Hold the machine's measuring lock (an exclusive ``flock`` on ``path``, default LOCK_FILE in the
+    temporary directory) while the block runs; yields whether it was held. After ``wait`` seconds (a node
+    stuck measuring, or a file we may not open) the block runs anyway, with a warning: measuring beside
+    another node picks too few threads, never a wrong result."""
+    path = path or os.path.join(tempfile.gettempdir(), LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666) if fcntl else None
+    except OSError as e:
+        log.warning("measuring thread counts without the lock %s: %s", path, e)
+        fd = None
+    held, deadline = False, time.monotonic() + wait
+    try:
+        while fd is not None and not held:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    log.warning("another node has measured thread counts for %.0f s; measuring beside it", wait)
+                    break
+                time.sleep(0.05)
+        yield held
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
 
 
 def candidates(most: int) -> list[int]:
@@ -134,10 +177,10 @@ def choose_threads(blocks: SpanBlocks, small: int | None = None, large: int | No
     thread (leaves its thread count as it was)."""
     most = most or available_threads()
     counts = candidates(most)
-    started = time.perf_counter()
     small_ms = large_ms = None
     hidden = blocks.config.hidden_size
-    with torch.no_grad():
+    with torch.no_grad(), (measuring_alone() if small is None or large is None else contextlib.nullcontext()):
+        started = time.perf_counter()  # after the wait for the lock
         if small is None:
             x = torch.zeros(1, 1, hidden, dtype=blocks.dtype)
             medians = time_counts(lambda: forward_span(blocks, blocks.span, x), counts, budget=budget, gap=DECODE_GAP)

@@ -3,6 +3,8 @@ used for the steps they are meant for."""
 from __future__ import annotations
 
 import queue
+import threading
+import time
 import urllib.request
 
 import grpc
@@ -10,7 +12,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from node.threads import candidates, fastest, time_counts
+from node.threads import candidates, fastest, measuring_alone, time_counts
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
@@ -47,6 +49,35 @@ def test_each_count_is_timed_on_its_threads_and_the_fastest_wins():
     assert time_counts(loser.run, [1, 2], budget=0.05, clock=loser) == pytest.approx({1: 0.001, 2: 0.01})
     assert loser.seen.count(2) == 1 and loser.seen.count(1) > 3
     assert candidates(1) == [1] and candidates(2) == [1, 2] and candidates(12) == [1, 2, 4, 8, 12]
+
+
+def test_nodes_of_one_machine_measure_one_at_a_time(tmp_path):
+    """Two measurements at once share the cores and both pick too few threads: the lock file runs them in
+    turn, and one stuck holder delays the other only by the wait given."""
+    path, spans, errors = str(tmp_path / "threads.lock"), [], []
+
+    def measure() -> None:
+        try:
+            with measuring_alone(path, wait=10) as held:
+                began = time.monotonic()
+                time.sleep(0.2)
+                spans.append((began, time.monotonic(), held))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=measure) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(spans) == 3 and all(held for _, _, held in spans)
+    spans.sort()
+    assert all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans  # no two overlap
+    with measuring_alone(path) as held:
+        began = time.monotonic()
+        with measuring_alone(path, wait=0.3) as other:
+            assert not other and 0.3 <= time.monotonic() - began < 5  # ran anyway after the wait
+        assert held
 
 
 def scrape_threads(url: str) -> dict[str, float]:
