@@ -61,6 +61,7 @@ class SwarmLink:
     run: Callable[[Awaitable[T]], T]  # the sync -> async bridge onto the client's event loop
     call_soon: Callable[[Callable[[], object]], None]  # schedule a callable on that loop without waiting
     wire_dtype: str | None = None  # format of inference activations (ClientConfig.wire_dtype; None: as computed)
+    chained_steps: bool = False  # sessions chain their steps when every node of the route can (client.chained)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ class RemoteChain:
                 raise
         self.verifier = Verifier(self.router, config)  # re-runs a fraction of hops elsewhere (verify_fraction)
         self.link = SwarmLink(model, num_blocks, self.router, self.connections, self.verifier, config.request_timeout,
-                              config.max_step_tokens, config.adapter, self.run, self.call_soon, config.wire_dtype)
+                              config.max_step_tokens, config.adapter, self.run, self.call_soon, config.wire_dtype,
+                              chained_steps=config.chained_steps and config.verify_fraction == 0)
         self.last_route: list[Hop] = []  # hops of the latest forward pass, for inspection
         self._lora_sent: dict[tuple[str, str], int] = {}  # (address, adapter id) -> version it holds
 

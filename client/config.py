@@ -33,6 +33,9 @@ class ClientConfig:
     metrics_host: str = "127.0.0.1"  # interface the metrics endpoint listens on
     wire_dtype: str | None = None  # activations to and from nodes as float32, bfloat16 or float16; None: as computed
     # (16-bit when the client computes in 16-bit); a 16-bit wire from float32 rounds what nodes see (opt-in)
+    chained_steps: bool = True  # inference steps travel node to node (client -> node 1 -> node 2 -> ... -> client:
+    # hops + 1 one-way delays per token instead of 2 x hops) when every node of the route announces it; per hop
+    # otherwise, and always with verify_fraction > 0 (client.chained)
     train_wire: str | None = None  # training traffic (activations of a forward that a backward follows, and its
     # gradients): "blockwise8" (int8, one absmax scale per 64 values) or a wire_dtype value; None: as wire_dtype
 

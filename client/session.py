@@ -16,6 +16,7 @@ import torch
 
 from client.adapters import ClientAdapter
 from client.chain import SwarmLink
+from client.chained import ChainedStep, chainable, new_token
 from client.policy import Attempts
 from client.prompts import RemotePrefix
 from client.transport import RemoteCallError, call_forward, decode_tensor, forward_request, wire_format
@@ -27,7 +28,7 @@ from swarm.spans import ServerInfo, Span
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
     """An open Inference stream to one node for one hop, and everything sent through it."""
 
@@ -37,6 +38,11 @@ class _Stream:
     lora: pb.LoraAdapter | None = None  # the client-held adapter the session opened with, if any
     reorder: torch.Tensor | None = None  # beam search rows the node's cache must take before the next step
     drop: int = 0  # latest positions the node's cache must forget before the next step (assisted decoding)
+    token: bytes = b""  # chained steps (client.chained): the secret its session takes pushes with (b"": none)
+    linked: bool = False  # chained steps: its inputs come pushed by the previous hop's node, not from us
+    _answers: asyncio.Queue | None = None  # what the node sent, read ahead by _read (or the error that ended it)
+    _reader: asyncio.Task | None = None
+    _unread: list = field(default_factory=list)
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Everything sent through this hop so far as one step: (hidden, mask, positions)."""
@@ -56,26 +62,72 @@ class _Stream:
         self.sent = [tuple(t.index_select(0, rows) for t in part) for part in self.sent]
         self.reorder = rows if self.reorder is None else self.reorder.index_select(0, rows)
 
-    async def exchange(self, request: pb.InferenceRequest, timeout: float) -> pb.InferenceResponse:
+    def start(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Use ``call``, reading its answers as they come (a chained step waits on several streams at once)."""
+        self.call, self._answers = call, asyncio.Queue()
+        self._reader = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        address = self.hop.server.address
+        try:
+            while True:
+                response = await self.call.read()
+                if response is grpc.aio.EOF:
+                    error = RemoteCallError(address, await self.call.code(), await self.call.details() or "stream ended")
+                    break
+                self._answers.put_nowait(response)
+        except grpc.aio.AioRpcError as e:
+            error = RemoteCallError(address, e.code(), e.details() or "")
+        except asyncio.InvalidStateError:
+            error = RemoteCallError(address, await self.call.code(), await self.call.details() or "stream ended")
+        self._answers.put_nowait(error)
+
+    async def receive(self, timeout: float) -> pb.InferenceResponse:
+        """The node's next message; RemoteCallError if the stream ended (again on every later call) or nothing
+        came in ``timeout`` seconds (then the stream is cancelled)."""
+        try:
+            item = await asyncio.wait_for(self.next_item(), timeout)
+        except asyncio.TimeoutError:
+            self.call.cancel()
+            raise RemoteCallError(self.hop.server.address, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no answer in {timeout:g}s") from None
+        if isinstance(item, RemoteCallError):
+            self.unread(item)
+            raise item
+        return item
+
+    async def next_item(self) -> pb.InferenceResponse | RemoteCallError:
+        """The next message or error, as queued (``unread`` ones first); nothing is lost if this is cancelled."""
+        if self._unread:
+            return self._unread.pop()
+        return await self._answers.get()
+
+    def unread(self, item: pb.InferenceResponse | RemoteCallError) -> None:
+        """Put back what ``next_item`` gave: the next call returns it again."""
+        self._unread.append(item)
+
+    async def write(self, request: pb.InferenceRequest) -> None:
         address = self.hop.server.address
         try:
             await self.call.write(request)
-            response = await asyncio.wait_for(self.call.read(), timeout)
         except grpc.aio.AioRpcError as e:
             raise RemoteCallError(address, e.code(), e.details() or "") from None
         except asyncio.InvalidStateError:  # the stream had already ended (e.g. the node died between steps)
             raise RemoteCallError(address, await self.call.code(), await self.call.details() or "stream ended") from None
-        except asyncio.TimeoutError:
-            self.call.cancel()
-            raise RemoteCallError(address, grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {timeout:g}s") from None
-        if response is grpc.aio.EOF:
-            code = await self.call.code()
-            raise RemoteCallError(address, code, await self.call.details() or "stream ended")
-        return response
+
+    async def exchange(self, request: pb.InferenceRequest, timeout: float) -> pb.InferenceResponse:
+        """Send ``request``, return its answer (notices of earlier chained steps are skipped)."""
+        await self.write(request)
+        while True:
+            response = await self.receive(timeout)
+            if response.HasField("hidden_states") or not response.chain_error:
+                return response
 
     def close(self) -> None:
         if self.call is not None:
             self.call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
 
 
 class _OpenFailed(Exception):
@@ -107,6 +159,7 @@ class InferenceSession:
         self._prefix_kv: torch.Tensor | None = None  # [blocks, 2, batch, kv_heads, virtual, head_dim], once known
         self._streams: list[_Stream] = []
         self.closed = False
+        self.chain_steps = 0  # chained steps sent so far (client.chained numbers them)
 
     # ---- the sync bridge -------------------------------------------------------------------
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -176,6 +229,8 @@ class InferenceSession:
     async def _step(self, hidden, mask, positions) -> torch.Tensor:
         if not self._streams:
             self._streams = await self._open(Span(0, self.link.num_blocks))
+        if chainable(self._streams, hidden, self.link):  # each node passes its outputs straight to the next
+            return await ChainedStep(self, hidden, mask, positions).run()
         index = 0
         tries: dict[int, Attempts] = {}  # the hops of this step that failed, by position in the chain
         while index < len(self._streams):
@@ -260,12 +315,14 @@ class InferenceSession:
         link.connections.stub(hop.server.address)  # a node this client must not dial raises here, as before
         for retry in (True, False):
             stream = _Stream(hop, None)
+            if self.link.chained_steps and hop.server.chain:  # its node may take pushes from the previous hop's
+                stream.token, stream.linked = new_token(), True
             first = pb.InferenceRequest(open=self._session_options(hop, stream))
             try:
                 # an answer holds the outputs of one step message: at most max(step tokens, batch) positions
                 expected = max(link.max_step_tokens, self.batch_size) * self._position_bytes
-                stream.call = await link.connections.inference(hop.server.address, first, link.request_timeout,
-                                                               expected=expected)
+                stream.start(await link.connections.inference(hop.server.address, first, link.request_timeout,
+                                                              expected=expected))
                 answer = await stream.exchange(first, link.request_timeout)
                 link.connections.bytes_sent += first.ByteSize()  # counted as every step is (benchmarks read these)
                 link.connections.bytes_received += answer.ByteSize()
@@ -280,6 +337,7 @@ class InferenceSession:
         opts = pb.SessionOptions(model=self.link.model, start=hop.span.start, end=hop.span.end,
                                  batch_size=self.batch_size, max_length=self.max_length,
                                  adapter_name=self.link.adapter or "")
+        opts.chain_token = stream.token
         if self.prefix is not None:  # the node's cache starts with this hop's prefix keys/values
             opts.prefix.CopyFrom(serialize(self._prefix_keys_values()[hop.span.start:hop.span.end]))
         if self.lora is not None:  # the session applies the adapter as it is when the session opens

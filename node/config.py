@@ -55,6 +55,8 @@ class NodeConfig:
     swarm_key: str | None = None  # swarm key file (`swarm keygen`): a private swarm, calls without its proof refused
     tls_cert: str | None = None  # PEM certificate (chain) naming the announced host (`swarm tls-cert`): serve TLS
     tls_key: str | None = None  # PEM private key of tls_cert
+    tls_ca: str | None = None  # the swarm's CA certificate (PEM): chained steps push only to TLS nodes it signed;
+    # None: TLS nodes are verified against the system's roots
     metrics_port: int | None = None  # port of the Prometheus metrics endpoint (HTTP /metrics); None: off; 0 picks one
     metrics_host: str = "127.0.0.1"  # interface the metrics endpoint listens on (0.0.0.0: any; it is unauthenticated)
 

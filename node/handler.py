@@ -20,6 +20,8 @@ from node.lora import LoraCache, active
 from swarm.arch import linear_shapes
 from node.requests import (Adapters, Limits, RequestError, capped, Step, parse_backward, parse_forward, parse_open,
                            parse_step)
+from node.chain import Chains, ChainFlow, Event, SessionEvents, check_push, first_push, until
+from node.relay import Pusher, RelayLinks, parse_target
 from node.sessions import CacheBudget, ClientSessions, Holding, Session, client_of, run_step
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
@@ -41,6 +43,7 @@ class ServedCounts:
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
+RELAYS_PER_SESSION_SLOT = 4  # relay streams open at once per peer (node.chain): this x max_sessions_per_client
 REFUSAL_WAIT = 1.0  # seconds a refused stream's first message is awaited before the refusal is sent anyway
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.activations = ActivationCache(policy.activation_bytes, policy.activation_ttl)
         self.budget, self.policy = budget, policy
         self.clients = ClientSessions(policy.max_sessions_per_client)
+        # chained steps (node.chain, node.relay): sessions by chain token, and relay streams open per peer
+        self.chains = Chains()
+        self.relay_peers = ClientSessions(RELAYS_PER_SESSION_SLOT * policy.max_sessions_per_client, "relay streams")
+        self.relay_links: RelayLinks | None = None  # set by node.server: pushes to the next nodes (None: no pushes)
         self.throughput = throughput
         self.open_sessions = 0
         self.in_flight = 0  # unary calls being computed
@@ -159,48 +166,97 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(e.code, str(e))
         self.open_sessions += 1
         session = None
+        token = first.open.chain_token
+        events = SessionEvents(requests, batch, holding.reclaimed)
+        flow = ChainFlow(Pusher(self.relay_links, events.notice) if self.relay_links is not None else None)
         try:
+            if token:
+                try:
+                    self.chains.register(token, events)
+                except RequestError as e:
+                    await context.abort(e.code, str(e))
             virtual = prefix.shape[4] if prefix is not None else 0  # prefix-tuning positions the cache starts with
             cache = prefixed_cache(self.blocks, span, prefix) if prefix is not None else new_cache(self.blocks)
             session = Session(span, batch, max_length, cache, torch.ones(batch, virtual, dtype=torch.int64), lora)
-            request = first
-            while request is not None:
-                if request is first and not first.HasField("hidden_states"):
-                    yield pb.InferenceResponse(cache_length=session.length)  # the open acknowledgement
-                else:
+            if first.HasField("hidden_states"):
+                try:
+                    request = flow.ready(Event("message", _without_open(first)), bool(token))
+                except RequestError as e:
+                    await context.abort(e.code, str(e))
+            else:
+                request = None
+                yield pb.InferenceResponse(cache_length=session.length)  # the open acknowledgement
+            while True:
+                if request is None:
+                    event = await self._event(events, context, holding)
+                    if event.kind == "end":
+                        return
+                    if event.kind == "notice":
+                        yield event.value
+                        continue
                     try:
-                        step = parse_step(request if request is not first else _without_open(first), self.limits,
-                                          batch, session.length, max_length, fixed=virtual, computed=session.computed)
+                        request = flow.ready(event, bool(token))
                     except RequestError as e:
                         await context.abort(e.code, str(e))
-                    session.computed += step.hidden.shape[1]
-                    holding.busy = True
-                    try:
-                        out = await self._run_step(context, session, step, lora is None and prefix is None)
-                    finally:
-                        holding.busy = False
-                    self._count("decode" if step.hidden.shape[1] == 1 else "prefill", step.hidden)
-                    yield pb.InferenceResponse(hidden_states=serialize(out), cache_length=session.length)
-                request = await self._next(requests, context, holding)
+                    if request is None:
+                        continue
+                yield await self._answer(context, session, request, holding, flow, fixed=virtual,
+                                         plain=lora is None and prefix is None)
+                request = None
         finally:
             self.open_sessions -= 1
+            events.close()
+            flow.close()
+            if token:
+                self.chains.unregister(token)
             if self.batcher is not None and session is not None:
                 self.batcher.leave(session)
             await self.budget.release(holding)
 
-    async def _next(self, requests, context, holding: Holding | None = None) -> pb.InferenceRequest | None:
-        """The next stream message; None when the client closed the stream. A session whose cache room the
-        budget reclaims for another (``holding``) ends with RESOURCE_EXHAUSTED."""
+    async def _answer(self, context, session: Session, request: pb.InferenceRequest, holding: Holding,
+                      flow: "ChainFlow", fixed: int, plain: bool) -> pb.InferenceResponse:
+        """Compute one step message; push its outputs on if it is a chained step naming the next node."""
         try:
-            if holding is None:
-                return await asyncio.wait_for(requests.__anext__(), self.policy.step_timeout)
-            request = await self._next_unless_reclaimed(requests, holding)
-            if holding.reclaimed.is_set():
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "session reclaimed: its cache room was "
-                                    "needed by another session (idle sessions, and clients over their share, "
-                                    "give way); open a new session")
+            step = parse_step(request, self.limits, session.batch_size, session.length, session.max_length,
+                              fixed=fixed, computed=session.computed)
+            target = parse_target(request.chain_push) if request.HasField("chain_push") else None
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        session.computed += step.hidden.shape[1]
+        holding.busy = True
+        try:
+            out = await self._run_step(context, session, step, plain)
+        finally:
+            holding.busy = False
+        self._count("decode" if step.hidden.shape[1] == 1 else "prefill", step.hidden)
+        flow.computed(request.chain_step)
+        if target is not None and flow.pusher is not None:  # the next node gets it first: it is on the critical path
+            flow.pusher.push(target, session.span.end, request.chain_step, target.encode(out))
+        return pb.InferenceResponse(hidden_states=serialize(out), cache_length=session.length,
+                                    chain_step=request.chain_step)
+
+    async def _event(self, events: SessionEvents, context, holding: Holding) -> Event:
+        """The session's next event; ends the call when the client idles past the step timeout, sends a
+        malformed message, or the budget reclaims the session's cache room."""
+        try:
+            event = await events.next(self.policy.step_timeout)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"session idle for more than {self.policy.step_timeout:g}s; closed")
+        if event.kind == "bad":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, capped(f"malformed stream message: {event.value}"))
+        if event.kind == "reclaimed" or holding.reclaimed.is_set():
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "session reclaimed: its cache room was "
+                                "needed by another session (idle sessions, and clients over their share, "
+                                "give way); open a new session")
+        if event.kind == "message":
             holding.touch()
-            return request
+        return event
+
+    async def _next(self, requests, context) -> pb.InferenceRequest | None:
+        """A stream's first message; None when the client closed the stream first."""
+        try:
+            return await asyncio.wait_for(requests.__anext__(), self.policy.step_timeout)
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
@@ -209,23 +265,50 @@ class NodeServicer(pb_grpc.NodeServicer):
         except DecodeError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, capped(f"malformed stream message: {e}"))
 
-    async def _next_unless_reclaimed(self, requests, holding: Holding) -> pb.InferenceRequest | None:
-        """The next message, or None as soon as ``holding`` is reclaimed; TimeoutError after the step timeout."""
-        message = asyncio.ensure_future(requests.__anext__())
-        message.add_done_callback(lambda f: f.cancelled() or f.exception())  # never "exception not retrieved"
-        reclaimed = asyncio.ensure_future(holding.reclaimed.wait())
+    async def Relay(self, pushes, context) -> AsyncIterator[pb.ChainAck]:
+        """Chained steps: the node before this one on a client's route pushes a session's inputs (node.chain)."""
+        peer = client_of(context.peer())
         try:
-            done, _ = await asyncio.wait({message, reclaimed}, timeout=self.policy.step_timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:  # (also when the call is cancelled meanwhile)
-            reclaimed.cancel()
-            if not message.done():
-                message.cancel()
-        if message in done:
-            return message.result()
-        if not done:
-            raise asyncio.TimeoutError
-        return None
+            self.relay_peers.acquire(peer)
+        except RequestError as e:
+            with contextlib.suppress(Exception):  # as Inference: refuse after the first message
+                await asyncio.wait_for(pushes.__anext__(), min(REFUSAL_WAIT, self.policy.step_timeout))
+            await context.abort(e.code, str(e))
+        try:
+            async with contextlib.aclosing(self._relay(pushes, context)) as acks:
+                async for ack in acks:
+                    yield ack
+        finally:
+            self.relay_peers.release(peer)
+
+    async def _relay(self, pushes, context) -> AsyncIterator[pb.ChainAck]:
+        try:
+            first = await first_push(pushes, self.policy.step_timeout)
+            if first is None:
+                return
+            if first.step or first.HasField("hidden_states"):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a relay stream's first message carries only "
+                                   "the token of the session it feeds")
+            events, ended = self.chains.attach(first.token)
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no first relay message in time")
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, capped(f"malformed relay message: {e}"))
+        except RequestError as e:
+            self.counts.refuse("relay_" + e.reason)
+            await context.abort(e.code, str(e))
+        try:
+            yield pb.ChainAck(step=0)
+            async for push in until(pushes, ended):
+                check_push(push, self.limits, events.batch)
+                events.push(push.step, push.hidden_states)
+                yield pb.ChainAck(step=push.step)
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, capped(f"malformed relay message: {e}"))
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        finally:
+            self.chains.detach(first.token, ended)
 
     async def _run_step(self, context, session: Session, step: Step, plain: bool) -> torch.Tensor:
         """One step: batched with other sessions' when node.batching may, else alone."""

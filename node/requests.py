@@ -154,6 +154,9 @@ def _check_shape_budget(msg: pb.Tensor, limits: Limits, name: str) -> None:
                            f"{limits.max_batch_tokens}")
 
 
+check_activations_shape = _check_shape_budget  # (node.chain checks pushed hidden states' headers with it)
+
+
 def _check_model_and_span(model: str, start: int, end: int, limits: Limits) -> Span:
     if model != limits.model:
         raise RequestError(grpc.StatusCode.NOT_FOUND, f"this node serves model {limits.model!r}, not {model!r}")

@@ -21,6 +21,7 @@ from node.handler import NodeServicer, SessionPolicy
 from swarm.checkpoint import CheckpointError, load_config, resolve_checkpoint
 from node.lora import load_adapter_dir
 from node.metrics import NodeMetrics
+from node.relay import RelayLinks
 from node.progress import LoadProgress
 from node.quantize import check_available as check_quantization
 from swarm.arch import linear_shapes
@@ -38,7 +39,7 @@ from swarm.ports import PortInUseError, check_free, in_use_message
 from swarm.placement import choose_blocks, should_move
 from swarm.records import WIRE_NAMES, default_model_name, model_key
 from swarm.spans import NodeState, ServerInfo, Span
-from swarm.tls import cert_problems, host_of, load_cert, server_credentials
+from swarm.tls import cert_problems, host_of, load_cert, read_pem, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ class Node:
             self._pool, weights_digests, folder, model_config, self.span)
         await self._choose_threads(blocks)
         self.servicer = self._servicer(blocks, model_config, dtype)
+        self.servicer.relay_links = self._relay_links(swarm_key, model_config.num_hidden_layers)
         if self.metrics is not None:
             self.metrics.watch(self.servicer, self.threads)
         self._listen(swarm_key, tls)
@@ -261,6 +263,13 @@ class Node:
             if cfg.adapters else {}
         return NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)
 
+    def _relay_links(self, swarm_key, num_blocks: int) -> RelayLinks:
+        """Channels to the next nodes of clients' routes (chained steps), checked against our DHT view."""
+        cfg = self.config
+        roots = read_pem(cfg.tls_ca, "CA certificate") if cfg.tls_ca is not None else None
+        return RelayLinks(partial(self.dht.fetch_servers, self.model_key, num_blocks), swarm_key, roots, cfg.tls_ca,
+                          timeout=cfg.alloc_timeout + 5.0)
+
     def _listen(self, swarm_key, tls) -> None:
         """The gRPC server (not started yet), on our port, with the swarm key check and message limits."""
         cfg, limits = self.config, self.servicer.limits
@@ -299,7 +308,7 @@ class Node:
         info = ServerInfo(node_id=self.dht.node_id, address=self.address, span=self.span,
                           state=NodeState.JOINING, throughput=0.0, version=__version__, dtype=cfg.dtype,
                           adapters=tuple(sorted(servicer.adapters.hosted)), tls=tls, weights=weights[0],
-                          files=weights[1], wire=WIRE_NAMES, quantization=cfg.quantize)
+                          files=weights[1], wire=WIRE_NAMES, quantization=cfg.quantize, chain=True)
         self._announcer = Announcer(self.dht, self.model_key, info, cfg.ttl)
         await self._announcer.start()
         servicer.throughput = cfg.throughput or await asyncio.get_running_loop().run_in_executor(
@@ -368,6 +377,8 @@ class Node:
             self._lan.stop()
         if self.dht is not None:
             await self.dht.shutdown(dht_timeout)
+        if self.servicer is not None and self.servicer.relay_links is not None:
+            await self.servicer.relay_links.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.metrics is not None:
             self.metrics.close()

@@ -167,17 +167,18 @@ class ClientSessions:
     one client cannot squat the cache or the node's stream slots with many sessions; its sessions are
     also reclaimed when idle (the step timeout)."""
 
-    def __init__(self, max_per_client: int):
+    def __init__(self, max_per_client: int, what: str = "inference sessions"):
+        """``what``: what is counted, as refusals name it."""
         if max_per_client < 1:
             raise ValueError(f"max_per_client must be positive, got {max_per_client}")
-        self.max_per_client = max_per_client
+        self.max_per_client, self.what = max_per_client, what
         self._open: dict[str, int] = {}
 
     def acquire(self, client: str) -> None:
         """Count one more stream of ``client``, or RESOURCE_EXHAUSTED if it has its maximum open."""
         if self._open.get(client, 0) >= self.max_per_client:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"client {client} already has {self.max_per_client} inference sessions open on "
+                               f"client {client} already has {self.max_per_client} {self.what} open on "
                                f"this node (its limit per client); close one first", reason="client_limit")
         self._open[client] = self._open.get(client, 0) + 1
 

@@ -143,7 +143,7 @@ class BackwardResponse(_message.Message):
     def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., grad_prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
-    __slots__ = ("model", "start", "end", "batch_size", "max_length", "lora", "adapter_name", "prefix")
+    __slots__ = ("model", "start", "end", "batch_size", "max_length", "lora", "adapter_name", "prefix", "chain_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,7 @@ class SessionOptions(_message.Message):
     LORA_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_NAME_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     start: int
     end: int
@@ -160,28 +161,67 @@ class SessionOptions(_message.Message):
     lora: LoraAdapter
     adapter_name: str
     prefix: Tensor
-    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    chain_token: bytes
+    def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ..., chain_token: _Optional[bytes] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("open", "hidden_states", "attention_mask", "position_ids", "reorder", "drop")
+    __slots__ = ("open", "hidden_states", "attention_mask", "position_ids", "reorder", "drop", "chain_step", "chain_await", "chain_push")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     REORDER_FIELD_NUMBER: _ClassVar[int]
     DROP_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_AWAIT_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_PUSH_FIELD_NUMBER: _ClassVar[int]
     open: SessionOptions
     hidden_states: Tensor
     attention_mask: Tensor
     position_ids: Tensor
     reorder: _containers.RepeatedScalarFieldContainer[int]
     drop: int
-    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., reorder: _Optional[_Iterable[int]] = ..., drop: _Optional[int] = ...) -> None: ...
+    chain_step: int
+    chain_await: bool
+    chain_push: ChainTarget
+    def __init__(self, open: _Optional[_Union[SessionOptions, _Mapping]] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., reorder: _Optional[_Iterable[int]] = ..., drop: _Optional[int] = ..., chain_step: _Optional[int] = ..., chain_await: _Optional[bool] = ..., chain_push: _Optional[_Union[ChainTarget, _Mapping]] = ...) -> None: ...
+
+class ChainTarget(_message.Message):
+    __slots__ = ("address", "token", "dtype", "wire")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    token: bytes
+    dtype: str
+    wire: str
+    def __init__(self, address: _Optional[str] = ..., token: _Optional[bytes] = ..., dtype: _Optional[str] = ..., wire: _Optional[str] = ...) -> None: ...
+
+class ChainPush(_message.Message):
+    __slots__ = ("token", "step", "hidden_states")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    step: int
+    hidden_states: Tensor
+    def __init__(self, token: _Optional[bytes] = ..., step: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ChainAck(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("hidden_states", "cache_length")
+    __slots__ = ("hidden_states", "cache_length", "chain_step", "chain_error")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ERROR_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     cache_length: int
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+    chain_step: int
+    chain_error: str
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ..., chain_step: _Optional[int] = ..., chain_error: _Optional[str] = ...) -> None: ...

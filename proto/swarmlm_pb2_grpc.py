@@ -54,6 +54,11 @@ class NodeStub:
                 request_serializer=proto_dot_swarmlm__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=proto_dot_swarmlm__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.Relay = channel.stream_stream(
+                '/swarmlm.v1.Node/Relay',
+                request_serializer=proto_dot_swarmlm__pb2.ChainPush.SerializeToString,
+                response_deserializer=proto_dot_swarmlm__pb2.ChainAck.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -83,6 +88,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Relay(self, request_iterator, context):
+        """chained steps: a session's outputs to the next node
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +117,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=proto_dot_swarmlm__pb2.InferenceRequest.FromString,
                     response_serializer=proto_dot_swarmlm__pb2.InferenceResponse.SerializeToString,
+            ),
+            'Relay': grpc.stream_stream_rpc_method_handler(
+                    servicer.Relay,
+                    request_deserializer=proto_dot_swarmlm__pb2.ChainPush.FromString,
+                    response_serializer=proto_dot_swarmlm__pb2.ChainAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +232,33 @@ class Node:
             '/swarmlm.v1.Node/Inference',
             proto_dot_swarmlm__pb2.InferenceRequest.SerializeToString,
             proto_dot_swarmlm__pb2.InferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Relay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/swarmlm.v1.Node/Relay',
+            proto_dot_swarmlm__pb2.ChainPush.SerializeToString,
+            proto_dot_swarmlm__pb2.ChainAck.FromString,
             options,
             channel_credentials,
             insecure,

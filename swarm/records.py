@@ -20,6 +20,9 @@ list makes the record malformed.
 ``"quantization"`` (``"int8"`` or ``"nf4"``) marks a node whose frozen weights are quantized (node serve
 --quantize); an unquantized node's record has none. Readers that predate it skip quantized nodes, which is
 right too: their results differ from the float model's by more than float noise.
+``"chain": True`` marks a node that takes chained inference steps (issue 16: it pushes a step's outputs
+straight to the next node of the client's route, node.chain); clients chain a session's steps only when
+every node of its route announces it. Readers that predate it skip such nodes (as with ``"wire"``).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ RECORD_FIELDS = {
 }
 OPTIONAL_FIELDS = {
     "tls": True,  # present (and exactly True) only for a node serving gRPC over TLS
+    "chain": True,  # present (and exactly True) only for a node taking chained inference steps (node.chain)
 }
 DIGEST_FIELD = "weights"  # optional: 64 lowercase hex digits, the digest of the span's tensor hashes
 FILES_FIELD = "files"  # optional: likewise, the digest of the span's file hashes (a hub model's, or a local copy's)
@@ -107,6 +111,7 @@ def make_record(info: ServerInfo) -> dict[str, Any]:
         "dtype": info.dtype,
         "adapters": list(info.adapters),
         **({"tls": True} if info.tls else {}),
+        **({"chain": True} if info.chain else {}),
         **({DIGEST_FIELD: info.weights} if info.weights else {}),
         **({FILES_FIELD: info.files} if info.files else {}),
         **({WIRE_FIELD: list(info.wire)} if info.wire else {}),
@@ -182,6 +187,7 @@ def parse_record(node_id: Any, value: Any, *, num_blocks: int, block: int | None
         dtype=value["dtype"],
         adapters=tuple(adapters),
         tls="tls" in value,
+        chain="chain" in value,
         weights=value.get(DIGEST_FIELD, ""),
         files=value.get(FILES_FIELD, ""),
         wire=wire,

@@ -64,3 +64,4 @@ class ServerInfo:
     files: str = ""  # digest of the span's file hashes (swarm.identity, kind FILES); "": not announced
     wire: tuple[str, ...] = ()  # activation formats accepted besides float32 (bfloat16, float16, blockwise8)
     quantization: str = "none"  # how its frozen weights are stored: none, int8 or nf4 (node serve --quantize)
+    chain: bool = False  # the node takes chained inference steps (pushes outputs to the next node: issue 16)
