@@ -45,8 +45,10 @@ def test_chained_logits_equal_local(start_nodes, bootstrap, tiny_path, local_mod
     ids = prompt()
     try:
         with torch.no_grad(), model.inference_session(max_length=ids.shape[1] + 1) as session:
-            first = model(ids, session=session).logits
-            nxt = model(ids[:, :1], session=session).logits
+            def logits(tokens):
+                return model.lm_head(model.model.norm(session.step(model.model.embed_tokens(tokens))))
+            first = logits(ids)
+            nxt = logits(ids[:, :1])
             assert session.chain_steps == 2
     finally:
         model.close()
@@ -97,4 +99,27 @@ def test_per_hop_when_chained_steps_are_off(start_nodes, bootstrap, tiny_path, l
             assert session.chain_steps == 0
     finally:
         model.close()
+    assert torch.equal(out, local_model.generate(ids, **GREEDY))
+
+
+@pytest.mark.parametrize("victim", [1, 2])  # the middle hop, the last hop
+def test_chained_failover_killing_a_node_mid_generation(victim, tiny_path, local_model):
+    import signal
+
+    from tests.helpers.launch import LocalSwarm
+    from tests.test_faults import OnToken
+
+    with LocalSwarm(tiny_path, ready_timeout=120) as swarm:
+        swarm.start_nodes(["0:2", "2:4", "2:4", "4:6", "4:6"], "--ttl", "3", "--shutdown-grace", "1")
+        model = connect(tiny_path, swarm.peers)
+        ids = prompt()
+        try:
+            with model.inference_session(max_length=ids.shape[1] + NEW) as session:
+                def kill():
+                    address = session._streams[victim].hop.server.address
+                    swarm.nodes[swarm.addresses.index(address)].stop(signal.SIGKILL)
+                out = model.generate(ids, session=session, streamer=OnToken(4, kill), **GREEDY)
+                assert session.chain_steps == NEW
+        finally:
+            model.close()
     assert torch.equal(out, local_model.generate(ids, **GREEDY))
