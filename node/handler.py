@@ -148,7 +148,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         finally:
             self.clients.release(client)
 
-    async def _session(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
+    async def _session(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:  # long: one session's whole lifecycle (reserve, loop, release) reads best in one place
         """Reserve cache room, then answer each step with the new positions' outputs.
         The cache is freed when the client closes the stream, disappears, or idles too long."""
         first = await self._next(requests, context)

@@ -37,7 +37,7 @@ def test_every_flag_sets_its_field():
             "--large-step-threads", "20",
             "--decode-batch", "21", "--decode-batch-wait-ms", "2.5",
             "--adapters", "d", "--throughput", "16", "--rebalance-period", "17", "--nat-port-map", "--lan",
-            "--lan-timeout", "18", "--swarm-key", "k", "--tls-cert", "c", "--tls-key", "ck",
+            "--lan-timeout", "18", "--swarm-key", "k", "--tls-cert", "c", "--tls-key", "ck", "--tls-ca", "ca",
             "--metrics-port", "19", "--metrics-host", "0.0.0.0"]
     config = config_from_args(NodeConfig, build_parser().parse_args(argv))
     expected = NodeConfig(
@@ -47,7 +47,7 @@ def test_every_flag_sets_its_field():
         max_sessions_per_client=10, client_cache_share=0.25, reclaim_idle=3.0, max_message_mb=11, lora_cache_mb=12, max_chunk_tokens=13,
         activation_cache_mb=14, small_step_threads=15, large_step_threads=20, decode_batch=21,
         decode_batch_wait_ms=2.5, adapters="d", throughput=16.0, rebalance_period=17.0,
-        nat_port_map=True, lan=True, lan_timeout=18.0, swarm_key="k", tls_cert="c", tls_key="ck",
+        nat_port_map=True, lan=True, lan_timeout=18.0, swarm_key="k", tls_cert="c", tls_key="ck", tls_ca="ca",
         metrics_port=19, metrics_host="0.0.0.0")
     assert config == expected
     defaults = NodeConfig(model="m", num_blocks=1)

@@ -9,7 +9,10 @@ from proto import swarmlm_pb2 as pb
 from proto.generate import GENERATED, ROOT, generate
 
 RAW_BYTES = {("swarmlm.v1.Tensor", "data"),  # C-contiguous little-endian values of a declared dtype and shape
-             ("swarmlm.v1.Tensor", "scales")}  # blockwise8: float32 scales, their count fixed by shape and block
+             ("swarmlm.v1.Tensor", "scales"),  # blockwise8: float32 scales, their count fixed by shape and block
+             # chained steps: random session secrets (16..64 bytes), compared, never parsed
+             ("swarmlm.v1.SessionOptions", "chain_token"), ("swarmlm.v1.ChainTarget", "token"),
+             ("swarmlm.v1.ChainPush", "token")}
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path):
