@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from client import AutoDistributedModelForCausalLM, ClientConfig
 from client.transport import Connections, RemoteCallError, call_forward, forward_request
 from node.auth import AuthError, NonceCache
 from node.config import NodeConfig
@@ -304,3 +305,23 @@ def test_a_member_client_carries_on_after_the_node_restarts(tiny_path, own_swarm
         assert node.node.auth.refused >= 1  # (the stale proofs were refused, then made again)
     finally:
         node.stop(0.2)
+
+
+def test_chained_steps_in_a_private_swarm_carry_the_proof(start_nodes, private_peers, key_path, tiny_path,
+                                                           local_model):
+    """Node-to-node pushes (Relay) are proved like a client's calls; tokens equal local's."""
+    nodes = start_nodes("0:3", "3:6", initial_peers=tuple(private_peers), swarm_key=str(key_path))
+    cfg = ClientConfig(initial_peers=tuple(private_peers), swarm_key=str(key_path))
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), client_config=cfg)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (2, 7))
+    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    refused = nodes[1].node.auth.refused
+    try:
+        with model.inference_session(max_length=ids.shape[1] + 8) as session:
+            out = model.generate(ids, session=session, **greedy)
+            assert session.chain_steps == 8
+    finally:
+        model.close()
+    assert torch.equal(out, local_model.generate(ids, **greedy))
+    assert nodes[1].node.auth.refused - refused <= 2  # at most the epoch-learning refusals (client's, node 0's)
