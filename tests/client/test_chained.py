@@ -123,3 +123,20 @@ def test_chained_failover_killing_a_node_mid_generation(victim, tiny_path, local
         finally:
             model.close()
     assert torch.equal(out, local_model.generate(ids, **GREEDY))
+
+
+def test_chained_generation_over_an_emulated_link_equals_local(tiny_path, local_model):
+    from tests.helpers.launch import LocalSwarm
+    from tests.helpers.link import PROFILES
+
+    with LocalSwarm(tiny_path, ready_timeout=120, link=PROFILES["broadband"]) as swarm:
+        swarm.start_nodes(["0:3", "3:6"])
+        model = connect(tiny_path, swarm.peers)
+        ids = prompt()
+        try:
+            with model.inference_session(max_length=ids.shape[1] + NEW) as session:
+                out = model.generate(ids, session=session, **GREEDY)
+                assert session.chain_steps == NEW
+        finally:
+            model.close()
+    assert torch.equal(out, local_model.generate(ids, **GREEDY))
