@@ -3,6 +3,7 @@ greedy decode tokens/s and a LoRA fine-tuning step (QLoRA through the swarm)."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
@@ -104,9 +105,13 @@ def section_quantized(ctx: Context) -> str:
     spec = ctx.models[-1]
     path = checkpoint(spec)
     key = model_key(default_model_name(str(path)), load_config(path))
-    started = time.perf_counter()
+    started, loads = time.perf_counter(), [os.getloadavg()]
     memory_rows, span_mib = _memory(ctx, spec, path, key)
+    loads.append(os.getloadavg())
     speed_rows, same = _speed(ctx, spec, path)
+    loads.append(os.getloadavg())
+    load_text = ", ".join(f"{when} {' / '.join(f'{x:.1f}' for x in avg)}"
+                          for when, avg in zip(("start", "after the memory table", "end"), loads))
     block_mib = checkpoint_mib(path, LAYER_PREFIX) / spec.num_layers
     ratio = span_mib["int8"] / span_mib["none"]
     log(f"section quantized: {time.perf_counter() - started:.0f}s; span memory int8/float32 {ratio:.2f}")
@@ -115,7 +120,8 @@ def section_quantized(ctx: Context) -> str:
         f"## int8 nodes vs float32, {spec.name}\n",
         "`node serve --quantize int8`: torchao's weight-only int8 (one scale per output row) on every Linear "
         "of the hosted blocks; norms stay float32; compute in float32. Measured on a machine shared with "
-        "other engineers' builds and tests (2 cores, loaded): timings are noisy, compare the ratios of one run.\n",
+        "other engineers' builds and tests (2 cores, loaded): timings are noisy, compare the ratios of one run. "
+        f"Load average (1 / 5 / 15 min): {load_text}.\n",
         "### Resident memory of a span\n",
         "VmRSS of one `node serve` process serving a quarter or all of the blocks: ready, after one Forward and "
         f"after one Backward of 4 x 64 tokens; peak = VmHWM. *span* = RSS ready (all) - RSS ready (quarter): "

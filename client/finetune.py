@@ -70,6 +70,7 @@ class FinetuneOptions:
     swarm_key: str | None = None
     tls_ca: str | None = None  # CA certificate of the swarm's TLS nodes
     lan: bool = False  # with no initial_peers: find them on the LAN (multicast, opt-in)
+    quantization: str = "none"  # nodes routes use (ClientConfig.quantization): none, int8, nf4 or any
 
     @classmethod
     def from_namespace(cls, args, initial_peers: Sequence[str]) -> "FinetuneOptions":
@@ -271,14 +272,15 @@ def say(msg: str) -> None:
 
 
 def build_model(opts: FinetuneOptions, resume_from: Path | None):
-    from client import AutoDistributedModelForCausalLM, DistributedPeftModel, get_peft_model
+    from client import AutoDistributedModelForCausalLM, ClientConfig, DistributedPeftModel, get_peft_model
     from client.methods import peft_config
 
     private = {"swarm_key": opts.swarm_key} if opts.swarm_key else {}
     if opts.tls_ca:
         private["tls_ca"] = opts.tls_ca
     base = AutoDistributedModelForCausalLM.from_pretrained(opts.model, initial_peers=opts.initial_peers,
-                                                           model_name=opts.model_name, lan=opts.lan, **private)
+                                                           model_name=opts.model_name, lan=opts.lan, **private,
+                                                           client_config=ClientConfig(quantization=opts.quantization))
     try:
         if resume_from is not None:
             return DistributedPeftModel.from_pretrained(base, resume_from, is_trainable=True)

@@ -23,7 +23,7 @@ class NodeConfig:
     announce_host: str | None = None  # "host" or "host:port" clients should dial, when not where we listen (0.0.0.0)
     dht_port: int = 0  # DHT (libp2p) port; 0 picks a free one
     dtype: str = "float32"  # compute dtype of the blocks: float32 or bfloat16
-    quantize: str = "none"  # frozen block weights: none, int8 (torchao weight-only, CPU) or nf4 (CUDA + bitsandbytes)
+    quantize: str = "none"  # frozen block weights: none, int8 (torchao weight-only) or nf4 (bitsandbytes; its Linears on a CUDA GPU)
     model_name: str | None = None  # name in the DHT model key; None: the checkpoint directory's name or the hub id
     max_batch_tokens: int = 8192  # largest batch * sequence length accepted in one request
     ttl: float = 15.0  # seconds a DHT record lives unless the heartbeat (every ttl/3) refreshes it
