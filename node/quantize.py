@@ -93,7 +93,7 @@ def _nf4_linears(module: nn.Module, skip: tuple[str, ...]) -> None:
     the current CUDA device (quantized by bitsandbytes as it moves there) and ``_nf4_forward``."""
     import bitsandbytes as bnb  # only here: nf4 was asked for and check_available found CUDA and bitsandbytes
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = nf4_device()
     for name, m in list(module.named_modules()):
         if not isinstance(m, nn.Linear) or any(s in name for s in skip) or is_nf4(m.weight):
             continue
@@ -103,6 +103,11 @@ def _nf4_linears(module: nn.Module, skip: tuple[str, ...]) -> None:
         m.weight = weight  # the float copy goes with the old Parameter
         m.nf4_compute_dtype = compute_dtype
         m.forward = types.MethodType(_nf4_forward, m)
+
+
+def nf4_device() -> torch.device:
+    """Where NF4 weights live and multiply: the current CUDA device (CUDA_VISIBLE_DEVICES picks it)."""
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _nf4_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ clients route through quantized nodes only when they ask; bfloat16 nodes train L
 bfloat16 model."""
 import contextlib
 import copy
+import importlib.util
 import subprocess
 from dataclasses import replace
 
@@ -61,7 +62,7 @@ def swarm(tiny_path, bootstrap):
 @contextlib.contextmanager
 def client(tiny_path, bootstrap, quantization: str, dtype=torch.float32, **config):
     model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), dtype=dtype, client_config=ClientConfig(
-        initial_peers=tuple(bootstrap), model_name=MODEL, quantization=quantization, **config))
+        initial_peers=tuple(bootstrap), quantization=quantization, **{"model_name": MODEL, **config}))
     try:
         yield model
     finally:
@@ -299,8 +300,6 @@ def test_lora_through_bfloat16_nodes_equals_local_peft_on_a_bfloat16_model(bf16_
 
 
 def _nf4_runs_here() -> bool:
-    import importlib.util
-
     return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
 
@@ -333,3 +332,25 @@ def test_nf4_node_equals_local_nf4_and_trains_lora(tiny_path, bootstrap):
             assert losses[-1] < losses[0]
     finally:
         node.stop(grace=0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs bitsandbytes (not in the lock) on a machine without CUDA")
+def test_nf4_path_on_the_bitsandbytes_cpu_backend(monkeypatch, tiny_path, bootstrap):
+    """Where bitsandbytes is installed but there is no GPU (bitsandbytes >= 0.46 also quantizes and multiplies
+    NF4 on the CPU): the nf4 node path, run with the CPU standing in for the CUDA device, against the same
+    checks as on a GPU. Checks our use of bitsandbytes; not the host <-> GPU copies. Run by hand:
+    `pip install --target DIR bitsandbytes`, then PYTHONPATH=DIR pytest -k bitsandbytes_cpu."""
+    import node.quantize
+    import node.server
+
+    real = node.quantize.check_available
+    allow = lambda method: None if method == "nf4" else real(method)  # noqa: E731
+    monkeypatch.setattr(node.quantize, "nf4_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(node.quantize, "check_available", allow)
+    monkeypatch.setattr(node.server, "check_quantization", allow)
+    model = local_int8(tiny_path, "nf4")
+    projection = model.model.layers[0].self_attn.q_proj
+    assert type(projection.weight).__name__ == "Params4bit"
+    assert node.quantize.float_weight(projection).shape == (projection.out_features, projection.in_features)
+    test_nf4_node_equals_local_nf4_and_trains_lora(tiny_path, bootstrap)
