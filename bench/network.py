@@ -181,10 +181,14 @@ def _tables(spec, rounds, local_ms, gen_ms, per_hop, train_s, step_bytes, load, 
 
 
 PIPELINE_SETUPS = {  # ClientConfig settings of the fine-tuning step compared at lan and broadband
-    "inputs resent, whole batch": {"backward_by_token": False},
-    "by token, whole batch": {},
-    "by token, 2 micro-batches": {"micro_batches": 2},
-    "by token, 4 micro-batches": {"micro_batches": 4},
+    "float32, inputs resent, whole batch": {"backward_by_token": False},
+    "float32, by token, whole batch": {},
+    "float32, inputs resent, 4 micro-batches": {"backward_by_token": False, "micro_batches": 4},
+    "float32, by token, 2 micro-batches": {"micro_batches": 2},
+    "float32, by token, 4 micro-batches": {"micro_batches": 4},
+    "blockwise8, inputs resent, whole batch": {"train_wire": "blockwise8", "backward_by_token": False},
+    "blockwise8, by token, 2 micro-batches": {"train_wire": "blockwise8", "micro_batches": 2},
+    "blockwise8, by token, 4 micro-batches": {"train_wire": "blockwise8", "micro_batches": 4},
 }
 
 
@@ -225,12 +229,13 @@ def section_network_training(ctx: Context) -> str:
             f"{step_bytes[name] / 2**20:.2f} |" for name in PIPELINE_SETUPS]
     return "\n".join([
         f"## Fine-tuning over emulated links: Backward by token and pipelined micro-batches, {spec.name}\n",
-        f"The LoRA step of the table above (float32 on the wire, batch {TRAIN_BATCH} x {TRAIN_SEQ}, {HOPS} nodes "
-        "behind relays) with the Backward naming the activations its node kept instead of resending the hop's "
-        "inputs (`inputs resent`: `ClientConfig(backward_by_token=False)`, as before), and with the batch's rows "
+        f"The LoRA step of the table above (batch {TRAIN_BATCH} x {TRAIN_SEQ}, {HOPS} nodes behind relays; training "
+        "activations and gradients as float32 or `train_wire=\"blockwise8\"`) with the Backward naming the "
+        "activations its node kept instead of resending the hop's inputs (`inputs resent`: `ClientConfig(backward_by_token=False)`, as before), and with the batch's rows "
         "in micro-batches that flow through the nodes as a pipeline (`micro_batches`). Medians of "
         f"{rounds} rounds, every setup at both profiles alternating within a round; other processes used "
-        f"{load:.0%} of the CPUs meanwhile. MiB: serialized messages of one step, both ways.\n",
+        f"{load:.0%} of the CPUs meanwhile. MiB: serialized messages of one step, both ways (each micro-batch's "
+        "Backward answer carries the LoRA gradients, so they travel once per micro-batch).\n",
         f"| setup | lan s/step | broadband s/step | lan / broadband | >= {TARGET} | MiB/step |",
         "|---|---|---|---|---|---|",
         *rows,

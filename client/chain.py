@@ -34,7 +34,8 @@ from swarm.spans import ServerInfo, Span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Trace = list[tuple[Span, torch.Tensor, Kept]]  # (blocks, their input hidden states, what their node kept)
+# (blocks, their input hidden states, what their node kept, that node)
+Trace = list[tuple[Span, torch.Tensor, Kept, ServerInfo]]
 LoraGrads = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -274,7 +275,7 @@ class RemoteChain:
 
                 out, outvoted = await self.verifier.check(hop, out, rerun, mask)
                 kept = NOTHING_KEPT if outvoted else kept  # nothing kept by a banned node is used
-            trace.append((hop.span, hidden, kept))
+            trace.append((hop.span, hidden, kept, hop.server))
             used.append(hop)
             hidden, position = out, hop.span.end
         self.last_route = used
@@ -296,16 +297,22 @@ class RemoteChain:
         return await self._call(hop, lora, send, hidden.shape[0] * hidden.shape[1])
 
     async def _backward(self, trace: Trace, mask, positions, grad: torch.Tensor, extra: Extras) -> torch.Tensor:
-        for span, hidden, kept in reversed(trace):
-            grad = await self._backward_span(span, hidden, mask, positions, grad, extra, kept)
+        for span, hidden, kept, server in reversed(trace):
+            grad = await self._backward_span(span, hidden, mask, positions, grad, extra, kept, server)
         return grad
 
     async def _backward_span(self, span: Span, hidden, mask, positions, grad: torch.Tensor,
-                             extra: Extras, kept: Kept = NOTHING_KEPT) -> torch.Tensor:
-        """Backward through ``span``; if no single live node covers it any more, recompute the
-        intermediate inputs with a forward pass over a new route and go backward hop by hop."""
+                             extra: Extras, kept: Kept = NOTHING_KEPT, kept_at: ServerInfo | None = None
+                             ) -> torch.Tensor:
+        """Backward through ``span``: at ``kept_at``, the node that ``kept`` the forward pass, while it is not
+        banned; else (or after it fails) over a new route; if no single live node covers ``span`` any more,
+        recompute the intermediate inputs with a forward pass over a new route and go backward hop by hop."""
         attempts = self.router.attempts()
-        route = await self.router.route(span, spread=True)
+        if kept and kept_at is not None and kept_at.node_id not in self.router.banned():
+            route = [Hop(kept_at, span)]
+        else:
+            kept = NOTHING_KEPT
+            route = await self.router.route(span, spread=True)
         while True:
             if len(route) > 1:
                 _, sub_trace = await self._forward(span, hidden, mask, positions, extra.lora, extra.prefix, True)

@@ -160,6 +160,9 @@ def test_a_node_lost_between_pipelined_steps_is_routed_around(start_nodes, open_
             assert torch.allclose(got[name], expected[name], atol=1e-5), name
 
     step()
+    # each micro-batch's backward went to the nodes that kept its forward (routes draw among replicas)
+    activations = [n.node.servicer.activations for n in nodes]
+    assert sum(a.hits for a in activations) == 3 * 2 and sum(a.misses for a in activations) == 0
     used = ours.chain.last_route[0].server.address
     next(n for n in nodes if n.address == used).stop(grace=0)
     step()
