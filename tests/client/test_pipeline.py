@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from peft import PrefixTuningConfig
+from peft import LoraConfig, PrefixTuningConfig
 
 from client import AutoDistributedModelForCausalLM, ClientConfig, get_peft_model
 from client.pipeline import row_slices
@@ -186,3 +186,32 @@ def test_finetune_exposes_micro_batches(tmp_path):
     assert options.micro_batches == 4
     with pytest.raises(FinetuneError, match="--micro-batches 4 is more than --batch-size 2"):
         options.check()
+
+
+def test_recomputed_micro_batches_draw_their_own_dropout_masks_again(start_nodes, open_client, tiny_path,
+                                                                     bootstrap):
+    """With LoRA dropout each micro-batch has its own masks (its own seed); a node that lost the kept pass
+    recomputes it from the Backward's inputs with that micro-batch's seed, so the gradients are the kept
+    pass's exactly."""
+    nodes = start_nodes("0:3", "3:6")
+    config = ClientConfig(initial_peers=tuple(bootstrap), micro_batches=2)
+    dropout = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj", "down_proj"])
+    ours = get_peft_model(open_client(tiny_path, client_config=config), dropout)
+    with torch.no_grad():
+        for b in ours.adapter.lora_B:
+            b.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    ids, mask, labels = batch()
+    seed = ours.adapter.dropout_seed
+    runs = []
+    for evict in (False, True):
+        ours.zero_grad()
+        ours.adapter.dropout_seed = seed  # the same masks both times
+        out = ours(input_ids=ids, attention_mask=mask, labels=labels)
+        if evict:
+            for n in nodes:
+                n.node.servicer.activations.clear()
+        out.loss.backward()
+        runs.append({k: g.clone() for k, g in lora_grads_ours(ours).items()})
+    assert ours.chain.router.metrics.registry.get_sample_value("swarmlm_client_backward_inputs_resent_total") == 4
+    for name in runs[0]:
+        assert torch.allclose(runs[0][name], runs[1][name], atol=1e-6), name
