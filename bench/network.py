@@ -178,3 +178,65 @@ def _tables(spec, rounds, local_ms, gen_ms, per_hop, train_s, step_bytes, load, 
         "|---|---|---|---|---|---|",
         *train_rows,
     ])
+
+
+PIPELINE_SETUPS = {  # ClientConfig settings of the fine-tuning step compared at lan and broadband
+    "float32, inputs resent, whole batch": {"backward_by_token": False},
+    "float32, by token, whole batch": {},
+    "float32, inputs resent, 4 micro-batches": {"backward_by_token": False, "micro_batches": 4},
+    "float32, by token, 2 micro-batches": {"micro_batches": 2},
+    "float32, by token, 4 micro-batches": {"micro_batches": 4},
+    "blockwise8, inputs resent, whole batch": {"train_wire": "blockwise8", "backward_by_token": False},
+    "blockwise8, by token, 2 micro-batches": {"train_wire": "blockwise8", "micro_batches": 2},
+    "blockwise8, by token, 4 micro-batches": {"train_wire": "blockwise8", "micro_batches": 4},
+}
+
+
+def section_network_training(ctx: Context) -> str:
+    """The LoRA step at lan and broadband with and without a Backward by token (the forward's inputs not
+    sent again) and micro-batch pipelining (ClientConfig.micro_batches), alternating, in one swarm."""
+    from tests.helpers.launch import LocalSwarm
+    from tests.helpers.link import PROFILES
+
+    spec = ctx.models[0]
+    path, rounds = checkpoint(spec), 3 if ctx.quick else 7
+    ids = torch.randint(3, spec.vocab_size, (TRAIN_BATCH, TRAIN_SEQ), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with LocalSwarm(path, env=ctx.node_env, link=PROFILES["lan"]) as swarm:
+        swarm.start_nodes(spans(spec.num_layers, HOPS))
+        bases = {name: _connect(path, swarm.peers, **setup) for name, setup in PIPELINE_SETUPS.items()}
+        try:
+            steps = {name: step_fn(_peft(base), ids, mask) for name, base in bases.items()}
+            step_bytes = {}
+            for name, step in steps.items():
+                conns = bases[name].chain.connections
+                step()  # warm-up (and the adapter's first upload)
+                before = conns.bytes_sent + conns.bytes_received
+                step()
+                step_bytes[name] = conns.bytes_sent + conns.bytes_received - before
+            wait_for_quiet()
+            log(f"network: fine-tuning step setups at lan and broadband, alternating, x{rounds}")
+            kept, load, _ = interleaved_rounds({(profile, name): _on(swarm, PROFILES[profile], step)
+                                                for name, step in steps.items() for profile in ("lan", "broadband")},
+                                               rounds)
+        finally:
+            for base in bases.values():
+                base.close()
+    s = {key: statistics.median(t for t, _ in samples) for key, samples in kept.items()}
+    rows = [f"| {name} | {s[('lan', name)]:.3f} | {s[('broadband', name)]:.3f} | "
+            f"{s[('lan', name)] / s[('broadband', name)]:.2f} | "
+            f"{'yes' if s[('lan', name)] / s[('broadband', name)] >= TARGET else 'no'} | "
+            f"{step_bytes[name] / 2**20:.2f} |" for name in PIPELINE_SETUPS]
+    return "\n".join([
+        f"## Fine-tuning over emulated links: Backward by token and pipelined micro-batches, {spec.name}\n",
+        f"The LoRA step of the table above (batch {TRAIN_BATCH} x {TRAIN_SEQ}, {HOPS} nodes behind relays; training "
+        "activations and gradients as float32 or `train_wire=\"blockwise8\"`) with the Backward naming the "
+        "activations its node kept instead of resending the hop's inputs (`inputs resent`: `ClientConfig(backward_by_token=False)`, as before), and with the batch's rows "
+        "in micro-batches that flow through the nodes as a pipeline (`micro_batches`). Medians of "
+        f"{rounds} rounds, every setup at both profiles alternating within a round; other processes used "
+        f"{load:.0%} of the CPUs meanwhile. MiB: serialized messages of one step, both ways (each micro-batch's "
+        "Backward answer carries the LoRA gradients, so they travel once per micro-batch).\n",
+        f"| setup | lan s/step | broadband s/step | lan / broadband | >= {TARGET} | MiB/step |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ])

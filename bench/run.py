@@ -26,7 +26,7 @@ from bench.forward import section_forward_backward, section_node_memory
 from bench.memory_moe import section_node_memory_moe
 from bench.concurrency import section_concurrent_clients, section_replicas
 from bench.generation import section_generation
-from bench.network import section_network
+from bench.network import section_network, section_network_training
 from bench.procs import OtherLoad
 from bench.quantized import section_quantized
 from bench.recovery import section_recovery
@@ -34,7 +34,8 @@ from bench.training import section_training
 
 SECTIONS: list[Callable[[Context], str]] = [
     section_forward_backward, section_node_memory, section_node_memory_moe, section_generation, section_concurrent_clients,
-    section_batching, section_recovery, section_replicas, section_training, section_api, section_network, section_quantized,
+    section_batching, section_recovery, section_replicas, section_training, section_api, section_network,
+    section_network_training, section_quantized,
 ]
 
 

@@ -137,6 +137,9 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--prefix-projection", action="store_true", help="prefix: reparameterise prefixes with an MLP")
     ft.add_argument("--save-every", type=int, default=0, help="also save OUTPUT/checkpoint-STEP every N steps")
     ft.add_argument("--log-every", type=int, default=1, help="print the loss every N steps (default 1)")
+    ft.add_argument("--micro-batches", type=int, default=1,
+                    help="send each batch through the swarm as a pipeline of N micro-batches (hop 1 works on one while "
+                         "hop 2 works on the previous; the same gradients); default 1: whole")
     ft.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --output (its LoRA settings win)")
     ft.add_argument("--seed", type=int, default=0, help="adapter init and data order (default 0)")
