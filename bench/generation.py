@@ -16,7 +16,7 @@ from bench.procs import MAX_OTHER_LOAD, interleaved_rounds, wait_for_quiet
 
 TARGETS = {"tiny": 0.5, "llama-270m": 0.9}  # swarm / local tokens/s, issue 15 (against a fresh-process local)
 # the per-token breakdown is measured for each of these node settings (issue 15: each part before and after)
-SETTINGS = {"2 nodes": (), "2 nodes, --no-inline-decode": ("--no-inline-decode",)}
+SETTINGS = {"2 nodes": (), "2 nodes, --decode-in-pool": ("--decode-in-pool",)}
 
 
 def spans(num_layers: int, parts: int) -> list[str]:
@@ -237,7 +237,7 @@ def section_generation(ctx: Context) -> str:
             "request handling and thread hand-off, per hop. *local outside blocks* = local ms/token - node "
             "compute: local transformers' own per-token work besides the blocks, to compare with *outside "
             "step*.\n",
-            "*setting*: the nodes' flags; `--no-inline-decode` is the node as before issue 15's overhead "
+            "*setting*: the nodes' flags; `--decode-in-pool` is the node as before issue 15's overhead "
             "work (every step handed to the compute pool's thread and back), *defaults* computes a lone "
             "decode-sized step on the node's event-loop thread. Both are timed in the same rounds.\n",
             "| model | setting | swarm ms/token | outside step | bridge | round trips | node compute | per hop "
