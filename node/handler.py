@@ -57,6 +57,7 @@ class SessionPolicy:
     small_step_threads: int = 1  # torch threads for those (0: as many as for everything else)
     decode_batch_rows: int = 16  # most rows (sessions x batch) of decode steps computed as one call (1: no batching)
     decode_batch_wait: float = 0.005  # seconds a decode step waits for other sessions' (node.batching)
+    inline_small_steps: bool = True  # small steps of one session run on the event-loop thread, not in the pool
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -73,8 +74,9 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.in_flight = 0  # unary calls being computed
         self.state = NodeState.JOINING  # Info reports it; OFFLINE once the node starts shutting down
         self.counts = ServedCounts()
+        inline_rows = policy.small_step_tokens if policy.inline_small_steps else 0
         self.batcher = StepBatcher(blocks, policy.decode_batch_rows, policy.decode_batch_wait, pool, self._step,
-                                   self._together) if policy.decode_batch_rows > 1 else None
+                                   self._together, inline_rows) if policy.decode_batch_rows > 1 else None
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -263,7 +265,9 @@ class NodeServicer(pb_grpc.NodeServicer):
         if self.batcher is None or not self.batcher.accepts(session, step, plain):
             if self.batcher is not None:
                 self.batcher.leave(session)
-            return await self._compute(context, self._step, session, step)
+            inline = self.policy.inline_small_steps and \
+                step.hidden.shape[0] * step.hidden.shape[1] <= self.policy.small_step_tokens
+            return await self._compute(context, self._step, session, step, inline=inline)
         self.in_flight += 1
         try:
             return await self.batcher.step(session, step)
@@ -303,9 +307,13 @@ class NodeServicer(pb_grpc.NodeServicer):
     def busy(self) -> bool:
         return self.open_sessions > 0 or self.in_flight > 0
 
-    async def _compute(self, context, fn, *args):
+    async def _compute(self, context, fn, *args, inline: bool = False):
+        """``fn(*args)`` in the compute pool; ``inline``: on this (the event loop's) thread, for steps so small
+        that the hand-off to a pool thread and back (two thread wake-ups) costs a large part of the step."""
         self.in_flight += 1
         try:
+            if inline:
+                return fn(*args)
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except Exception as e:  # a bug or an OOM in one request must not take the node down
             log.exception("request failed")

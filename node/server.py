@@ -260,7 +260,8 @@ class Node:
                                activation_bytes=cfg.activation_cache_mb << 20, small_step_threads=self.threads.small,
                                max_sessions_per_client=cfg.max_sessions_per_client,
                                lora_cache_bytes=cfg.lora_cache_mb << 20, decode_batch_rows=cfg.decode_batch,
-                               decode_batch_wait=cfg.decode_batch_wait_ms / 1000)
+                               decode_batch_wait=cfg.decode_batch_wait_ms / 1000,
+                               inline_small_steps=not cfg.decode_in_pool)
         hosted = load_adapter_dir(Path(cfg.adapters), span.start, span.end, linear_shapes(blocks.layers[0])) \
             if cfg.adapters else {}
         return NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)
