@@ -15,6 +15,8 @@ from bench.plain import PlainLocal
 from bench.procs import MAX_OTHER_LOAD, interleaved_rounds, wait_for_quiet
 
 TARGETS = {"tiny": 0.5, "llama-270m": 0.9}  # swarm / local tokens/s, issue 15 (against a fresh-process local)
+# the per-token breakdown is measured for each of these node settings (issue 15: each part before and after)
+SETTINGS = {"2 nodes": (), "2 nodes, --decode-in-pool": ("--decode-in-pool",)}
 
 
 def spans(num_layers: int, parts: int) -> list[str]:
@@ -118,21 +120,27 @@ def _measure_model(ctx: Context, spec: ModelSpec, hop_counts: tuple[int, ...]) -
     params = sum(p.numel() for p in local.parameters())
     with ExitStack() as stack:
         swarms = {h: stack.enter_context(LocalSwarm(path, env=ctx.node_env)) for h in hop_counts}
+        others = {name: stack.enter_context(LocalSwarm(path, env=ctx.node_env)) for name in list(SETTINGS)[1:]}
         log(f"{spec.name}: {params / 1e6:.1f}M params; starting nodes " + "; ".join(
-            " + ".join(spans(spec.num_layers, h)) for h in hop_counts))
+            " + ".join(spans(spec.num_layers, h)) for h in hop_counts) + "; and 2 with " + ", ".join(others))
         for h in hop_counts:  # from this thread: LocalSwarm's children die with the thread that started them
             swarms[h].start_nodes(spans(spec.num_layers, h))
+        for name, swarm in others.items():
+            swarm.start_nodes(spans(spec.num_layers, 2), *SETTINGS[name])
         remotes = {}
-        for h in hop_counts:
-            remotes[h] = connect(path, swarms[h].peers)
-            stack.callback(remotes[h].close)
-        timers = stack.enter_context(StepTimers(remotes[2].chain))
+        for key, swarm in [*swarms.items(), *others.items()]:
+            remotes[key] = connect(path, swarm.peers)
+            stack.callback(remotes[key].close)
+        timers = {name: stack.enter_context(StepTimers(remotes[2 if name == "2 nodes" else name].chain))
+                  for name in SETTINGS}
         plain = stack.enter_context(PlainLocal(path, spec.vocab_size))
         fns = {"local": plain, "local in-process": generate_fn(local, ids, use_cache=True)}
         fns.update({f"{h} node{'s' if h > 1 else ''}": generate_fn(remotes[h], ids) for h in hop_counts})
+        fns.update({name: generate_fn(remotes[name], ids) for name in others})
         reference = fns["local"]()[0]
         same = all(torch.equal(fn()[0], reference) for name, fn in fns.items() if name != "local")
-        fns["2 nodes"] = timers.timed(fns["2 nodes"])
+        for name, timer in timers.items():
+            fns[name] = timer.timed(fns[name])
         log(f"{spec.name}: swarm tokens identical to local: {same}; timing x{n}")
         chosen = [next((line.split("node.server: ", 1)[-1] for line in proc.stderr_lines if "torch threads:" in line),
                        "?") for proc in swarms[2].nodes]
@@ -146,9 +154,8 @@ def _measure_model(ctx: Context, spec: ModelSpec, hop_counts: tuple[int, ...]) -
     seconds = lambda name, r: r[1][2] if name == "local" else r[0]  # noqa: E731
     stats = {name: (NEW_TOKENS / statistics.median(seconds(name, r) for r in s), ms(r[1][1] for r in s))
              for name, s in kept.items()}
-    parts = None
-    if timers.available:
-        parts = (ms(r[1][2][0] for r in kept["2 nodes"]), ms(r[1][2][1] for r in kept["2 nodes"]))
+    parts = {name: (ms(r[1][2][0] for r in kept[name]), ms(r[1][2][1] for r in kept[name]))
+             for name, timer in timers.items() if timer.available}
     return dict(spec=spec, params=params, n=n, stats=stats, other=other, redone=redone, same=same, parts=parts,
                 plain_threads=plain.threads, chosen=chosen)
 
@@ -166,10 +173,12 @@ def section_generation(ctx: Context) -> str:
         rows.append(f"| {spec.name} | {r['params'] / 1e6:.1f}M | {r['n']} | {lt:.1f} | {lms:.1f} | {it:.1f} | {st:.1f} "
                     f"| {sms:.1f} | {st / lt:.3f} | {target if target is not None else '-'} | {met} "
                     f"| {r['other']:.0%} ({r['redone']}) | {'yes' if r['same'] else 'NO'} |")
-        if r["parts"] is not None:
-            (step, hops), compute = r["parts"], stats["node compute"][1]
-            parts_rows.append(f"| {spec.name} | {sms:.1f} | {sms - step:.1f} | {step - hops:.1f} | {hops:.1f} "
-                              f"| {compute:.1f} | {(hops - compute) / 2:.1f} | {lms:.1f} | {lms - compute:.1f} |")
+        for name, (step, hops) in r["parts"].items():
+            compute, total = stats["node compute"][1], stats[name][1]
+            setting = " ".join(SETTINGS[name]) or "defaults"
+            parts_rows.append(f"| {spec.name} | {setting} | {total:.1f} | {total - step:.1f} | {step - hops:.1f} "
+                              f"| {hops:.1f} | {compute:.1f} | {(hops - compute) / 2:.1f} | {lms:.1f} "
+                              f"| {lms - compute:.1f} |")
         hop_counts = sorted(int(k.split()[0]) for k in stats if k.endswith(("node", "nodes")))
         if len(hop_counts) > 1:
             keys = [f"{h} node{'s' if h > 1 else ''}" for h in hop_counts]
@@ -228,9 +237,12 @@ def section_generation(ctx: Context) -> str:
             "request handling and thread hand-off, per hop. *local outside blocks* = local ms/token - node "
             "compute: local transformers' own per-token work besides the blocks, to compare with *outside "
             "step*.\n",
-            "| model | swarm ms/token | outside step | bridge | round trips | node compute | per hop "
+            "*setting*: the nodes' flags; `--decode-in-pool` is the node as before issue 15's overhead "
+            "work (every step handed to the compute pool's thread and back), *defaults* computes a lone "
+            "decode-sized step on the node's event-loop thread. Both are timed in the same rounds.\n",
+            "| model | setting | swarm ms/token | outside step | bridge | round trips | node compute | per hop "
             "| local ms/token | local outside blocks |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|",
             *parts_rows,
         ]
     return "\n".join(out)

@@ -3,6 +3,7 @@ greedy decode tokens/s and a LoRA fine-tuning step (QLoRA through the swarm)."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
@@ -46,7 +47,33 @@ def _memory(ctx: Context, spec, path, key: str) -> tuple[list[str], dict[str, fl
     return rows, span_mib
 
 
-def _speed(ctx: Context, spec, path) -> tuple[list[str], int]:
+def _logit_gap(spec, path) -> tuple[float, float]:
+    """Local transformers on the bench's prompt, float32 then quantized in place like the nodes: the relative
+    L2 difference of the logits at the last position, and the float32 model's gap between its two likeliest
+    tokens there relative to the logits' spread (a seeded random checkpoint has nearly flat logits, so
+    int8's small difference can change the greedy token, and then every later one)."""
+    from transformers import AutoModelForCausalLM
+
+    from client.verify import relative_difference
+    from node.quantize import quantize_linears
+
+    gen = torch.randint(3, spec.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        before = model(input_ids=gen).logits[:, -1:]
+        quantize_linears(model.model.layers, "int8")
+        after = model(input_ids=gen).logits[:, -1:]
+    top2 = before[0, 0].topk(2).values
+    return relative_difference(after, before), float((top2[0] - top2[1]) / before.std())
+
+
+def _threads(proc) -> str:
+    """What a node process logged about the torch thread counts it measured at start."""
+    line = next((line for line in proc.stderr_lines if "torch threads:" in line), "torch threads: ?")
+    return line.split("torch threads:", 1)[1].split(";", 1)[0].strip()
+
+
+def _speed(ctx: Context, spec, path) -> tuple[list[str], int, dict[str, str]]:
     """Decode tokens/s and LoRA step time through a float32 and an int8 node serving all blocks (one swarm,
     each client routing only through the quantization it asks for), calls alternating round by round."""
     from peft import LoraConfig
@@ -60,7 +87,11 @@ def _speed(ctx: Context, spec, path) -> tuple[list[str], int]:
     mask = torch.ones_like(ids)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
     with LocalSwarm(path, env=ctx.node_env) as swarm:
-        swarm.start_nodes([f"0:{spec.num_layers}"] * 2, each=[("--quantize", mode) for mode in MODES])
+        for mode in MODES:  # one after the other: a node measures its thread counts while the other is idle
+            swarm.start_nodes([f"0:{spec.num_layers}"], "--quantize", mode)  # (started together, one measured
+            # while the other loaded its weights: 1 thread vs 2, and the speed ratio measured the thread counts)
+        threads = {mode: _threads(proc) for mode, proc in zip(MODES, swarm.nodes[-2:])}
+        log(f"quantized: node threads {threads}")
         models = {mode: AutoDistributedModelForCausalLM.from_pretrained(str(path), client_config=ClientConfig(
             initial_peers=tuple(swarm.peers), quantization=mode)) for mode in MODES}
         try:
@@ -93,7 +124,7 @@ def _speed(ctx: Context, spec, path) -> tuple[list[str], int]:
         f"{NEW / decode['int8']:.1f} | {decode['none'] / decode['int8']:.2f} | {other_gen:.0%} ({redone_gen}) |",
         f"| LoRA r=8 step s (batch {BATCH} x {SEQ}, AdamW) | {step_s['none']:.3f} | {step_s['int8']:.3f} | "
         f"{step_s['none'] / step_s['int8']:.2f} | {other_step:.0%} ({redone_step}) |",
-    ], same
+    ], same, threads
 
 
 def section_quantized(ctx: Context) -> str:
@@ -104,9 +135,14 @@ def section_quantized(ctx: Context) -> str:
     spec = ctx.models[-1]
     path = checkpoint(spec)
     key = model_key(default_model_name(str(path)), load_config(path))
-    started = time.perf_counter()
+    started, loads = time.perf_counter(), [os.getloadavg()]
     memory_rows, span_mib = _memory(ctx, spec, path, key)
-    speed_rows, same = _speed(ctx, spec, path)
+    loads.append(os.getloadavg())
+    speed_rows, same, threads = _speed(ctx, spec, path)
+    gap, margin = _logit_gap(spec, path)
+    loads.append(os.getloadavg())
+    load_text = ", ".join(f"{when} {' / '.join(f'{x:.1f}' for x in avg)}"
+                          for when, avg in zip(("start", "after the memory table", "end"), loads))
     block_mib = checkpoint_mib(path, LAYER_PREFIX) / spec.num_layers
     ratio = span_mib["int8"] / span_mib["none"]
     log(f"section quantized: {time.perf_counter() - started:.0f}s; span memory int8/float32 {ratio:.2f}")
@@ -114,8 +150,9 @@ def section_quantized(ctx: Context) -> str:
     return "\n".join([
         f"## int8 nodes vs float32, {spec.name}\n",
         "`node serve --quantize int8`: torchao's weight-only int8 (one scale per output row) on every Linear "
-        "of the hosted blocks; norms stay float32; compute in float32. Measured on a machine shared with "
-        "other engineers' builds and tests (2 cores, loaded): timings are noisy, compare the ratios of one run.\n",
+        "of the hosted blocks; norms stay float32; compute in float32. Measured on a 2-core machine that "
+        "other work may share: timings are noisy, compare the ratios of one run. "
+        f"Load average (1 / 5 / 15 min): {load_text}.\n",
         "### Resident memory of a span\n",
         "VmRSS of one `node serve` process serving a quarter or all of the blocks: ready, after one Forward and "
         f"after one Backward of 4 x 64 tokens; peak = VmHWM. *span* = RSS ready (all) - RSS ready (quarter): "
@@ -132,7 +169,12 @@ def section_quantized(ctx: Context) -> str:
         "One swarm with a float32 and an int8 node each serving all blocks; two clients, "
         "`ClientConfig(quantization=\"none\")` and `ClientConfig(quantization=\"int8\")` (each route checked to "
         "use only its kind), their calls alternating round by round; medians after one warm-up; rounds with other "
-        f"load over 10% redone. Greedy tokens equal between the two: {same} of {NEW}.\n",
+        f"load over 10% redone. Greedy tokens equal between the two: {same} of {NEW} (this seeded random "
+        f"checkpoint's logits are nearly flat: locally, int8 moves the last prompt position's logits by "
+        f"{gap:.3f} relative L2 while float32's two likeliest tokens there are only {margin:.2f} standard "
+        "deviations of the logits apart, so the first greedy token can differ and every later one with it; "
+        "the tests' accuracy bounds are on logits). Thread counts each node measured at start: "
+        + "; ".join(f"{LABEL[m]}: {t}" for m, t in threads.items()) + ".\n",
         "| measure | float32 | int8 | int8 speed vs float32 | other load (redone) |",
         "|---|---|---|---|---|",
         *speed_rows,

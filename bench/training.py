@@ -10,7 +10,7 @@ from bench.common import Context, checkpoint, log
 from bench.procs import time_interleaved, wait_for_quiet
 
 BATCH, SEQ = 4, 64
-TARGET = 0.8  # the issue's target: swarm steps/s >= 0.8x local on loopback
+TARGET = 0.95  # issue 15 ("Faster than Petals"): swarm steps/s >= 0.95x local on loopback (an older issue asked 0.8)
 
 
 def _configs():
@@ -78,7 +78,7 @@ def section_training(ctx: Context) -> str:
         "gradients; nodes keep forward activations for the following backward instead of recomputing). "
         f"Ratio = local s / swarm s; target >= {TARGET}. Bytes: serialized gRPC messages of one step "
         "(after the warm-up step).\n",
-        "| method | local s/step | swarm s/step | ratio | >= 0.8x | MiB sent/step | MiB received/step "
+        f"| method | local s/step | swarm s/step | ratio | >= {TARGET}x | MiB sent/step | MiB received/step "
         "| other load (redone) |",
         "|---|---|---|---|---|---|---|---|",
         *rows,

@@ -11,6 +11,15 @@ from swarm.process import die_with_parent, quiet_closed_loop_warnings, quiet_grp
 
 
 LAN_LISTEN_HELP = "with no --initial-peers: find the swarm's peers on the LAN (listens for multicast; opt-in)"
+QUANTIZATION_HELP = ("nodes routes use: none (unquantized nodes only; default), int8 or nf4 (only nodes serving "
+                     "--quantize so), any (ClientConfig.quantization)")
+
+
+def add_quantization(parser) -> None:
+    """``--quantization``: which nodes a route may use (ClientConfig.quantization)."""
+    from client.config import QUANTIZATION_CHOICES  # a plain module: no torch
+
+    parser.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES, help=QUANTIZATION_HELP)
 
 
 def build_parser(argv: list[str] | None = None) -> OneLineParser:
@@ -85,6 +94,7 @@ def _add_generate(sub) -> None:
                      "or the name of an adapter the nodes host (node serve --adapters)")
     gen.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     gen.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
+    add_quantization(gen)
 
 
 def _add_finetune(sub) -> None:
@@ -127,11 +137,15 @@ def _add_finetune(sub) -> None:
     ft.add_argument("--prefix-projection", action="store_true", help="prefix: reparameterise prefixes with an MLP")
     ft.add_argument("--save-every", type=int, default=0, help="also save OUTPUT/checkpoint-STEP every N steps")
     ft.add_argument("--log-every", type=int, default=1, help="print the loss every N steps (default 1)")
+    ft.add_argument("--micro-batches", type=int, default=1,
+                    help="send each batch through the swarm as a pipeline of N micro-batches (hop 1 works on one while "
+                         "hop 2 works on the previous; the same gradients); default 1: whole")
     ft.add_argument("--resume", action="store_true",
                     help="continue from the latest checkpoint in --output (its LoRA settings win)")
     ft.add_argument("--seed", type=int, default=0, help="adapter init and data order (default 0)")
     ft.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     ft.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
+    add_quantization(ft)
 
 
 def _add_api(sub, argv: list[str]) -> None:
@@ -168,7 +182,8 @@ def generate(args) -> int:
 
     try:
         generate_text(args.model, peers_list(args.initial_peers), args.prompt, options, adapter=args.adapter,
-                      model_name=args.model_name, swarm_key=args.swarm_key, lan=args.lan, tls_ca=args.tls_ca)
+                      model_name=args.model_name, swarm_key=args.swarm_key, lan=args.lan, tls_ca=args.tls_ca,
+                      quantization=args.quantization)
     except (CheckpointError, DHTStartError, NoRouteError, SwarmKeyError, RemoteCallError, TLSConfigError,
             ValueError) as e:
         return fail("swarm", str(e))

@@ -121,15 +121,16 @@ def encode_prompt(tokenizer, prompt: str, chat: bool):
 
 
 def open_model(model_path: str, initial_peers: Sequence[str], adapter: str | None, model_name: str | None,
-               swarm_key: str | None, lan: bool, tls_ca: str | None):
+               swarm_key: str | None, lan: bool, tls_ca: str | None, quantization: str = "none"):
     """The distributed model; ``adapter`` is a PEFT adapter folder (held here, e.g. `swarm finetune`'s output)
-    or else the name of an adapter the nodes host (routes then use only nodes hosting it)."""
+    or else the name of an adapter the nodes host (routes then use only nodes hosting it); ``quantization``:
+    ClientConfig.quantization (which nodes routes use)."""
     from client.config import ClientConfig
     from client.model import AutoDistributedModelForCausalLM
     from client.peft import DistributedPeftModel
 
     local = adapter is not None and (Path(adapter) / "adapter_config.json").is_file()
-    config = ClientConfig(adapter=None if local or adapter is None else adapter)
+    config = ClientConfig(adapter=None if local or adapter is None else adapter, quantization=quantization)
     model = AutoDistributedModelForCausalLM.from_pretrained(model_path, initial_peers=initial_peers,
                                                             model_name=model_name, swarm_key=swarm_key, lan=lan,
                                                             tls_ca=tls_ca, client_config=config)
@@ -144,7 +145,7 @@ def open_model(model_path: str, initial_peers: Sequence[str], adapter: str | Non
 
 def generate_text(model_path: str, initial_peers: Sequence[str], prompt: str, options: GenerateOptions, *,
                   adapter: str | None = None, model_name: str | None = None, swarm_key: str | None = None,
-                  lan: bool = False, tls_ca: str | None = None) -> str:
+                  lan: bool = False, tls_ca: str | None = None, quantization: str = "none") -> str:
     """Generate from ``prompt`` through the swarm, printing text to stdout as tokens arrive (beam search
     prints it once done: beams are only settled at the end). The prompt is echoed, unless ``options.chat``."""
     import torch
@@ -152,7 +153,7 @@ def generate_text(model_path: str, initial_peers: Sequence[str], prompt: str, op
     options.check()
     tokenizer = load_tokenizer(model_path)
     ids, mask = encode_prompt(tokenizer, prompt, options.chat)
-    model = open_model(model_path, initial_peers, adapter, model_name, swarm_key, lan, tls_ca)
+    model = open_model(model_path, initial_peers, adapter, model_name, swarm_key, lan, tls_ca, quantization)
     with model:
         if options.seed is not None:
             torch.manual_seed(options.seed)

@@ -38,6 +38,10 @@ class ClientConfig:
     # otherwise, and always with verify_fraction > 0 (client.chained)
     train_wire: str | None = None  # training traffic (activations of a forward that a backward follows, and its
     # gradients): "blockwise8" (int8, one absmax scale per 64 values) or a wire_dtype value; None: as wire_dtype
+    backward_by_token: bool = True  # a Backward names the activations its node kept (when the node offers it)
+    # instead of sending the hop's inputs again; False: always send them (the node still skips the recompute)
+    micro_batches: int = 1  # a batch's rows go through the swarm in this many micro-batches, as a pipeline (hop 1
+    # computes micro-batch i+1 while hop 2 computes i, backward too; batches of fewer rows: one row each); 1: whole
 
     def wire(self, training: bool) -> str | None:
         """The format activations should travel in (nodes that do not announce it get them as computed)."""
@@ -46,6 +50,8 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if isinstance(self.initial_peers, str) or not all(isinstance(p, str) for p in self.initial_peers):
             raise TypeError("initial_peers must be a sequence of multiaddr strings")
+        if isinstance(self.micro_batches, bool) or not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be a whole number >= 1 (1: no split), got {self.micro_batches!r}")
         if self.lan_timeout <= 0:
             raise ValueError(f"lan_timeout must be positive, got {self.lan_timeout}")
         if self.request_timeout <= 0 or self.max_retries < 0 or self.ban_seconds < 0 or self.max_step_tokens < 1 or self.max_wait < 0:

@@ -70,6 +70,8 @@ class FinetuneOptions:
     swarm_key: str | None = None
     tls_ca: str | None = None  # CA certificate of the swarm's TLS nodes
     lan: bool = False  # with no initial_peers: find them on the LAN (multicast, opt-in)
+    quantization: str = "none"  # nodes routes use (ClientConfig.quantization): none, int8, nf4 or any
+    micro_batches: int = 1  # each batch through the swarm as a pipeline of this many micro-batches (ClientConfig)
 
     @classmethod
     def from_namespace(cls, args, initial_peers: Sequence[str]) -> "FinetuneOptions":
@@ -77,9 +79,12 @@ class FinetuneOptions:
         return cls(**{**values, "initial_peers": tuple(initial_peers)})
 
     def check(self) -> None:
-        for name in ("steps", "batch_size", "max_length", "lora_r", "log_every"):
+        for name in ("steps", "batch_size", "max_length", "lora_r", "log_every", "micro_batches"):
             if getattr(self, name) < 1:
                 raise FinetuneError(f"--{name.replace('_', '-')} must be positive")
+        if self.micro_batches > self.batch_size:
+            raise FinetuneError(f"--micro-batches {self.micro_batches} is more than --batch-size {self.batch_size}: "
+                                "a micro-batch holds at least one example")
         if self.save_every < 0 or self.lr <= 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
             raise FinetuneError("--save-every, --max-grad-norm and --weight-decay must be >= 0 and --lr > 0")
         if not 0 <= self.lora_dropout < 1:
@@ -271,14 +276,15 @@ def say(msg: str) -> None:
 
 
 def build_model(opts: FinetuneOptions, resume_from: Path | None):
-    from client import AutoDistributedModelForCausalLM, DistributedPeftModel, get_peft_model
+    from client import AutoDistributedModelForCausalLM, ClientConfig, DistributedPeftModel, get_peft_model
     from client.methods import peft_config
 
     private = {"swarm_key": opts.swarm_key} if opts.swarm_key else {}
     if opts.tls_ca:
         private["tls_ca"] = opts.tls_ca
-    base = AutoDistributedModelForCausalLM.from_pretrained(opts.model, initial_peers=opts.initial_peers,
-                                                           model_name=opts.model_name, lan=opts.lan, **private)
+    base = AutoDistributedModelForCausalLM.from_pretrained(
+        opts.model, initial_peers=opts.initial_peers, model_name=opts.model_name, lan=opts.lan,
+        client_config=ClientConfig(micro_batches=opts.micro_batches, quantization=opts.quantization), **private)
     try:
         if resume_from is not None:
             return DistributedPeftModel.from_pretrained(base, resume_from, is_trainable=True)

@@ -25,6 +25,9 @@ class ClientMetrics(Exposed):
                                         "to rebuild a replacement node's cache", registry=r)
         self.verifications = Counter("swarmlm_client_verifications", "hop results re-run on another node and "
                                      "compared (verify_fraction)", registry=r)
+        self.inputs_resent = Counter("swarmlm_client_backward_inputs_resent", "Backward calls sent again with their "
+                                     "inputs: the node no longer held the forward's activations (evicted, expired)",
+                                     registry=r)
         self.round_trip = Histogram("swarmlm_client_round_trip_seconds", "seconds per successful exchange, by node "
                                     "address", ["node"], buckets=ROUND_TRIP_BUCKETS, registry=r)
 

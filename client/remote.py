@@ -14,14 +14,14 @@ class _RemoteBlocksFunction(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, mask, positions, chain: RemoteChain, lora: LoraUse | None,
                 prefix: torch.Tensor | None, for_backward: bool, *lora_params: torch.Tensor) -> torch.Tensor:
         prefix = prefix.detach() if prefix is not None else None
-        out, trace = chain.forward(hidden.detach(), mask, positions, lora, prefix, for_backward)
-        ctx.chain, ctx.trace, ctx.mask, ctx.positions, ctx.lora, ctx.prefix = chain, trace, mask, positions, lora, prefix
+        out, passed = chain.forward(hidden.detach(), mask, positions, lora, prefix, for_backward)
+        ctx.chain, ctx.trace, ctx.mask, ctx.positions, ctx.lora, ctx.prefix = chain, passed, mask, positions, lora, prefix
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_in, lora_grads, grad_prefix = ctx.chain.backward(ctx.trace, ctx.mask, ctx.positions, grad.contiguous(),
-                                                              ctx.lora, ctx.prefix)
+                                                              ctx.prefix)
         params = ctx.lora.adapter.gradients(lora_grads) if ctx.lora is not None else []
         return (grad_in, None, None, None, None, grad_prefix, None, *params)
 

@@ -7,6 +7,7 @@ the two apart and turns the former into a TLSHandshakeError naming the node and 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import grpc
@@ -234,6 +235,11 @@ def forward_request(model: str, span: Span, hidden: torch.Tensor, mask: torch.Te
     return req
 
 
+def by_token_request(model: str, span: Span) -> pb.ForwardRequest:
+    """The inputs of a Backward naming kept activations: only the model and the blocks (the node has the rest)."""
+    return pb.ForwardRequest(model=model, start=span.start, end=span.end)
+
+
 def decode_tensor(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Tensor:
     try:
         out = deserialize(msg, name="response", allowed=FLOAT_DTYPES, max_bytes=like.numel() * 4, ndim=like.dim(),
@@ -247,9 +253,23 @@ def decode_tensor(address: str, msg: pb.Tensor, like: torch.Tensor) -> torch.Ten
     return out.to(like.dtype)
 
 
+@dataclass(frozen=True)
+class Kept:
+    """Activations a node kept for the Backward that follows a Forward (``keep_for_backward``)."""
+
+    token: str  # names them at that node, for this client only ("": nothing kept)
+    by_token: bool = False  # the node redeems the token alone: the Backward need not resend the inputs
+
+    def __bool__(self) -> bool:
+        return bool(self.token)
+
+
+NOTHING_KEPT = Kept("")
+
+
 async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest, like: torch.Tensor,
-                       timeout: float, tls: bool | None = None) -> tuple[torch.Tensor, str]:
-    """The outputs, and the token of activations the node kept when asked to (else "").
+                       timeout: float, tls: bool | None = None) -> tuple[torch.Tensor, Kept]:
+    """The outputs, and what the node kept of this pass when asked to (else NOTHING_KEPT).
     ``tls``: dial over TLS or not (None: as the node's DHT record says, see Connections.uses_tls)."""
     try:
         # the answer (outputs shaped like the inputs) is never larger than the request
@@ -258,7 +278,8 @@ async def call_forward(conns: Connections, address: str, req: pb.ForwardRequest,
         raise conns.error(address, e.code(), e.details() or "", tls) from None
     conns.bytes_sent += req.ByteSize()
     conns.bytes_received += resp.ByteSize()
-    return decode_tensor(address, resp.hidden_states, like), resp.backward_token
+    kept = Kept(resp.backward_token, resp.backward_by_token) if resp.backward_token else NOTHING_KEPT
+    return decode_tensor(address, resp.hidden_states, like), kept
 
 
 async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest, grad: torch.Tensor,
@@ -266,7 +287,9 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
                         prefix_like: torch.Tensor | None = None, token: str = "", tls: bool | None = None,
                         wire: str | None = None):
     """d loss / d input, d loss / d (A, B) for the LoRA modules sent (shaped like ``lora_like``) and
-    d loss / d the prefix slice sent (shaped like ``prefix_like``). ``wire``: the gradients' format."""
+    d loss / d the prefix slice sent (shaped like ``prefix_like``). ``wire``: the gradients' format.
+    A ``req`` without hidden states names the kept pass ``token`` instead (see ``by_token_request``); None
+    when the node no longer has it (``inputs_needed``): then the Backward must be sent with its inputs."""
     try:
         request = pb.BackwardRequest(inputs=req, grad_outputs=encode(grad, wire), backward_token=token)
         # gradients of the inputs, the prefix sent and the LoRA weights (which a weightless request only names)
@@ -276,6 +299,10 @@ async def call_backward(conns: Connections, address: str, req: pb.ForwardRequest
         raise conns.error(address, e.code(), e.details() or "", tls) from None
     conns.bytes_sent += request.ByteSize()
     conns.bytes_received += resp.ByteSize()
+    if resp.inputs_needed:
+        if req.HasField("hidden_states"):
+            raise RemoteCallError(address, None, "asked for the inputs of a Backward that carried them")
+        return None
     lora_grads = {}
     for m in resp.lora_grads:
         key = (m.block, m.module)

@@ -48,6 +48,14 @@ def default_tolerance(a: ServerInfo, b: ServerInfo) -> float:
     return FLOAT32_TOLERANCE if a.dtype == b.dtype == "float32" else BFLOAT16_TOLERANCE
 
 
+def comparable(a: ServerInfo, b: ServerInfo) -> bool:
+    """Whether two nodes' results can check each other at a default tolerance: not a 4-bit (nf4) node against
+    a node quantized otherwise (nf4 vs float32 blocks are about 0.38 apart on the tests' model, measured with
+    bitsandbytes' CPU backend: a tolerance that wide would let a lying node through). An explicit
+    ``verify_tolerance`` compares any two."""
+    return a.quantization == b.quantization or "nf4" not in (a.quantization, b.quantization)
+
+
 @dataclass(frozen=True)
 class Suspicion:
     """A node whose outputs disagreed with other nodes' outputs for the same blocks and inputs."""
@@ -180,14 +188,16 @@ class Verifier:
 
     async def _replicas(self, hop: Hop) -> list[ServerInfo]:
         """Other live, unbanned nodes hosting all of the hop's blocks, in random order, at most one per
-        witness and none sharing the hop's witness (asking one attacker twice proves nothing)."""
+        witness and none sharing the hop's witness (asking one attacker twice proves nothing); with the
+        default tolerance only nodes whose results are ``comparable`` with the hop's and each other's."""
         banned = self.router.banned()
         servers = [s for s in await self.router.servers() if s.state is NodeState.ONLINE and s.span.covers(hop.span)
                    and s.node_id != hop.server.node_id and s.node_id not in banned]
         self._rng.shuffle(servers)
         chosen: list[ServerInfo] = []
         for server in servers:
-            if all(independent(server, other) for other in [hop.server] + chosen):
+            if all(independent(server, other) and (self.tolerance is not None or comparable(server, other))
+                   for other in [hop.server] + chosen):
                 chosen.append(server)
         return chosen
 

@@ -122,16 +122,17 @@ class _Lane:
 
 class StepBatcher:
     """Collects eligible decode steps per span and computes them in the ``pool`` as one call (see the
-    module docstring). ``alone(session, step)`` and ``together(sessions, steps)`` run in the pool."""
+    module docstring). ``alone(session, step)`` and ``together(sessions, steps)`` run in the pool, except a
+    lone step of at most ``inline_rows`` rows: on the event-loop thread (the pool's hand-off would cost more)."""
 
     def __init__(self, blocks: SpanBlocks, max_rows: int, wait: float, pool: Executor,
                  alone: Callable[[Session, Step], torch.Tensor],
-                 together: Callable[[list[Session], list[Step]], list[torch.Tensor]]):
+                 together: Callable[[list[Session], list[Step]], list[torch.Tensor]], inline_rows: int = 0):
         if max_rows < 2 or wait < 0:
             raise ValueError(f"batching needs max_rows >= 2 and wait >= 0, got {max_rows}, {wait}")
         self.enabled = batchable_blocks(blocks)
         self.max_rows, self.wait, self.pool = max_rows, wait, pool
-        self.alone, self.together = alone, together
+        self.alone, self.together, self.inline_rows = alone, together, inline_rows
         self.lanes: dict[tuple, _Lane] = {}
         self.stats = BatchStats()
 
@@ -209,7 +210,10 @@ class StepBatcher:
     async def _run(self, batch: list[_Queued]) -> None:
         self.stats.calls[len(batch)] = self.stats.calls.get(len(batch), 0) + 1
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, batch)
+            if len(batch) == 1 and batch[0].step.hidden.shape[0] <= self.inline_rows:
+                results = self._compute(batch)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(self.pool, self._compute, batch)
         except BaseException as e:  # the pool is gone (shutdown) or this task is cancelled
             results = [e if isinstance(e, Exception) else RuntimeError("node shutting down")] * len(batch)
             if not isinstance(e, Exception):

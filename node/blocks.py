@@ -32,7 +32,7 @@ class SpanBlocks:
     rotary: nn.Module | None  # the family's rotary embedding (one (cos, sin) per attention layer type), if any
     dtype: torch.dtype  # compute dtype
     family: Family | None = None  # how the blocks are called (rotary, ALiBi, mask); None: from config
-    quantization: str = "none"  # how the Linear weights are stored (node.quantize): none or int8
+    quantization: str = "none"  # how the Linear weights are stored (node.quantize): none, int8 or nf4
 
     def layer(self, block: int) -> nn.Module:
         return self.layers[block - self.span.start]

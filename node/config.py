@@ -23,7 +23,7 @@ class NodeConfig:
     announce_host: str | None = None  # "host" or "host:port" clients should dial, when not where we listen (0.0.0.0)
     dht_port: int = 0  # DHT (libp2p) port; 0 picks a free one
     dtype: str = "float32"  # compute dtype of the blocks: float32 or bfloat16
-    quantize: str = "none"  # frozen block weights: none, int8 (torchao weight-only, CPU) or nf4 (CUDA + bitsandbytes)
+    quantize: str = "none"  # frozen block weights: none, int8 (torchao weight-only) or nf4 (bitsandbytes; its Linears on a CUDA GPU)
     model_name: str | None = None  # name in the DHT model key; None: the checkpoint directory's name or the hub id
     max_batch_tokens: int = 8192  # largest batch * sequence length accepted in one request
     ttl: float = 15.0  # seconds a DHT record lives unless the heartbeat (every ttl/3) refreshes it
@@ -45,6 +45,8 @@ class NodeConfig:
     # None: the fastest count measured at start; 0: all the process may use (OMP_NUM_THREADS or its CPUs)
     decode_batch: int = 16  # most rows (sessions x batch) of different sessions' decode steps run as one call; 1: off
     decode_batch_wait_ms: float = 5.0  # ms a decode step waits for other decoding sessions' steps to batch with
+    decode_in_pool: bool = False  # hand a lone decode-sized step (<= 16 batch x positions) to the compute pool's thread
+    # and back, as before; off: computed on the event-loop thread (~1 ms/token less over 2 hops, tiny model)
     adapters: str | None = None  # folder of PEFT LoRA adapter folders to serve by name (their span's weights only)
     throughput: float | None = None  # tokens/s to announce; None measures it at start
     rebalance_period: float | None = None  # with num_blocks: seconds between checks whether moving helps the swarm

@@ -18,8 +18,8 @@ from node.blocks import (SpanBlocks, backward_saved, backward_span, forward_for_
                          new_cache, prefixed_cache, torch_threads)
 from node.lora import LoraCache, active
 from swarm.arch import linear_shapes
-from node.requests import (Adapters, Limits, RequestError, capped, Step, parse_backward, parse_forward, parse_open,
-                           parse_step)
+from node.requests import (Adapters, Limits, RequestError, by_token, capped, Step, parse_backward,
+                           parse_backward_by_token, parse_forward, parse_open, parse_step)
 from node.chain import Chains, ChainFlow, Event, SessionEvents, check_push, first_push, until
 from node.relay import Pusher, RelayLinks, parse_target
 from node.sessions import CacheBudget, ClientSessions, Holding, Session, client_of, run_step
@@ -60,6 +60,7 @@ class SessionPolicy:
     small_step_threads: int = 1  # torch threads for those (0: as many as for everything else)
     decode_batch_rows: int = 16  # most rows (sessions x batch) of decode steps computed as one call (1: no batching)
     decode_batch_wait: float = 0.005  # seconds a decode step waits for other sessions' (node.batching)
+    inline_small_steps: bool = True  # small steps of one session run on the event-loop thread, not in the pool
 
 
 class NodeServicer(pb_grpc.NodeServicer):
@@ -80,8 +81,9 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.in_flight = 0  # unary calls being computed
         self.state = NodeState.JOINING  # Info reports it; OFFLINE once the node starts shutting down
         self.counts = ServedCounts()
+        inline_rows = policy.small_step_tokens if policy.inline_small_steps else 0
         self.batcher = StepBatcher(blocks, policy.decode_batch_rows, policy.decode_batch_wait, pool, self._step,
-                                   self._together) if policy.decode_batch_rows > 1 else None
+                                   self._together, inline_rows) if policy.decode_batch_rows > 1 else None
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return pb.InfoResponse(
@@ -100,32 +102,63 @@ class NodeServicer(pb_grpc.NodeServicer):
         if request.keep_for_backward and self.policy.activation_bytes > 0:
             saved = await self._compute(context, forward_for_backward, self.blocks, x.span, x.hidden,
                                         x.attention_mask, x.position_ids, x.lora, x.prefix)
-            token = self.activations.put(saved)
+            token = self.activations.put(saved, client_of(context.peer()), x.hidden.dtype)
             self._count("forward", x.hidden)
             return pb.ForwardResponse(hidden_states=serialize_like(saved.out.detach().to(x.hidden.dtype),
-                                                                   request.hidden_states), backward_token=token or "")
+                                                                   request.hidden_states), backward_token=token or "",
+                                      backward_by_token=token is not None)
         out = await self._compute(context, self._forward, x)
         self._count("forward", x.hidden)
         return pb.ForwardResponse(hidden_states=serialize_like(out, request.hidden_states))
 
     async def Backward(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
+        if by_token(request):
+            return await self._backward_by_token(request, context)
         try:
             x, grad = parse_backward(request, self.limits, self.adapters)
         except RequestError as e:
             await context.abort(e.code, str(e))
-        saved = self.activations.pop(request.backward_token) if request.backward_token else None
-        if saved is not None and saved.span == x.span and saved.leaves[0].shape == x.hidden.shape:
-            out, lora_grads, grad_prefix = await self._compute(context, backward_saved, saved, grad)
-            out = out.to(x.hidden.dtype)
+        kept = self.activations.pop(request.backward_token, client_of(context.peer())) if request.backward_token \
+            else None
+        if kept is not None and kept.saved.span == x.span and kept.saved.leaves[0].shape == x.hidden.shape:
+            out, lora_grads, grad_prefix = await self._compute(context, backward_saved, kept.saved, grad)
         else:  # stateless: recompute the forward pass from the inputs the client sent again
             out, lora_grads, grad_prefix = await self._compute(context, self._backward, x, grad)
         self._count("backward", x.hidden)
-        fields = MODULE_FIELDS[x.lora.method] if x.lora is not None else ()
-        response = pb.BackwardResponse(grad_inputs=serialize_like(out, request.grad_outputs), lora_grads=[
+        return self._backward_response(request, out.to(x.hidden.dtype), lora_grads, grad_prefix,
+                                       x.lora.method if x.lora is not None else None,
+                                       x.prefix.dtype if x.prefix is not None else None)
+
+    async def _backward_by_token(self, request: pb.BackwardRequest, context) -> pb.BackwardResponse:
+        """A Backward naming its kept pass instead of carrying its inputs; ``inputs_needed`` when this client
+        has no pass kept under that token (the client then sends its inputs)."""
+        try:
+            span, grad = parse_backward_by_token(request, self.limits)
+        except RequestError as e:
+            await context.abort(e.code, str(e))
+        kept = self.activations.pop(request.backward_token, client_of(context.peer()))
+        if kept is None:
+            return pb.BackwardResponse(inputs_needed=True)
+        saved = kept.saved
+        if saved.span != span or saved.leaves[0].shape != grad.shape:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"backward_token names a pass over blocks {saved.span} of shape "
+                                f"{list(saved.leaves[0].shape)}, not blocks {span} with grad_outputs {list(grad.shape)}")
+        out, lora_grads, grad_prefix = await self._compute(context, backward_saved, saved, grad)
+        self._count("backward", grad)
+        return self._backward_response(request, out.to(kept.dtype), lora_grads, grad_prefix,
+                                       saved.lora.method if saved.lora is not None else None,
+                                       saved.leaves[-1].dtype if saved.has_prefix else None)
+
+    @staticmethod
+    def _backward_response(request: pb.BackwardRequest, grad_in: torch.Tensor, lora_grads, grad_prefix,
+                           method: str | None, prefix_dtype: torch.dtype | None) -> pb.BackwardResponse:
+        fields = MODULE_FIELDS[method] if method is not None else ()
+        response = pb.BackwardResponse(grad_inputs=serialize_like(grad_in, request.grad_outputs), lora_grads=[
             pb.LoraModule(block=block, module=name, **{f: serialize(g) for f, g in zip(fields, grads)})
             for (block, name), grads in lora_grads.items()])
         if grad_prefix is not None:
-            response.grad_prefix.CopyFrom(serialize(grad_prefix.to(x.prefix.dtype)))
+            response.grad_prefix.CopyFrom(serialize(grad_prefix.to(prefix_dtype)))
         return response
 
     async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
@@ -315,7 +348,9 @@ class NodeServicer(pb_grpc.NodeServicer):
         if self.batcher is None or not self.batcher.accepts(session, step, plain):
             if self.batcher is not None:
                 self.batcher.leave(session)
-            return await self._compute(context, self._step, session, step)
+            inline = self.policy.inline_small_steps and \
+                step.hidden.shape[0] * step.hidden.shape[1] <= self.policy.small_step_tokens
+            return await self._compute(context, self._step, session, step, inline=inline)
         self.in_flight += 1
         try:
             return await self.batcher.step(session, step)
@@ -355,9 +390,13 @@ class NodeServicer(pb_grpc.NodeServicer):
     def busy(self) -> bool:
         return self.open_sessions > 0 or self.in_flight > 0
 
-    async def _compute(self, context, fn, *args):
+    async def _compute(self, context, fn, *args, inline: bool = False):
+        """``fn(*args)`` in the compute pool; ``inline``: on this (the event loop's) thread, for steps so small
+        that the hand-off to a pool thread and back (two thread wake-ups) costs a large part of the step."""
         self.in_flight += 1
         try:
+            if inline:
+                return fn(*args)
             return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         except Exception as e:  # a bug or an OOM in one request must not take the node down
             log.exception("request failed")

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from node.quantize import float_weight
 from proto.tensors import shape_text
 from swarm.arch import LAYER_PREFIXES, PROJECTIONS
 
@@ -105,10 +106,7 @@ def base_weight(module: nn.Module) -> torch.Tensor:
     """A projection's frozen weight as [out, in] floats (dequantized when the node quantized it)."""
     if not isinstance(module, nn.Linear):
         raise TypeError(f"DoRA is applied to nn.Linear projections only, not {type(module).__name__}")
-    weight = module.weight
-    if hasattr(weight, "dequantize"):  # a quantized tensor subclass (torchao)
-        weight = weight.dequantize()
-    return weight
+    return float_weight(module)
 
 
 def _dora_delta(module: nn.Module, x: torch.Tensor, output: torch.Tensor, lora: Lora, weights) -> torch.Tensor:

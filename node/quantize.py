@@ -7,8 +7,14 @@ the frozen int8 weight: clients can train LoRA and prompts through int8 nodes (Q
 tables and biases stay in the compute dtype. ``quantize_linears`` is also what a local reference model
 is quantized with (tests, bench): same library, same settings.
 
-``nf4``: 4-bit NormalFloat needs bitsandbytes on a CUDA GPU, and nodes compute on the CPU, so it is
-refused with a line saying what is missing (a config we cannot run is refused, never approximated).
+``nf4``: bitsandbytes' 4-bit NormalFloat (``Params4bit``, blocks of 64, double-quantized scales, as QLoRA
+and transformers' ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+bnb_4bit_use_double_quant=True)`` do) on a CUDA GPU. Each Linear's packed weight lives on the GPU and its
+product runs there (``bitsandbytes.matmul_4bit``, whose backward gives the input's gradient); the rest of
+the block (norms, attention, rotary, biases, the LoRA hooks) stays on the CPU like every node's, so only a
+Linear's input and output cross to and from the GPU. bitsandbytes is imported only then; without a CUDA
+GPU or without bitsandbytes ``--quantize nf4`` is refused in one line saying which is missing (a config
+we cannot run is refused, never approximated). This path has not run on this project's CI (no GPU).
 """
 from __future__ import annotations
 
@@ -42,10 +48,9 @@ def check_available(method: str) -> None:
                                          ("bitsandbytes", importlib.util.find_spec("bitsandbytes") is not None))
                    if not ok]
         if missing:
-            raise QuantizationUnavailable(f"--quantize nf4 needs {' and '.join(missing)}, which this machine "
-                                          "lacks; use --quantize int8 (CPU) or none")
-        raise QuantizationUnavailable("--quantize nf4 needs the blocks on the GPU, and nodes compute on the CPU; "
-                                      "use --quantize int8 or none")
+            raise QuantizationUnavailable(f"--quantize nf4 needs {' and '.join(missing)} (its 4-bit weights and "
+                                          "their products live on the GPU), which this machine lacks; use "
+                                          "--quantize int8 (CPU) or none")
 
 
 def _torchao():
@@ -69,11 +74,71 @@ def quantize_linears(module: nn.Module, method: str, skip: tuple[str, ...] = ())
     if method == "none":
         return module
     check_available(method)
+    if method == "nf4":
+        _nf4_linears(module, skip)
+        release_freed_memory()
+        return module
     config_cls, quantize_ = _torchao()
     quantize_(module, config_cls(set_inductor_config=False),
               filter_fn=lambda m, name: isinstance(m, nn.Linear) and not any(s in name for s in skip))
     release_freed_memory()
     return module
+
+
+NF4_BLOCKSIZE = 64  # values per absmax scale (bitsandbytes' and QLoRA's default)
+
+
+def _nf4_linears(module: nn.Module, skip: tuple[str, ...]) -> None:
+    """Every Linear inside ``module`` (but ``skip``) gets its weight as a bitsandbytes NF4 ``Params4bit`` on
+    the current CUDA device (quantized by bitsandbytes as it moves there) and ``_nf4_forward``."""
+    import bitsandbytes as bnb  # only here: nf4 was asked for and check_available found CUDA and bitsandbytes
+
+    device = nf4_device()
+    for name, m in list(module.named_modules()):
+        if not isinstance(m, nn.Linear) or any(s in name for s in skip) or is_nf4(m.weight):
+            continue
+        compute_dtype = m.weight.dtype
+        weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                   blocksize=NF4_BLOCKSIZE).to(device)
+        m.weight = weight  # the float copy goes with the old Parameter
+        m.nf4_compute_dtype = compute_dtype
+        m.forward = types.MethodType(_nf4_forward, m)
+
+
+def nf4_device() -> torch.device:
+    """Where NF4 weights live and multiply: the current CUDA device (CUDA_VISIBLE_DEVICES picks it)."""
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _nf4_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` with ``W`` the module's NF4 weight on the GPU: ``x`` goes there in the compute dtype,
+    the product (bitsandbytes.matmul_4bit: dequantizes blocks on the fly; autograd gives ``x`` its gradient
+    through the frozen weight) comes back to ``x``'s device and dtype; the bias is added there."""
+    import bitsandbytes as bnb
+
+    weight = self.weight
+    out = bnb.matmul_4bit(x.to(weight.device, self.nf4_compute_dtype), weight.t(), bias=None,
+                          quant_state=weight.quant_state)
+    out = out.to(x.device, x.dtype)
+    return out + self.bias.to(out.dtype) if self.bias is not None else out
+
+
+def is_nf4(tensor) -> bool:
+    """Whether a parameter is a bitsandbytes 4-bit weight (packed, with its quantization state)."""
+    return getattr(tensor, "quant_state", None) is not None and type(tensor).__name__ == "Params4bit"
+
+
+def float_weight(module: nn.Linear) -> torch.Tensor:
+    """A Linear's frozen weight as [out, in] floats on the CPU, dequantized if the node quantized it
+    (torchao int8, bitsandbytes NF4); a plain weight as it is."""
+    weight = module.weight
+    if is_nf4(weight):
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, weight.quant_state).to("cpu", module.nf4_compute_dtype)
+    if is_quantized(weight):  # a torchao tensor subclass
+        return weight.dequantize()
+    return weight
 
 
 class _BackwardFromDequantized(torch.autograd.Function):

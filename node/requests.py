@@ -336,6 +336,30 @@ def parse_backward(req: pb.BackwardRequest, limits: Limits, adapters: Adapters |
     return inputs, grad
 
 
+BY_TOKEN_FIELDS = ("model", "start", "end")  # all a Backward by token carries in its inputs
+
+
+def by_token(req: pb.BackwardRequest) -> bool:
+    """Whether ``req`` names kept activations instead of carrying its inputs (no hidden states)."""
+    return req.HasField("inputs") and not req.inputs.HasField("hidden_states")
+
+
+def parse_backward_by_token(req: pb.BackwardRequest, limits: Limits) -> tuple[Span, torch.Tensor]:
+    """A Backward without inputs -> (span, grad_outputs). Its inputs name only the model and blocks (whatever
+    else the Forward had, mask, LoRA, prefix, is in the kept pass), and it must carry a token."""
+    span = _check_model_and_span(req.inputs.model, req.inputs.start, req.inputs.end, limits)
+    extra = [f.name for f, _ in req.inputs.ListFields() if f.name not in BY_TOKEN_FIELDS]
+    if extra:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"a Backward without hidden_states carries only {', '.join(BY_TOKEN_FIELDS)} in its inputs "
+                           f"(the rest is in the kept pass), not {extra}")
+    if not req.backward_token:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "a Backward without hidden_states needs a backward_token")
+    if not req.HasField("grad_outputs"):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "grad_outputs is required")
+    return span, _parse_activations(req.grad_outputs, limits, "grad_outputs", encodings=ENCODINGS)
+
+
 def max_message_bytes(limits: Limits) -> int:
     """gRPC receive limit: two float32 activations at the token budget (backward) plus masks and slack."""
     return 2 * limits.max_batch_tokens * limits.hidden_size * 4 + 16 * limits.max_batch_tokens + (1 << 20)

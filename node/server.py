@@ -229,11 +229,15 @@ class Node:
         return span
 
     async def _same_weights(self, folder: Path, model_config) -> list[ServerInfo]:
-        """The nodes announced for our model that serve our weights (swarm.identity), for placement: nodes
-        with other weights do not cover a block for anyone. All nodes when our checkpoint holds only part
-        of the blocks (their hashes are hashed once, then kept in the checkpoint's manifest)."""
+        """The nodes announced for our model that serve our weights (swarm.identity) quantized as ours, for
+        placement: nodes with other weights do not cover a block for anyone, and nodes quantized otherwise
+        not for the clients that use us (a client routes through one quantization, "none" by default; only
+        ``quantization="any"`` mixes them), so an int8 replica never counts as covering float32 demand nor
+        the other way round. All nodes (of our quantization) when our checkpoint holds only part of the
+        blocks (their hashes are hashed once, then kept in the checkpoint's manifest)."""
         total = model_config.num_hidden_layers
-        servers = await self.dht.fetch_servers(self.model_key, total)
+        servers = [s for s in await self.dht.fetch_servers(self.model_key, total)
+                   if s.quantization == self.config.quantize]
         if self._weights_check is None:
             check = await asyncio.get_running_loop().run_in_executor(
                 self._pool, weights_check, folder, Span(0, total), get_family(model_config).layer_prefix)
@@ -258,7 +262,8 @@ class Node:
                                activation_bytes=cfg.activation_cache_mb << 20, small_step_threads=self.threads.small,
                                max_sessions_per_client=cfg.max_sessions_per_client,
                                lora_cache_bytes=cfg.lora_cache_mb << 20, decode_batch_rows=cfg.decode_batch,
-                               decode_batch_wait=cfg.decode_batch_wait_ms / 1000)
+                               decode_batch_wait=cfg.decode_batch_wait_ms / 1000,
+                               inline_small_steps=not cfg.decode_in_pool)
         hosted = load_adapter_dir(Path(cfg.adapters), span.start, span.end, linear_shapes(blocks.layers[0])) \
             if cfg.adapters else {}
         return NodeServicer(blocks, limits, self._pool, budget, policy, hosted=hosted)

@@ -115,12 +115,14 @@ class ForwardRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., lora: _Optional[_Union[LoraAdapter, _Mapping]] = ..., adapter_name: _Optional[str] = ..., prefix: _Optional[_Union[Tensor, _Mapping]] = ..., keep_for_backward: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("hidden_states", "backward_token")
+    __slots__ = ("hidden_states", "backward_token", "backward_by_token")
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_BY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     hidden_states: Tensor
     backward_token: str
-    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., backward_token: _Optional[str] = ...) -> None: ...
+    backward_by_token: bool
+    def __init__(self, hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., backward_token: _Optional[str] = ..., backward_by_token: _Optional[bool] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("inputs", "grad_outputs", "backward_token")
@@ -133,14 +135,16 @@ class BackwardRequest(_message.Message):
     def __init__(self, inputs: _Optional[_Union[ForwardRequest, _Mapping]] = ..., grad_outputs: _Optional[_Union[Tensor, _Mapping]] = ..., backward_token: _Optional[str] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_inputs", "lora_grads", "grad_prefix")
+    __slots__ = ("grad_inputs", "lora_grads", "grad_prefix", "inputs_needed")
     GRAD_INPUTS_FIELD_NUMBER: _ClassVar[int]
     LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
     GRAD_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_NEEDED_FIELD_NUMBER: _ClassVar[int]
     grad_inputs: Tensor
     lora_grads: _containers.RepeatedCompositeFieldContainer[LoraModule]
     grad_prefix: Tensor
-    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., grad_prefix: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    inputs_needed: bool
+    def __init__(self, grad_inputs: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., grad_prefix: _Optional[_Union[Tensor, _Mapping]] = ..., inputs_needed: _Optional[bool] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
     __slots__ = ("model", "start", "end", "batch_size", "max_length", "lora", "adapter_name", "prefix", "chain_token")

@@ -72,22 +72,27 @@ async def bootstrap(args) -> int:
     return 0
 
 
+def _node_label(s: ServerInfo) -> str:
+    """A node's address, then " TLS" if it speaks TLS and its quantization if it has one (" int8")."""
+    return f"{s.address}{' TLS' if s.tls else ''}{'' if s.quantization == 'none' else ' ' + s.quantization}"
+
+
 def render_status(servers: list[ServerInfo], num_blocks: int, show_offline: bool = False,
                   other: list[ServerInfo] = ()) -> str:
-    """One row per block: the nodes serving it with address (and TLS if they speak it), state and throughput;
-    then, apart, the nodes in ``other`` (announcing other weights than the checkpoint's: never routed to)."""
-    rows = [("block", "nodes (address state tokens/s)")]
+    """One row per block: the nodes serving it with address (and TLS if they speak it, and their quantization
+    if they are quantized: only clients asking for it use them), state and throughput; then, apart, the nodes
+    in ``other`` (announcing other weights than the checkpoint's: never routed to)."""
+    rows = [("block", "nodes (address [TLS] [int8|nf4] state tokens/s)")]
     for block in range(num_blocks):
         here = [s for s in servers if block in s.span and (show_offline or s.state is not NodeState.OFFLINE)]
-        cell = ", ".join(f"{s.address}{' TLS' if s.tls else ''} {s.state.value} {s.throughput:.0f}"
-                         for s in here) or "-- UNCOVERED --"
+        cell = ", ".join(f"{_node_label(s)} {s.state.value} {s.throughput:.0f}" for s in here) or "-- UNCOVERED --"
         rows.append((str(block), cell))
     width = max(len(r[0]) for r in rows)
     lines = [f"{a.rjust(width)}  {b}" for a, b in rows]
     shown = [s for s in other if show_offline or s.state is not NodeState.OFFLINE]
     if shown:
         lines.append("other weights (same name and config, different tensors; never routed to):")
-        lines += [f"  {s.address} blocks {s.span} {s.state.value} {s.throughput:.0f}"
+        lines += [f"  {_node_label(s)} blocks {s.span} {s.state.value} {s.throughput:.0f}"
                   f"{'' if s.weights or s.files else ' (announces no weights digest)'}" for s in shown]
     return "\n".join(lines)
 

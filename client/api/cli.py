@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lan", action="store_true", help=LAN_HELP)
     parser.add_argument("--swarm-key", default=None, help="swarm key file (swarm keygen): a private swarm")
     parser.add_argument("--tls-ca", default=None, help="CA certificate of the swarm's TLS nodes (swarm tls-cert)")
+    from client.cli import add_quantization  # client.cli imports this module only inside a function
+
+    add_quantization(parser)
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0: a free one)")
     parser.add_argument("--api-key-file", default=None,
@@ -91,7 +94,7 @@ def build_state(args, api_keys: frozenset[str]):
         raise CheckpointError(f"{args.model} has no usable tokenizer: {str(e).splitlines()[0]}") from None
     config = ClientConfig(initial_peers=peers_list(args.initial_peers), model_name=args.model_name, lan=args.lan,
                           swarm_key=args.swarm_key, tls_ca=args.tls_ca, max_wait=args.max_wait,
-                          request_timeout=args.request_timeout)
+                          request_timeout=args.request_timeout, quantization=args.quantization)
     base = AutoDistributedModelForCausalLM.from_pretrained(args.model, client_config=config)
     eos = model_eos_ids(base, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)

@@ -120,7 +120,8 @@ def node_view(info: ServerInfo, probe: Probe, model_key: str, seen: float, expir
         "ref": node_ref(info.node_id), "peer_id": info.node_id.split("[", 1)[0], "address": info.address,
         "start": info.span.start, "end": info.span.end, "state": state, "announced_state": info.state.value,
         "error": reason, "throughput": info.throughput, "rtt_ms": probe.rtt_ms, "cache_tokens": probe.cache_tokens,
-        "cache_tokens_free": probe.cache_tokens_free, "version": info.version, "dtype": info.dtype, "tls": info.tls,
+        "cache_tokens_free": probe.cache_tokens_free, "version": info.version, "dtype": info.dtype,
+        "quantization": info.quantization, "tls": info.tls,
         "adapters": list(info.adapters), "last_heartbeat": seen, "expires_in": round(expires_in, 1),
     }
 

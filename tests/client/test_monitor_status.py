@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from client.monitor.app import STATIC
 from client.monitor.cli import watched_models
-from client.monitor.status import FAILED, Heartbeats, Probe, SwarmWatcher, coverage, shown_state
+from client.monitor.status import FAILED, Heartbeats, Probe, SwarmWatcher, coverage, node_view, shown_state
 from client.transport import Connections
 from node.config import NodeConfig
 from node.server import NodeThread
 from swarm.dht import SwarmDHT
 from swarm.keys import generate_key_text, load_key
+from swarm.commands import render_status
 from swarm.spans import NodeState, ServerInfo, Span
 
 KEY = "tiny/0123456789abcdef"
 
 
-def info(start: int = 0, end: int = 4, state: NodeState = NodeState.ONLINE, node_id: str = "a") -> ServerInfo:
+def info(start: int = 0, end: int = 4, state: NodeState = NodeState.ONLINE, node_id: str = "a",
+         quantization: str = "none") -> ServerInfo:
     return ServerInfo(node_id=node_id, address="127.0.0.1:1", span=Span(start, end), state=state, throughput=10.0,
-                      version="0.1.0", dtype="float32", adapters=(), tls=False)
+                      version="0.1.0", dtype="float32", adapters=(), tls=False, quantization=quantization)
 
 
 def answer(state: str = "ONLINE", model: str = KEY, span: tuple[int, int] = (0, 4)) -> Probe:
@@ -34,6 +36,15 @@ def test_what_was_measured_wins_over_what_the_record_claims():
     assert state == FAILED and "0:2" in why
     assert shown_state(info(), answer(state="OFFLINE"), KEY)[0] == "OFFLINE"  # draining, its record not yet updated
     assert shown_state(info(state=NodeState.OFFLINE), Probe(None, "gone"), KEY)[0] == "OFFLINE"
+
+
+def test_monitor_and_status_show_a_nodes_quantization():
+    """Only clients asking for a quantization use such nodes: both views say which nodes are quantized."""
+    assert node_view(info(quantization="int8"), answer(), KEY, 1.0, 10.0)["quantization"] == "int8"
+    assert node_view(info(), answer(), KEY, 1.0, 10.0)["quantization"] == "none"
+    assert 'n.quantization === "none"' in (STATIC / "monitor.js").read_text()  # the page's column
+    text = render_status([info(0, 2, quantization="int8"), info(0, 2, node_id="b")], 2).splitlines()
+    assert text[1].endswith("127.0.0.1:1 int8 ONLINE 10, 127.0.0.1:1 ONLINE 10"), text
 
 
 def test_coverage_marks_gaps_and_joining_blocks():

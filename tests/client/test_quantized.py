@@ -4,11 +4,13 @@ clients route through quantized nodes only when they ask; bfloat16 nodes train L
 bfloat16 model."""
 import contextlib
 import copy
+import importlib.util
 import subprocess
+from dataclasses import replace
 
 import pytest
 import torch
-from peft import LoraConfig, PromptTuningConfig
+from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig
 from peft import get_peft_model as local_get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -60,7 +62,7 @@ def swarm(tiny_path, bootstrap):
 @contextlib.contextmanager
 def client(tiny_path, bootstrap, quantization: str, dtype=torch.float32, **config):
     model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), dtype=dtype, client_config=ClientConfig(
-        initial_peers=tuple(bootstrap), model_name=MODEL, quantization=quantization, **config))
+        initial_peers=tuple(bootstrap), quantization=quantization, **{"model_name": MODEL, **config}))
     try:
         yield model
     finally:
@@ -73,10 +75,10 @@ def int8_client(swarm, tiny_path, bootstrap):
         yield model
 
 
-def local_int8(tiny_path):
+def local_int8(tiny_path, method: str = "int8"):
     """Local transformers with every Linear of its blocks quantized as the nodes do (node.quantize)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).eval()
-    quantize_linears(model.model.layers, "int8")
+    quantize_linears(model.model.layers, method)
     return model
 
 
@@ -118,11 +120,35 @@ def test_clients_route_only_through_the_quantization_they_ask_for(swarm, tiny_pa
             nf4(input_ids=ids, attention_mask=mask)  # no nf4 node: no route, never another node
 
 
-def local_qlora(tiny_path, config):
+def test_the_cli_quantization_flag_reaches_the_routes(swarm, tiny_path, bootstrap):
+    """`swarm generate / finetune / api --quantization`: parsed (bad values refused), and what the commands
+    open (client.commands.open_model, client.finetune.build_model) routes through that quantization only."""
+    from client.cli import build_parser
+    from client.commands import open_model
+    from client.finetune import FinetuneOptions, build_model
+
+    gen = build_parser().parse_args(["generate", "hi", "--model", "m", "--quantization", "int8"])
+    ft = build_parser().parse_args(["finetune", "--model", "m", "--data", "d", "--output", "o", "--quantization", "int8"])
+    api = build_parser(["api"]).parse_args(["api", "--model", "m", "--quantization", "any"])
+    assert (gen.quantization, ft.quantization, api.quantization) == ("int8", "int8", "any")
+    assert build_parser().parse_args(["generate", "hi", "--model", "m"]).quantization == "none"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--model", "m", "--quantization", "int4"])
+    ids, mask, _ = batch()
+    with open_model(str(tiny_path), bootstrap, None, MODEL, None, False, None, gen.quantization) as model, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        assert used_quantizations(model) == {"int8"}
+    opts = FinetuneOptions.from_namespace(ft, tuple(bootstrap))
+    with build_model(replace(opts, model=str(tiny_path), model_name=MODEL), None) as peft, torch.no_grad():
+        peft(input_ids=ids, attention_mask=mask)
+        assert used_quantizations(peft.base_model) == {"int8"}
+
+
+def local_qlora(tiny_path, config, method: str = "int8"):
     """Local PEFT on the int8 model: the adapter's own Linears (lora_A / lora_B) stay float32."""
     model = local_get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32),
                                  copy.deepcopy(config))
-    quantize_linears(model.base_model.model.model.layers, "int8", skip=("lora_",))
+    quantize_linears(model.base_model.model.model.layers, method, skip=("lora_",))
     return model
 
 
@@ -178,6 +204,25 @@ def test_prompt_tuning_through_int8_nodes_equals_local(fresh_int8_client, tiny_p
     losses = train_both(ours, local)
     assert losses[-1] < losses[0]
     assert torch.allclose(ours.prompt.encoder.embedding.weight, weights["embedding.weight"], atol=1e-5)
+
+
+def test_prefix_tuning_through_int8_nodes_equals_local(fresh_int8_client, tiny_path):
+    """p-tuning v2's deep prompts (prefix keys/values at every block) through int8 nodes: four AdamW steps
+    equal PEFT's prefix tuning on the local torchao-int8 model, and the prefixes train."""
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    torch.manual_seed(3)
+    local = local_get_peft_model(local_int8(tiny_path), copy.deepcopy(config))
+    ours = get_peft_model(fresh_int8_client, copy.deepcopy(config))
+    weights = {k.replace("prompt_encoder.default.", ""): v for k, v in local.named_parameters() if "prompt_encoder" in k}
+    with torch.no_grad():  # prefixes large enough to matter
+        for p in weights.values():
+            p.mul_(8.0)
+    ours.adapter.encoder.load_state_dict(weights)
+    losses = train_both(ours, local)
+    assert losses[-1] < losses[0]
+    assert used_quantizations(fresh_int8_client) == {"int8"}
+    for name, p in ours.adapter.encoder.named_parameters():
+        assert torch.allclose(p, weights[name], atol=1e-5), name
 
 
 def test_nf4_is_refused_on_a_machine_without_cuda_and_bitsandbytes():
@@ -252,3 +297,60 @@ def test_lora_through_bfloat16_nodes_equals_local_peft_on_a_bfloat16_model(bf16_
                 assert torch.allclose(state[name.replace(".default", "")], p, atol=BF16_WEIGHTS), name
     finally:
         base.close()
+
+
+def _nf4_runs_here() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.skipif(not _nf4_runs_here(), reason="nf4 needs a CUDA GPU and bitsandbytes (never run on CPU CI)")
+def test_nf4_node_equals_local_nf4_and_trains_lora(tiny_path, bootstrap):
+    """On a CUDA machine with bitsandbytes: an nf4 node's logits equal local transformers quantized by the same
+    function (same bitsandbytes kernels), stay near float32, and LoRA trains through it like local QLoRA."""
+    name = MODEL + "-nf4"
+    node = NodeThread(NodeConfig(model=str(tiny_path), blocks=Span(0, 6), quantize="nf4", model_name=name,
+                                 initial_peers=tuple(bootstrap), throughput=100.0))
+    node.start()
+    try:
+        with client(tiny_path, bootstrap, "nf4", model_name=name) as model:
+            ids, mask, _ = batch()
+            with torch.no_grad():
+                ours = model(input_ids=ids, attention_mask=mask).logits
+                same_way = local_int8(tiny_path, "nf4")(input_ids=ids, attention_mask=mask).logits
+                float32 = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)(
+                    input_ids=ids, attention_mask=mask).logits
+            assert used_quantizations(model) == {"nf4"}
+            assert torch.allclose(ours, same_way, atol=1e-4)
+            assert 1e-3 < relative_difference(ours, float32, mask) < 0.5  # 4-bit: quantized for real, still near
+            ours_peft, local = get_peft_model(model, copy.deepcopy(LORA)), local_qlora(tiny_path, LORA, "nf4")
+            with torch.no_grad():
+                state = ours_peft.adapter.peft_state_dict()
+                for n, p in local.named_parameters():
+                    if "lora_" in n:
+                        p.copy_(state[n.replace(".default", "")])
+            losses = train_both(ours_peft, local, tolerance=1e-4)
+            assert losses[-1] < losses[0]
+    finally:
+        node.stop(grace=0.5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None,
+                    reason="needs bitsandbytes (not in the lock) on a machine without CUDA")
+def test_nf4_path_on_the_bitsandbytes_cpu_backend(monkeypatch, tiny_path, bootstrap):
+    """Where bitsandbytes is installed but there is no GPU (bitsandbytes >= 0.46 also quantizes and multiplies
+    NF4 on the CPU): the nf4 node path, run with the CPU standing in for the CUDA device, against the same
+    checks as on a GPU. Checks our use of bitsandbytes; not the host <-> GPU copies. Run by hand:
+    `pip install --target DIR bitsandbytes`, then PYTHONPATH=DIR pytest -k bitsandbytes_cpu."""
+    import node.quantize
+    import node.server
+
+    real = node.quantize.check_available
+    allow = lambda method: None if method == "nf4" else real(method)  # noqa: E731
+    monkeypatch.setattr(node.quantize, "nf4_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(node.quantize, "check_available", allow)
+    monkeypatch.setattr(node.server, "check_quantization", allow)
+    model = local_int8(tiny_path, "nf4")
+    projection = model.model.layers[0].self_attn.q_proj
+    assert type(projection.weight).__name__ == "Params4bit"
+    assert node.quantize.float_weight(projection).shape == (projection.out_features, projection.in_features)
+    test_nf4_node_equals_local_nf4_and_trains_lora(tiny_path, bootstrap)

@@ -32,7 +32,9 @@ def test_strikes_latencies_and_expired_bans_of_departed_nodes_are_forgotten(boot
             router.ban(Hop(info("cheater"), Span(0, 2)), error, forever=True)
             router.ban(Hop(stays, Span(0, 2)), error)
             await asyncio.sleep(0.05)  # every short ban has expired
-            await router.servers(refresh=True)
+            for _ in range(20):  # a refresh that missed "stays" (a loaded machine's DHT timeout) forgets it too
+                if stays.node_id in {s.node_id for s in await router.servers(refresh=True)}:
+                    break
             assert set(router.policy._banned_until) == {"cheater", stays.node_id}  # for good: kept; present: kept
             assert set(router.policy._strikes) == {stays.node_id, "cheater"} and set(router.rtt) <= {stays.node_id}
             assert "cheater" in router.banned()

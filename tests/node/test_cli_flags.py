@@ -35,7 +35,7 @@ def test_every_flag_sets_its_field():
             "--max-message-mb", "11", "--lora-cache-mb", "12",
             "--max-chunk-tokens", "13", "--activation-cache-mb", "14", "--small-step-threads", "15",
             "--large-step-threads", "20",
-            "--decode-batch", "21", "--decode-batch-wait-ms", "2.5",
+            "--decode-batch", "21", "--decode-batch-wait-ms", "2.5", "--decode-in-pool",
             "--adapters", "d", "--throughput", "16", "--rebalance-period", "17", "--nat-port-map", "--lan",
             "--lan-timeout", "18", "--swarm-key", "k", "--tls-cert", "c", "--tls-key", "ck", "--tls-ca", "ca",
             "--metrics-port", "19", "--metrics-host", "0.0.0.0"]
@@ -46,7 +46,7 @@ def test_every_flag_sets_its_field():
         shutdown_grace=5.0, compute_threads=6, cache_tokens=7, alloc_timeout=8.0, step_timeout=9.0,
         max_sessions_per_client=10, client_cache_share=0.25, reclaim_idle=3.0, max_message_mb=11, lora_cache_mb=12, max_chunk_tokens=13,
         activation_cache_mb=14, small_step_threads=15, large_step_threads=20, decode_batch=21,
-        decode_batch_wait_ms=2.5, adapters="d", throughput=16.0, rebalance_period=17.0,
+        decode_batch_wait_ms=2.5, decode_in_pool=True, adapters="d", throughput=16.0, rebalance_period=17.0,
         nat_port_map=True, lan=True, lan_timeout=18.0, swarm_key="k", tls_cert="c", tls_key="ck", tls_ca="ca",
         metrics_port=19, metrics_host="0.0.0.0")
     assert config == expected

@@ -39,3 +39,14 @@ def test_rebalance_moves_to_where_the_swarm_is_weak(start_nodes, open_client, ti
     ids = torch.randint(3, 256, (2, 7))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, local_model(input_ids=ids).logits, atol=1e-4)
+
+
+def test_placement_counts_only_nodes_quantized_alike(start_nodes):
+    """Clients route through one quantization ("none" by default): an int8 node does not cover a block for
+    float32 clients, so a float32 node placing itself ignores it (and an int8 node sees only int8 ones)."""
+    own = {"model_name": "placement-quantized", "throughput": 100.0}
+    start_nodes("0:3", quantize="int8", **own)
+    (plain,) = start_nodes(num_blocks=3, **own)
+    assert plain.node.span == Span(0, 3)  # no float32 node anywhere: all windows equal, the first (not 3:6)
+    (int8,) = start_nodes(num_blocks=3, quantize="int8", **own)
+    assert int8.node.span == Span(3, 6)  # where no int8 node serves

@@ -99,6 +99,16 @@ def test_verification_tolerance_follows_dtype_and_quantization():
     assert default_tolerance(INFO, int8) == default_tolerance(bf16, int8) == QUANTIZED_TOLERANCE
 
 
+def test_nf4_nodes_check_only_nf4_nodes_at_the_default_tolerance():
+    from dataclasses import replace
+
+    from client.verify import comparable
+
+    int8, nf4 = replace(INFO, quantization="int8"), replace(INFO, quantization="nf4")
+    assert comparable(nf4, nf4) and comparable(INFO, int8) and comparable(INFO, INFO)
+    assert not comparable(nf4, INFO) and not comparable(int8, nf4)
+
+
 def test_fingerprint_is_family_neutral():
     """Fields only one family has (Gemma's soft-caps, an MoE's expert count) separate models; fields every
     config has for bookkeeping (labels of a classification head, token ids, paths) do not."""

@@ -50,7 +50,7 @@ function coverageTable(model) {
 }
 
 const COLUMNS = ["node", "address", "blocks", "state", "throughput", "round trip", "cache", "version", "dtype",
-                 "TLS", "adapters", "last heartbeat", "record expires"];
+                 "quantized", "TLS", "adapters", "last heartbeat", "record expires"];
 
 function nodeRow(n, now) {
   const state = el("td", {"class": "state"}, el("span", {"class": "chip " + n.state}, n.state));
@@ -65,6 +65,7 @@ function nodeRow(n, now) {
     el("td", {}, cacheText(n)),
     el("td", {}, n.version),
     el("td", {}, n.dtype),
+    el("td", {}, n.quantization === "none" ? "no" : n.quantization),
     el("td", {}, n.tls ? "yes" : "no"),
     el("td", {}, n.adapters.length ? n.adapters.join(", ") : "-"),
     el("td", {}, ago(now - n.last_heartbeat)),
