@@ -163,23 +163,30 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Inference(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:
         """A session, counted against its client's limit from the stream's first moment."""
-        client = client_of(context.peer())
+        async for response in self._counted(self.clients, requests, context, self._session, count=True):
+            yield response
+
+    async def _counted(self, limit: ClientSessions, messages, context, serve, count: bool = False) -> AsyncIterator:
+        """``serve(messages, context)``'s answers, the stream counted against its peer's ``limit`` from its first
+        moment; over the limit, refused (``count``: in the refusal metrics too)."""
+        peer = client_of(context.peer())
         try:
-            self.clients.acquire(client)
+            limit.acquire(peer)
         except RequestError as e:
-            self.counts.refuse(e.reason)
+            if count:
+                self.counts.refuse(e.reason)
             # refuse after the first message: a status sent while the client is still writing it reaches
             # gRPC clients as a local INTERNAL write failure (looks like a broken node), not as this reason;
             # but wait for it only briefly, so a client that sends nothing yet still hears why at once
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(requests.__anext__(), min(REFUSAL_WAIT, self.policy.step_timeout))
+                await asyncio.wait_for(messages.__anext__(), min(REFUSAL_WAIT, self.policy.step_timeout))
             await context.abort(e.code, str(e))
         try:
-            async with contextlib.aclosing(self._session(requests, context)) as responses:
-                async for response in responses:
-                    yield response
+            async with contextlib.aclosing(serve(messages, context)) as answers:
+                async for answer in answers:
+                    yield answer
         finally:
-            self.clients.release(client)
+            limit.release(peer)
 
     async def _session(self, requests, context) -> AsyncIterator[pb.InferenceResponse]:  # long: one session's whole lifecycle (reserve, loop, release) reads best in one place
         """Reserve cache room, then answer each step with the new positions' outputs.
@@ -300,19 +307,8 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Relay(self, pushes, context) -> AsyncIterator[pb.ChainAck]:
         """Chained steps: the node before this one on a client's route pushes a session's inputs (node.chain)."""
-        peer = client_of(context.peer())
-        try:
-            self.relay_peers.acquire(peer)
-        except RequestError as e:
-            with contextlib.suppress(Exception):  # as Inference: refuse after the first message
-                await asyncio.wait_for(pushes.__anext__(), min(REFUSAL_WAIT, self.policy.step_timeout))
-            await context.abort(e.code, str(e))
-        try:
-            async with contextlib.aclosing(self._relay(pushes, context)) as acks:
-                async for ack in acks:
-                    yield ack
-        finally:
-            self.relay_peers.release(peer)
+        async for ack in self._counted(self.relay_peers, pushes, context, self._relay):
+            yield ack
 
     async def _relay(self, pushes, context) -> AsyncIterator[pb.ChainAck]:
         try:
