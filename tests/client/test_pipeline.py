@@ -12,13 +12,10 @@ from peft import LoraConfig, PrefixTuningConfig
 
 from client import AutoDistributedModelForCausalLM, ClientConfig, get_peft_model
 from client.pipeline import row_slices
-from node.config import NodeConfig
-from node.server import NodeThread
-from swarm.spans import Span
 from tests.client.test_lora import CONFIG, local_peft, lora_grads_local, lora_grads_ours
 from tests.conftest import FIXED_THREADS
-from tests.helpers.link import PROFILES, LinkRelay
-from tests.helpers.network import free_port
+from tests.helpers.link import PROFILES
+from tests.helpers.linked import linked_nodes
 
 MODEL_NAME = "tiny-pipeline"  # records of our own: other tests' nodes never mix in
 
@@ -26,23 +23,8 @@ MODEL_NAME = "tiny-pipeline"  # records of our own: other tests' nodes never mix
 @pytest.fixture(scope="module")
 def linked_swarm(tiny_path, bootstrap):
     """Two nodes (blocks 0:3 and 3:6), each behind a relay emulating broadband, announcing the relay."""
-    relays, nodes = [], []
-    try:
-        for blocks in ("0:3", "3:6"):
-            port = free_port()
-            relay = LinkRelay(port, PROFILES["broadband"], lifetime=600)
-            relays.append(relay)
-            config = NodeConfig(model=str(tiny_path), blocks=Span.parse(blocks), initial_peers=tuple(bootstrap),
-                                port=port, announce_host=relay.address, model_name=MODEL_NAME, throughput=100.0,
-                                **FIXED_THREADS)
-            nodes.append(NodeThread(config).start())
+    with linked_nodes(tiny_path, bootstrap, PROFILES["broadband"], MODEL_NAME, **FIXED_THREADS) as (nodes, relays):
         yield nodes
-    finally:
-        for node in reversed(nodes):
-            with contextlib.suppress(Exception):
-                node.stop(grace=0.5)
-        for relay in relays:
-            relay.close()
 
 
 @pytest.fixture(scope="module")

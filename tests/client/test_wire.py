@@ -15,11 +15,8 @@ import torch
 from peft import LoraConfig
 
 from client import AutoDistributedModelForCausalLM, ClientConfig, get_peft_model
-from node.config import NodeConfig
-from node.server import NodeThread
-from swarm.spans import Span
-from tests.helpers.link import PROFILES, LinkRelay
-from tests.helpers.network import free_port
+from tests.helpers.link import PROFILES
+from tests.helpers.linked import linked_nodes
 
 MODEL_NAME = "tiny-wire"  # records of our own: other tests' nodes never mix in
 LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -33,24 +30,8 @@ LOSS_TOLERANCE = 0.02  # 8-bit training traffic: each step's loss within 2% of t
 @pytest.fixture(scope="module")
 def linked_swarm(tiny_path, bootstrap):
     """Two nodes (blocks 0:3 and 3:6), each behind a relay with the lan profile, announcing the relay."""
-    relays, nodes = [], []
-    try:
-        for blocks in ("0:3", "3:6"):
-            port = free_port()
-            relay = LinkRelay(port, PROFILES["lan"], lifetime=600)
-            relays.append(relay)
-            config = NodeConfig(model=str(tiny_path), blocks=Span.parse(blocks), initial_peers=tuple(bootstrap),
-                                port=port, announce_host=relay.address, model_name=MODEL_NAME, throughput=100.0)
-            node = NodeThread(config)
-            nodes.append(node)
-            node.start()
+    with linked_nodes(tiny_path, bootstrap, PROFILES["lan"], MODEL_NAME) as (nodes, relays):
         yield relays
-    finally:
-        for node in reversed(nodes):
-            with contextlib.suppress(Exception):
-                node.stop(grace=0.5)
-        for relay in relays:
-            relay.close()
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +155,7 @@ def test_speculative_decoding_over_a_far_link_equals_plain_greedy(clients, linke
     # transformers' assistant stops a draft below its generation config's confidence threshold (0.4):
     # a random tiny model is never that sure, so it would draft one token at a time
     itself.generation_config.assistant_confidence_threshold = 0.0
-    model = clients()
+    model = clients(wire_dtype="float32")  # a client of its own: the training test attaches an adapter to clients()
     for relay in linked_swarm:
         relay.profile = PROFILES["far"]
     try:

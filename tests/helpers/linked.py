@@ -1,0 +1,37 @@
+"""In-process nodes, each behind an emulated link (tests/helpers/link.py) that it announces as its address."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from node.config import NodeConfig
+from node.server import NodeThread
+from swarm.spans import Span
+from tests.helpers.link import LinkProfile, LinkRelay
+from tests.helpers.network import free_port
+
+
+@contextlib.contextmanager
+def linked_nodes(model: Path, bootstrap: Sequence[str], profile: LinkProfile, model_name: str,
+                 blocks: Sequence[str] = ("0:3", "3:6"),
+                 **node_fields) -> Iterator[tuple[list[NodeThread], list[LinkRelay]]]:
+    """One started node per span of ``blocks``, each behind its own relay with ``profile``; all stopped after."""
+    relays, nodes = [], []
+    try:
+        for span in blocks:
+            port = free_port()
+            relay = LinkRelay(port, profile, lifetime=600)
+            relays.append(relay)
+            config = NodeConfig(model=str(model), blocks=Span.parse(span), initial_peers=tuple(bootstrap), port=port,
+                                announce_host=relay.address, model_name=model_name, throughput=100.0, **node_fields)
+            node = NodeThread(config)
+            nodes.append(node)  # before start: one that fails half-way is stopped too
+            node.start()
+        yield nodes, relays
+    finally:
+        for node in reversed(nodes):
+            with contextlib.suppress(Exception):
+                node.stop(grace=0.5)
+        for relay in relays:
+            relay.close()
