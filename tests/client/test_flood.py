@@ -73,7 +73,10 @@ def test_thirty_dead_addresses_announcing_huge_throughputs_do_not_fail_calls(
     try:
         model = open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), max_wait=5.0,
                                                                    model_name=OWN))
-        servers = model.chain.servers(refresh=True)
+        for _ in range(10):  # a loaded machine's DHT refresh can miss a few records: refresh until all are seen
+            servers = model.chain.servers(refresh=True)
+            if sum(any(s.node_id.endswith(liar.owner_marker) for liar in liars) for s in servers) == 30:
+                break
         assert sum(any(s.node_id.endswith(liar.owner_marker) for liar in liars) for s in servers) == 30
         ids = torch.randint(3, 256, (2, 5))
         with torch.no_grad():
