@@ -89,7 +89,7 @@ class RelayLinks:
         self.epochs: dict[str, str] = {}  # address -> the epoch of the node process there (private swarms)
 
     async def next_node(self, address: str, start: int) -> ServerInfo:
-        """The record of the node at ``address`` serving blocks from ``start`` with chained steps; RelayRefused
+        """The record of the node at ``address`` serving block ``start`` with chained steps; RelayRefused
         when the DHT announces none."""
         async with self._lock:
             found = self._find(address, start)
@@ -109,7 +109,9 @@ class RelayLinks:
         return found
 
     def _find(self, address: str, start: int) -> ServerInfo | None:
-        return next((s for s in self._servers if s.address == address and s.span.start == start and s.chain), None)
+        # the next hop may use a node from inside its span (overlapping spans: 0:5 then 3:8 used from block 5)
+        return next((s for s in self._servers if s.address == address and s.span.start <= start < s.span.end
+                     and s.chain), None)
 
     def _stub(self, server: ServerInfo) -> pb_grpc.NodeStub:
         key = (server.address, server.tls)
