@@ -56,7 +56,8 @@ def test_without_verification_the_faulty_node_corrupts_results(start_nodes, monk
                                                                bootstrap, local_model):
     faulty = start_faulty(start_nodes, monkeypatch)
     start_nodes("0:6", "0:6", throughput=10.0)
-    model = client(open_client, tiny_path, bootstrap)
+    # per-hop steps: the liar perturbs what it answers the client, not what its node would push on a chain
+    model = client(open_client, tiny_path, bootstrap, chained_steps=False)
     logits, ref_logits, tokens, ref_tokens = run(model, local_model)
     assert model.chain.last_route[0].server.address == faulty.address
     assert (logits - ref_logits).abs().max() > 1e-2

@@ -139,8 +139,8 @@ class LinkRelay:
             wait = at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            self.bytes_relayed += len(data)  # counted first: whoever received these bytes sees them counted
             dst.write(data)
-            self.bytes_relayed += len(data)
             in_flight[0] -= len(data)
             room.release()
             await dst.drain()

@@ -307,9 +307,10 @@ def test_a_member_client_carries_on_after_the_node_restarts(tiny_path, own_swarm
         node.stop(0.2)
 
 
-def test_chained_steps_in_a_private_swarm_carry_the_proof(start_nodes, private_peers, key_path, tiny_path,
-                                                           local_model):
-    """Node-to-node pushes (Relay) are proved like a client's calls; tokens equal local's."""
+def test_chained_steps_in_a_private_swarm_carry_the_proof(start_nodes, own_swarm, tiny_path, local_model):
+    """Node-to-node pushes (Relay) are proved like a client's calls; tokens equal local's. A swarm of its own:
+    this module's node serving every block would make a one-hop route (nothing to chain)."""
+    private_peers, key_path = own_swarm
     nodes = start_nodes("0:3", "3:6", initial_peers=tuple(private_peers), swarm_key=str(key_path))
     cfg = ClientConfig(initial_peers=tuple(private_peers), swarm_key=str(key_path))
     model = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), client_config=cfg)
