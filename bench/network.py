@@ -46,7 +46,8 @@ def gen_setups(hops: int) -> dict[str, dict]:
     """Generation setups -> ClientConfig fields: the wire formats (2 hops), chained steps if present."""
     wires = {"float32": {}, "bfloat16": {"wire_dtype": "bfloat16"}, "float16": {"wire_dtype": "float16"}}
     setups = dict(wires) if hops == HOPS else {"float32": {}}
-    if "chained_steps" in _client_fields():
+    if "chained_steps" in _client_fields():  # on by default: the rows without "chained" turn it off
+        setups = {name: {**fields, "chained_steps": False} for name, fields in setups.items()}
         setups["float32, chained"] = {"chained_steps": True}
         if hops == HOPS:
             setups["bfloat16, chained"] = {"wire_dtype": "bfloat16", "chained_steps": True}

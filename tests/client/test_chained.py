@@ -140,3 +140,53 @@ def test_chained_generation_over_an_emulated_link_equals_local(tiny_path, local_
         finally:
             model.close()
     assert torch.equal(out, local_model.generate(ids, **GREEDY))
+
+
+def test_chained_beams_and_drafts_equal_local(start_nodes, bootstrap, tiny_path, local_model):
+    """Beam reordering and draft cropping (prompt lookup, a small assistant model) travel the chain too."""
+    start_nodes("0:3", "3:6")
+    model = connect(tiny_path, bootstrap)
+    ids, repetitive = prompt(), torch.tensor([[5, 9, 14, 27, 5, 9, 14, 27, 5, 9, 14]])
+    beams = dict(GREEDY, num_beams=3)
+    try:
+        # beams run in a session of generate()'s own (chained by default: the same path as above)
+        assert torch.equal(model.generate(ids, **beams), local_model.generate(ids, **beams))
+        # the assistant is the target itself: every draft token is accepted, so fewer steps than tokens
+        for draft, most in ((dict(prompt_lookup_num_tokens=3), NEW), (dict(assistant_model=local_model), NEW - 1)):
+            with model.inference_session(max_length=repetitive.shape[1] + NEW + 4) as session:
+                out = model.generate(repetitive, session=session, **GREEDY, **draft)
+                assert 0 < session.chain_steps <= most, draft  # a draft is checked in one chained step
+            assert torch.equal(out, local_model.generate(repetitive, **GREEDY)), draft
+    finally:
+        model.close()
+
+
+class _NoRelay:
+    """A node whose Relay endpoint is unreachable (a broken link between two live nodes): pushes to it fail,
+    everything else is the honest node."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    async def Relay(self, requests, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "link down (test)")
+        yield pb.ChainAck()  # never reached: makes this an async generator
+
+
+def test_a_broken_link_between_live_nodes_is_fed_by_the_client(start_nodes, bootstrap, tiny_path, local_model):
+    """Node 0's push to node 1 fails while both serve the client: the client learns which link broke, feeds
+    that hop itself from then on, and the tokens stay local's."""
+    start_nodes("0:3")
+    start_nodes("3:6", wrap_servicer=_NoRelay)
+    model = connect(tiny_path, bootstrap)
+    ids = prompt()
+    try:
+        with model.inference_session(max_length=ids.shape[1] + NEW) as session:
+            out = model.generate(ids, session=session, **GREEDY)
+            assert len(session._streams) == 2 and not session._streams[1].linked  # hop 1's link given up
+    finally:
+        model.close()
+    assert torch.equal(out, local_model.generate(ids, **GREEDY))

@@ -3,19 +3,18 @@ concurrent micro-batches; gradients (LoRA weights, prefix, inputs) equal the uns
 PEFT's, over nodes behind emulated broadband links; a node lost between steps is routed around."""
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig
 
-from client import AutoDistributedModelForCausalLM, ClientConfig, get_peft_model
+from client import ClientConfig, get_peft_model
 from client.pipeline import row_slices
 from tests.client.test_lora import CONFIG, local_peft, lora_grads_local, lora_grads_ours
 from tests.conftest import FIXED_THREADS
 from tests.helpers.link import PROFILES
-from tests.helpers.linked import linked_nodes
+from tests.helpers.linked import client_per_key, linked_nodes
 
 MODEL_NAME = "tiny-pipeline"  # records of our own: other tests' nodes never mix in
 
@@ -29,22 +28,9 @@ def linked_swarm(tiny_path, bootstrap):
 
 @pytest.fixture(scope="module")
 def clients(linked_swarm, tiny_path, bootstrap):
-    made = {}
-
-    def client(micro_batches: int, use: str):
-        """A client of its own per ``use`` (an adapter attached to one stays there)."""
-        if (micro_batches, use) not in made:
-            config = ClientConfig(initial_peers=tuple(bootstrap), model_name=MODEL_NAME, micro_batches=micro_batches)
-            made[(micro_batches, use)] = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path),
-                                                                                      client_config=config)
-        return made[(micro_batches, use)]
-
-    try:
-        yield client
-    finally:
-        for model in made.values():
-            with contextlib.suppress(Exception):
-                model.close()
+    """``clients(micro_batches, use)``: a client of its own per ``use`` (an adapter attached to one stays there)."""
+    with client_per_key(tiny_path, bootstrap, MODEL_NAME) as get:
+        yield lambda micro_batches, use: get((micro_batches, use), micro_batches=micro_batches)
 
 
 def batch():

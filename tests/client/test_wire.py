@@ -7,16 +7,15 @@ a LoRA loss curve close to the float32 one, with the bytes that were meant to be
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
 import torch
 from peft import LoraConfig
 
-from client import AutoDistributedModelForCausalLM, ClientConfig, get_peft_model
+from client import get_peft_model
 from tests.helpers.link import PROFILES
-from tests.helpers.linked import linked_nodes
+from tests.helpers.linked import client_per_key, linked_nodes
 
 MODEL_NAME = "tiny-wire"  # records of our own: other tests' nodes never mix in
 LORA = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -36,21 +35,9 @@ def linked_swarm(tiny_path, bootstrap):
 
 @pytest.fixture(scope="module")
 def clients(linked_swarm, tiny_path, bootstrap):
-    made = {}
-
-    def client(**wire):
-        key = tuple(sorted(wire.items()))
-        if key not in made:
-            config = ClientConfig(initial_peers=tuple(bootstrap), model_name=MODEL_NAME, **wire)
-            made[key] = AutoDistributedModelForCausalLM.from_pretrained(str(tiny_path), client_config=config)
-        return made[key]
-
-    try:
-        yield client
-    finally:
-        for model in made.values():
-            with contextlib.suppress(Exception):
-                model.close()
+    """``clients(**wire)``: one client per wire setting."""
+    with client_per_key(tiny_path, bootstrap, MODEL_NAME) as get:
+        yield lambda **wire: get(tuple(sorted(wire.items())), **wire)
 
 
 def _ids():

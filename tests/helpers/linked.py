@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from node.config import NodeConfig
 from node.server import NodeThread
@@ -35,3 +35,25 @@ def linked_nodes(model: Path, bootstrap: Sequence[str], profile: LinkProfile, mo
                 node.stop(grace=0.5)
         for relay in relays:
             relay.close()
+
+
+@contextlib.contextmanager
+def client_per_key(model: Path, bootstrap: Sequence[str], model_name: str) -> Iterator[Callable[..., Any]]:
+    """``get(key, **client_config)``: one distributed model per key, made on first use (an adapter attached to
+    one stays there, so tests that attach different ones use different keys); all closed after."""
+    from client import AutoDistributedModelForCausalLM, ClientConfig
+
+    made: dict = {}
+
+    def get(key, **config):
+        if key not in made:
+            cfg = ClientConfig(initial_peers=tuple(bootstrap), model_name=model_name, **config)
+            made[key] = AutoDistributedModelForCausalLM.from_pretrained(str(model), client_config=cfg)
+        return made[key]
+
+    try:
+        yield get
+    finally:
+        for m in made.values():
+            with contextlib.suppress(Exception):
+                m.close()
