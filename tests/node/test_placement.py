@@ -23,7 +23,8 @@ def test_num_blocks_fills_the_hole(start_nodes, bootstrap):
     (a,) = start_nodes("0:4", throughput=100.0)
     (b,) = start_nodes(num_blocks=2, throughput=100.0)
     assert b.node.span == Span(4, 6)
-    assert spans_in_dht(bootstrap, a.node.model_key)[b.address] == (Span(4, 6), NodeState.ONLINE)
+    assert wait_for(lambda: spans_in_dht(bootstrap, a.node.model_key).get(b.address)  # its ONLINE record
+                    == (Span(4, 6), NodeState.ONLINE), timeout=10)  # follows the JOINING one
 
 
 def test_rebalance_moves_to_where_the_swarm_is_weak(start_nodes, open_client, tiny_path, local_model, bootstrap):
