@@ -9,6 +9,7 @@ import torch
 from client import AutoDistributedModelForCausalLM, ClientConfig
 from proto import swarmlm_pb2 as pb
 from proto import swarmlm_pb2_grpc as pb_grpc
+from tests.helpers.faults import NoRelayServicer
 
 NEW = 12
 GREEDY = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -161,26 +162,11 @@ def test_chained_beams_and_drafts_equal_local(start_nodes, bootstrap, tiny_path,
         model.close()
 
 
-class _NoRelay:
-    """A node whose Relay endpoint is unreachable (a broken link between two live nodes): pushes to it fail,
-    everything else is the honest node."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    async def Relay(self, requests, context):
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "link down (test)")
-        yield pb.ChainAck()  # never reached: makes this an async generator
-
-
 def test_a_broken_link_between_live_nodes_is_fed_by_the_client(start_nodes, bootstrap, tiny_path, local_model):
     """Node 0's push to node 1 fails while both serve the client: the client learns which link broke, feeds
     that hop itself from then on, and the tokens stay local's."""
     start_nodes("0:3")
-    start_nodes("3:6", wrap_servicer=_NoRelay)
+    start_nodes("3:6", wrap_servicer=NoRelayServicer)
     model = connect(tiny_path, bootstrap)
     ids = prompt()
     try:

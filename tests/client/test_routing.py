@@ -20,11 +20,12 @@ def test_strikes_latencies_and_expired_bans_of_departed_nodes_are_forgotten():
     async def scenario():
         # a DHT of its own: on the suite's shared bootstrap a full run's reads missed this record for 30 s
         peer = await SwarmDHT.create(host="127.0.0.1")
-        reader = await SwarmDHT.create(await peer.visible_maddrs(), client_mode=True)
+        peers = await peer.visible_maddrs()
+        reader = await SwarmDHT.create(peers, client_mode=True)
         try:
             stays = info(peer.owned("stays"))
             assert await peer.announce(MODEL, stays, ttl=60)
-            router = Router(reader, MODEL, 2, ClientConfig(initial_peers=tuple(await peer.visible_maddrs()), ban_seconds=0.01))
+            router = Router(reader, MODEL, 2, ClientConfig(initial_peers=tuple(peers), ban_seconds=0.01))
             await router.servers(refresh=True)
             error = RemoteCallError("127.0.0.1:1", None, "down")
             for i in range(300):  # nodes that failed once, then left the swarm (churn)

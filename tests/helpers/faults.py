@@ -87,6 +87,21 @@ class RefusingServicer(pb_grpc.NodeServicer):
         yield pb.InferenceResponse()  # never reached: makes this an async generator
 
 
+class NoRelayServicer:
+    """A node whose Relay endpoint is unreachable (a broken link between two live nodes): pushes to it fail,
+    every other call is the honest node's."""
+
+    def __init__(self, inner: pb_grpc.NodeServicer):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    async def Relay(self, requests, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "link down (test)")
+        yield pb.ChainAck()  # never reached: makes this an async generator
+
+
 class NaNServicer(FaultyServicer):
     """A node whose every answer is NaN."""
 
