@@ -13,10 +13,13 @@ from bench.clients import NEW_TOKENS, PROMPT_LEN, connect, generate_fn, prompt
 from bench.common import TINY, Context, ModelSpec, checkpoint, log
 from bench.plain import PlainLocal
 from bench.procs import MAX_OTHER_LOAD, interleaved_rounds, wait_for_quiet
+from client import ClientConfig
 
 TARGETS = {"tiny": 0.5, "llama-270m": 0.9}  # swarm / local tokens/s, issue 15 (against a fresh-process local)
-# the per-token breakdown is measured for each of these node settings (issue 15: each part before and after)
-SETTINGS = {"2 nodes": (), "2 nodes, --decode-in-pool": ("--decode-in-pool",)}
+# the per-token breakdown is measured for each of these settings (issue 15: each part before and after):
+# name -> (the nodes' flags, the client's ClientConfig fields)
+SETTINGS = {"2 nodes": ((), {}), "2 nodes, --decode-in-pool": (("--decode-in-pool",), {}),
+            "2 nodes, per-hop steps": ((), {"chained_steps": False})}
 
 
 def spans(num_layers: int, parts: int) -> list[str]:
@@ -57,24 +60,28 @@ def node_compute_fn(path: Path, span_list: list[str], threads: list[int | None])
 
 
 class StepTimers:
-    """Wraps InferenceSession.step and each stream's exchange in timers, for one chain's decode steps
-    (one new position): seconds per step, and the hops' round trips summed per step. ``available`` is
-    False if the client's internals moved (the wrapper targets a private class)."""
+    """Wraps InferenceSession.step, each stream's exchange and a chained step's run in timers, for one
+    chain's decode steps (one new position): seconds per step, and the time on the network per step (the
+    hops' round trips summed, or a chained step from its first write to the last hop's answer).
+    ``available`` is False if the client's internals moved (the wrapper targets private classes)."""
 
     def __init__(self, chain) -> None:
-        from client import session as client_session
+        from client import chained, session as client_session
 
         self.chain, self.steps, self.hops = chain, [], []
         self._session_cls = client_session.InferenceSession
         self._stream_cls = getattr(client_session, "_Stream", None)
-        self.available = self._stream_cls is not None and hasattr(self._stream_cls, "exchange")
+        self._chained_cls = getattr(chained, "ChainedStep", None)
+        self.available = (self._stream_cls is not None and hasattr(self._stream_cls, "exchange")
+                          and self._chained_cls is not None and hasattr(self._chained_cls, "run"))
         self._now = {"on": False, "hops": 0.0}
 
     def __enter__(self) -> "StepTimers":
         if not self.available:
             return self
         orig_step, orig_exchange, timers, now = self._session_cls.step, self._stream_cls.exchange, self, self._now
-        self._orig = orig_step, orig_exchange
+        orig_run = self._chained_cls.run
+        self._orig = orig_step, orig_exchange, orig_run
 
         def step(session, hidden, *args, **kwargs):
             now.update(on=session.link is timers.chain.link and hidden.shape[1] == 1, hops=0.0)
@@ -93,12 +100,19 @@ class StepTimers:
                 now["hops"] += time.perf_counter() - t0
             return response
 
-        self._session_cls.step, self._stream_cls.exchange = step, exchange
+        async def run(chained_step):
+            t0 = time.perf_counter()
+            out = await orig_run(chained_step)
+            if now["on"]:
+                now["hops"] += time.perf_counter() - t0
+            return out
+
+        self._session_cls.step, self._stream_cls.exchange, self._chained_cls.run = step, exchange, run
         return self
 
     def __exit__(self, *exc) -> None:
         if self.available:
-            self._session_cls.step, self._stream_cls.exchange = self._orig
+            self._session_cls.step, self._stream_cls.exchange, self._chained_cls.run = self._orig
 
     def timed(self, fn):
         """``fn`` (a generate_fn) returning (sequences, gaps, (step seconds, hop seconds) of this call)."""
@@ -126,10 +140,11 @@ def _measure_model(ctx: Context, spec: ModelSpec, hop_counts: tuple[int, ...]) -
         for h in hop_counts:  # from this thread: LocalSwarm's children die with the thread that started them
             swarms[h].start_nodes(spans(spec.num_layers, h))
         for name, swarm in others.items():
-            swarm.start_nodes(spans(spec.num_layers, 2), *SETTINGS[name])
+            swarm.start_nodes(spans(spec.num_layers, 2), *SETTINGS[name][0])
         remotes = {}
         for key, swarm in [*swarms.items(), *others.items()]:
-            remotes[key] = connect(path, swarm.peers)
+            fields = SETTINGS[key][1] if key in SETTINGS else {}
+            remotes[key] = connect(path, swarm.peers, client_config=ClientConfig(**fields) if fields else None)
             stack.callback(remotes[key].close)
         timers = {name: stack.enter_context(StepTimers(remotes[2 if name == "2 nodes" else name].chain))
                   for name in SETTINGS}
@@ -175,7 +190,8 @@ def section_generation(ctx: Context) -> str:
                     f"| {r['other']:.0%} ({r['redone']}) | {'yes' if r['same'] else 'NO'} |")
         for name, (step, hops) in r["parts"].items():
             compute, total = stats["node compute"][1], stats[name][1]
-            setting = " ".join(SETTINGS[name]) or "defaults"
+            flags, fields = SETTINGS[name]
+            setting = " ".join([*flags, *(f"client {k}={v}" for k, v in fields.items())]) or "defaults (chained)"
             parts_rows.append(f"| {spec.name} | {setting} | {total:.1f} | {total - step:.1f} | {step - hops:.1f} "
                               f"| {hops:.1f} | {compute:.1f} | {(hops - compute) / 2:.1f} | {lms:.1f} "
                               f"| {lms - compute:.1f} |")
@@ -230,16 +246,20 @@ def section_generation(ctx: Context) -> str:
             "exchange are wrapped in timers, and each round also runs the decode steps of both spans with the "
             "node's own code (`node.blocks.inference_step`, same weights, same cache lengths) in the "
             "benchmark process. *outside step*: the client's own work per token (embedding, final norm, LM "
-            "head, transformers' generate loop). *bridge*: step minus the hops' round trips (handing the "
-            "step to the client's event-loop thread and back, (de)serializing tensors). *round trips*: "
-            "write-to-answer time of both hops as the client sees it. *node compute*: both spans' decode "
+            "head, transformers' generate loop). *bridge*: step minus the time on the network (handing the "
+            "step to the client's event-loop thread and back). *round trips*: per-hop steps: the "
+            "write-to-answer time of both hops as the client sees it; chained steps (the default: the first "
+            "node pushes its outputs to the second, which answers the client): from the first write to the "
+            "last hop's answer, (de)serializing tensors included. *node compute*: both spans' decode "
             "step in-process. *per hop*: (round trips - node compute) / 2 = gRPC, loopback, the node's "
             "request handling and thread hand-off, per hop. *local outside blocks* = local ms/token - node "
             "compute: local transformers' own per-token work besides the blocks, to compare with *outside "
             "step*.\n",
-            "*setting*: the nodes' flags; `--decode-in-pool` is the node as before issue 15's overhead "
-            "work (every step handed to the compute pool's thread and back), *defaults* computes a lone "
-            "decode-sized step on the node's event-loop thread. Both are timed in the same rounds.\n",
+            "*setting*: the nodes' flags or the client's config; `--decode-in-pool` is the node as before "
+            "issue 15's overhead work (every step handed to the compute pool's thread and back), *defaults* "
+            "computes a lone decode-sized step on the node's event-loop thread and sends chained steps; "
+            "`chained_steps=False` is the client as before issue 16 (client -> node 1 -> client -> node 2 -> "
+            "client). All are timed in the same rounds.\n",
             "| model | setting | swarm ms/token | outside step | bridge | round trips | node compute | per hop "
             "| local ms/token | local outside blocks |",
             "|---|---|---|---|---|---|---|---|---|---|",

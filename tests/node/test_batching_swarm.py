@@ -14,7 +14,7 @@ from proto import swarmlm_pb2_grpc as pb_grpc
 from proto.tensors import serialize
 from swarm.checkpoint import load_config
 from swarm.spans import Span
-from tests.node.test_metrics import scrape, value
+from tests.node.test_metrics import scrape, total, value
 from tests.node.test_sessions import Stream
 
 PAD = 0
@@ -32,16 +32,19 @@ def prompt(lengths, seed):
     return ids, mask
 
 
-def generate_together(models, local_model, count):
-    """Each model generates from its own prompt in its own thread, all started at once; each must equal local."""
-    barrier, results, errors = threading.Barrier(count), {}, []
+def generate_together(models, local_model, count) -> list[int]:
+    """Each model generates from its own prompt in its own thread (in an inference session), all started at
+    once; each must equal local. Returns each session's chained steps (issue 16: steps pushed node to node)."""
+    barrier, results, errors, chained = threading.Barrier(count), {}, [], []
     kwargs = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=PAD, eos_token_id=None)
 
     def run(i, model):
         try:
             ids, mask = prompt(PROMPTS[i % len(PROMPTS)], seed=i)
             barrier.wait(timeout=30)
-            results[i] = (model.generate(ids, attention_mask=mask, **kwargs), ids, mask)
+            with model.inference_session(max_length=ids.shape[1] + NEW) as session:
+                results[i] = (model.generate(ids, attention_mask=mask, session=session, **kwargs), ids, mask)
+                chained.append(session.chain_steps)
         except Exception as e:  # reported below, in the test's thread
             errors.append(e)
 
@@ -53,6 +56,7 @@ def generate_together(models, local_model, count):
     assert not errors, errors
     for out, ids, mask in results.values():
         assert torch.equal(out, local_model.generate(ids, attention_mask=mask, **kwargs))
+    return chained
 
 
 @pytest.fixture
@@ -74,6 +78,24 @@ def test_concurrent_sessions_batched_tokens_equal_local(swarm, local_model):
                    if n == "swarmlm_node_decode_calls_total" and int(dict(labels)["sessions"]) > 1)
     assert together > 0  # steps of several sessions really ran as one call
     assert value(s, "swarmlm_node_decode_batch_events_total", event="fallback") == 0
+
+
+def test_chained_steps_of_concurrent_sessions_are_batched(start_nodes, open_client, tiny_path, bootstrap,
+                                                          local_model):
+    """Two nodes: the second receives the sessions' steps pushed by the first (chained steps) and still
+    computes steps of several sessions as one call; every client's tokens equal local transformers'."""
+    name = "batching-chained"
+    first, second = start_nodes("0:3", "3:6", metrics_port=0, cache_tokens=4096, model_name=name,
+                                decode_batch=16, decode_batch_wait_ms=50.0)
+    models = [open_client(tiny_path, client_config=ClientConfig(initial_peers=tuple(bootstrap), model_name=name))
+              for _ in range(len(PROMPTS))]
+    chained = generate_together(models, local_model, len(models))
+    assert sum(chained) >= NEW, chained  # at least a session's worth of steps went node to node
+    s = scrape(second.node.metrics.server.url)
+    assert total(s, "swarmlm_node_received_bytes_total", rpc="Relay") > 0
+    together = sum(v for (n, labels), v in s.items()
+                   if n == "swarmlm_node_decode_calls_total" and int(dict(labels)["sessions"]) > 1)
+    assert together > 0  # pushed steps of several sessions ran as one call on the second node
 
 
 @pytest.mark.parametrize("swarm", [500.0], indirect=True)
