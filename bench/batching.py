@@ -36,15 +36,17 @@ class _Accounted:
         after, busy1, t1 = proc_table(), busy_seconds(), time.monotonic()
         client_s = spent(after, workers) - spent(before, workers)
         node_s = spent(after, self.node_pids) - spent(before, self.node_pids)
-        cores = os.cpu_count() or 1
+        cores, elapsed = os.cpu_count() or 1, t1 - t0
         self.cpu.setdefault(clients, []).append(
-            (client_s / (t1 - t0) / cores, node_s / (t1 - t0) / cores, (busy1 - busy0) / (t1 - t0) / cores))
+            (client_s / elapsed / cores, node_s / elapsed / cores, (busy1 - busy0) / elapsed / cores,
+             1000 * node_s / elapsed / window.tokens_per_s))
         return window
 
 
-def _shares(samples: list[tuple[float, float, float]]) -> str:
-    """'clients % / nodes % / machine busy %' of the CPUs, medians over windows."""
-    return " / ".join(f"{statistics.median(s[i] for s in samples):.0%}" for i in range(3))
+def _shares(samples: list[tuple[float, float, float, float]]) -> tuple[str, float]:
+    """('clients % / nodes % / machine busy %' of the CPUs, the nodes' CPU ms per token), medians over windows."""
+    return (" / ".join(f"{statistics.median(s[i] for s in samples):.0%}" for i in range(3)),
+            statistics.median(s[3] for s in samples))
 
 
 def _measure(ctx: Context, spec, seconds: float, rounds: int) -> list[str]:
@@ -65,7 +67,7 @@ def _measure(ctx: Context, spec, seconds: float, rounds: int) -> list[str]:
         for k in SETTINGS:
             tps, ms, load = summary(results[f"{n} {k}"])
             rows.append(f"| {spec.name} | {n} | {k} | {tps:.1f} | {tps / n:.1f} | {ms:.1f} | {tps / single[k]:.2f} "
-                        f"| {tps / single['on']:.2f} | {cpu[f'{n} {k}']} | {load} |")
+                        f"| {tps / single['on']:.2f} | {cpu[f'{n} {k}'][0]} | {cpu[f'{n} {k}'][1]:.1f} | {load} |")
     return rows
 
 
@@ -87,9 +89,11 @@ def section_batching(ctx: Context) -> str:
         "*CPU clients / nodes / busy*: the share of the machine's CPUs the client processes and the two nodes "
         "(process trees: their p2pd daemons included) used during a window, and how busy the machine was in "
         "all (medians over the windows): where the busy share nears 100%, the CPUs, not the nodes' batching, "
-        "bound the aggregate, and the clients' share is work the nodes cannot batch away.\n",
+        "bound the aggregate, and the clients' share is work the nodes cannot batch away. *node CPU ms/token*: "
+        "the two nodes' CPU time per token generated (their CPU seconds per second / aggregate tokens/s): what "
+        "a token costs the nodes, which batching should shrink as sessions are added.\n",
         "| model | clients | batching | aggregate tok/s | per client tok/s | ms/token | vs 1 session "
-        "| vs 1 session (on) | CPU clients / nodes / busy | other load (redone) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| vs 1 session (on) | CPU clients / nodes / busy | node CPU ms/token | other load (redone) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
