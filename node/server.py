@@ -27,7 +27,7 @@ from node.quantize import check_available as check_quantization
 from swarm.arch import linear_shapes
 from node.requests import Limits, max_message_bytes
 from node.throughput import measure_rate
-from node.threads import ThreadChoice, choose_threads, set_pool_threads
+from node.threads import ThreadChoice, choose_threads, set_pool_threads, starting_alone
 from node.sessions import CacheBudget, cache_bytes_per_token, default_cache_tokens
 from proto import swarmlm_pb2_grpc as pb_grpc
 from swarm import __version__, lan
@@ -152,15 +152,17 @@ class Node:
         await self._join(swarm_key)
         self.span = await self._placement(folder, model_config)
         dtype = getattr(torch, cfg.dtype)
-        progress = LoadProgress(self.span)
-        try:
-            blocks = await asyncio.get_running_loop().run_in_executor(
-                self._pool, load_span, folder, model_config, self.span, dtype, progress, cfg.quantize)
-        finally:
-            progress.close()
-        weights = await asyncio.get_running_loop().run_in_executor(
-            self._pool, weights_digests, folder, model_config, self.span)
-        await self._choose_threads(blocks)
+        # loading beside another node's measuring of thread counts misleads it: one at a time (node.threads)
+        async with starting_alone(cfg.small_step_threads is None or cfg.large_step_threads is None):
+            progress = LoadProgress(self.span)
+            try:
+                blocks = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, load_span, folder, model_config, self.span, dtype, progress, cfg.quantize)
+            finally:
+                progress.close()
+            weights = await asyncio.get_running_loop().run_in_executor(
+                self._pool, weights_digests, folder, model_config, self.span)
+            await self._choose_threads(blocks)
         self.servicer = self._servicer(blocks, model_config, dtype)
         self.servicer.relay_links = self._relay_links(swarm_key, model_config.num_hidden_layers)
         if self.metrics is not None:
@@ -177,7 +179,7 @@ class Node:
         every compute thread then runs on the larger steps' count (decode-sized steps switch to theirs)."""
         cfg, loop = self.config, asyncio.get_running_loop()
         self.threads = await loop.run_in_executor(self._pool, partial(
-            choose_threads, blocks, cfg.small_step_threads, cfg.large_step_threads))
+            choose_threads, blocks, cfg.small_step_threads, cfg.large_step_threads, alone=False))
         await loop.run_in_executor(None, set_pool_threads, self._pool, cfg.compute_threads, self.threads.large)
         log.info("%s", self.threads.describe())
 

@@ -14,12 +14,18 @@ size, twice that at most unless a single round of calls takes longer (see time_c
 Nodes on one machine measure one at a time (``measuring_alone``: a lock file every node of the machine
 opens): two nodes measuring at once share the cores, so both saw more threads lose and picked one, while
 in a generation only one of them computes at any moment (on 2 cores the 271M model's nodes chose 1
-thread and generated at 0.85x local).
+thread and generated at 0.85x local). A node holds that lock while it loads its weights too
+(``starting_alone``, node/server.py): another node's measuring beside a load (copying hundreds of MiB)
+saw 2 threads take 308 ms for a 29 ms step, chose 1 thread for larger steps, and its fine-tuning steps ran
+at 0.74x local instead of 0.95x. Other processes can load the machine as well: when they used more than
+``BUSY`` of the CPUs while the node measured (/proc/stat, the node's own CPU time left out), it measures
+again, up to ``TRIES`` times, and says so.
 
 ``node serve --small-step-threads N`` / ``--large-step-threads N`` override either measurement.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -29,7 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 try:
     import fcntl
@@ -51,6 +57,9 @@ LOSING = 3.0  # a count this many times slower than the fastest in its warm-up o
 TIE = 0.05  # a count this much slower than the fastest still counts as as fast (fewer threads win ties)
 LOCK_WAIT = 60.0  # seconds a node waits for another one's measuring before it measures anyway
 LOCK_FILE = "swarmlm-threads.lock"  # in the temporary directory (TMPDIR), shared by the machine's nodes
+BUSY = 0.25  # other processes using more of the CPUs than this while a node measures: it measures again
+TRIES = 3  # measurements at most, the last one kept however busy the machine
+PAUSE = 0.5  # seconds between two measurements
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,42 @@ def measuring_alone(path: str | None = None, wait: float = LOCK_WAIT) -> Iterato
             os.close(fd)  # closing drops the lock
 
 
+@contextlib.asynccontextmanager
+async def starting_alone(needed: bool) -> AsyncIterator[bool]:
+    """``measuring_alone`` for a node's start-up coroutine (the wait for the lock runs on a worker thread,
+    not the event loop); nothing is waited for unless ``needed`` (thread counts given by flags)."""
+    if not needed:
+        yield False
+        return
+    lock = measuring_alone()
+    held = await asyncio.get_running_loop().run_in_executor(None, lock.__enter__)
+    try:
+        yield held
+    finally:
+        lock.__exit__(None, None, None)  # closes the lock file: quick
+
+
+def cpu_readings() -> tuple[float, float, float] | None:
+    """(CPU seconds the machine has been busy, this process's CPU seconds, monotonic seconds), or None
+    where /proc/stat cannot be read (not Linux)."""
+    try:
+        ticks = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    return busy, time.process_time(), time.monotonic()
+
+
+def other_load(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None,
+               cores: int) -> float:
+    """The share of ``cores`` CPUs that processes other than this one kept busy between two cpu_readings
+    (0.0 when either is missing)."""
+    if before is None or after is None or after[2] <= before[2]:
+        return 0.0
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others / (after[2] - before[2]) / max(1, cores))
+
+
 def candidates(most: int) -> list[int]:
     """1, 2, 4, ... below ``most``, then ``most``: a few counts however many cores there are."""
     if most < 1:
@@ -171,25 +216,39 @@ def fastest(medians: dict[int, float], tie: float = TIE) -> int:
 
 
 def choose_threads(blocks: SpanBlocks, small: int | None = None, large: int | None = None,
-                   most: int | None = None, budget: float = BUDGET) -> ThreadChoice:
+                   most: int | None = None, budget: float = BUDGET, alone: bool = True,
+                   readings: Callable[[], tuple[float, float, float] | None] = cpu_readings) -> ThreadChoice:
     """Thread counts for ``blocks``: ``small`` / ``large`` as given (0: ``large`` / ``most``), the others measured on
-    a decode step of the whole span and a LARGE_TOKENS forward of its first block. Runs on the calling
-    thread (leaves its thread count as it was)."""
+    a decode step of the whole span and a LARGE_TOKENS forward of its first block, again (up to TRIES times)
+    while other processes keep over BUSY of the CPUs busy. ``alone``: take the machine's measuring lock here
+    (False: the caller holds it, see starting_alone). Runs on the calling thread (leaves its thread count as
+    it was)."""
     most = most or available_threads()
     counts = candidates(most)
     small_ms = large_ms = None
     hidden = blocks.config.hidden_size
-    with torch.no_grad(), (measuring_alone() if small is None or large is None else contextlib.nullcontext()):
+    measure = small is None or large is None
+    with torch.no_grad(), (measuring_alone() if measure and alone else contextlib.nullcontext()):
         started = time.perf_counter()  # after the wait for the lock
-        if small is None:
-            x = torch.zeros(1, 1, hidden, dtype=blocks.dtype)
-            medians = time_counts(lambda: forward_span(blocks, blocks.span, x), counts, budget=budget, gap=DECODE_GAP)
-            small, small_ms = fastest(medians), {n: 1000 * t for n, t in medians.items()}
-        if large is None:
-            x = torch.zeros(1, LARGE_TOKENS, hidden, dtype=blocks.dtype)
-            first = Span(blocks.span.start, blocks.span.start + 1)
-            medians = time_counts(lambda: forward_span(blocks, first, x), counts, budget=budget)
-            large, large_ms = fastest(medians), {n: 1000 * t for n, t in medians.items()}
+        for attempt in range(1, TRIES + 1 if measure else 1):
+            before = readings()
+            if small is None or small_ms is not None:
+                x = torch.zeros(1, 1, hidden, dtype=blocks.dtype)
+                medians = time_counts(lambda: forward_span(blocks, blocks.span, x), counts, budget=budget,
+                                      gap=DECODE_GAP)
+                small, small_ms = fastest(medians), {n: 1000 * t for n, t in medians.items()}
+            if large is None or large_ms is not None:
+                x = torch.zeros(1, LARGE_TOKENS, hidden, dtype=blocks.dtype)
+                first = Span(blocks.span.start, blocks.span.start + 1)
+                medians = time_counts(lambda: forward_span(blocks, first, x), counts, budget=budget)
+                large, large_ms = fastest(medians), {n: 1000 * t for n, t in medians.items()}
+            busy = other_load(before, readings(), os.cpu_count() or 1)
+            if busy <= BUSY:
+                break
+            log.warning("other processes used %.0f%% of the CPUs while measuring thread counts (try %d of %d)%s",
+                        100 * busy, attempt, TRIES, "; measuring again" if attempt < TRIES else "; keeping these")
+            if attempt < TRIES:
+                time.sleep(PAUSE)
     source = {(True, True): "measured", (True, False): "measured small", (False, True): "measured large",
               (False, False): "flags"}[(small_ms is not None, large_ms is not None)]
     seconds = time.perf_counter() - started if source != "flags" else 0.0

@@ -133,3 +133,59 @@ def test_measured_counts_are_reported_and_used(start_nodes):
     model = node.node.servicer.limits.model
     assert threads_seen(node, model) == {"prefill": [choice.large], "decode": [choice.small],
                                          "forward": [choice.large]}
+
+
+def test_other_load_leaves_out_this_process():
+    from node.threads import other_load
+
+    assert other_load((10.0, 1.0, 100.0), (12.0, 2.0, 101.0), cores=2) == pytest.approx(0.5)  # 2 s busy, 1 ours
+    assert other_load((10.0, 1.0, 100.0), (11.0, 2.0, 101.0), cores=2) == 0.0  # all of it ours
+    assert other_load(None, (11.0, 2.0, 101.0), cores=2) == 0.0  # no /proc/stat: no check
+
+
+def test_a_measurement_beside_busy_processes_is_taken_again(tiny_path, caplog):
+    """Other processes kept every CPU busy during the first measurement (scripted readings): the node
+    measures again and keeps the quiet one; busy every time, it keeps the last after TRIES measurements."""
+    import os
+
+    from node.blocks import load_span
+    from node.threads import TRIES, choose_threads
+    from swarm.checkpoint import load_config
+    from swarm.spans import Span
+
+    blocks = load_span(tiny_path, load_config(tiny_path), Span(0, 2), torch.float32)
+    cores = os.cpu_count() or 1
+    busy_then_quiet = iter([(0.0, 0.0, 0.0), (float(cores), 0.0, 1.0), (5.0, 0.0, 5.0), (5.0, 0.0, 6.0)])
+    choice = choose_threads(blocks, budget=0.01, alone=False, readings=lambda: next(busy_then_quiet))
+    assert next(busy_then_quiet, None) is None  # two measurements: four readings
+    assert choice.source == "measured" and choice.small_ms and choice.large_ms
+    assert "used 100% of the CPUs while measuring thread counts (try 1 of 3); measuring again" in caplog.text
+    caplog.clear()
+    ticks = iter(range(1000))
+
+    def always_busy():  # each reading one second later, every CPU busy with others meanwhile
+        t = float(next(ticks))
+        return cores * t, 0.0, t
+
+    choice = choose_threads(blocks, budget=0.01, alone=False, readings=always_busy)
+    assert caplog.text.count("while measuring thread counts") == TRIES and "keeping these" in caplog.text
+    assert choice.small in choice.small_ms and choice.large in choice.large_ms
+
+
+def test_a_starting_node_holds_the_measuring_lock():
+    """A node loading its weights holds the lock another node's measuring waits for (node.server)."""
+    import asyncio
+
+    from node.threads import starting_alone
+
+    async def main():
+        async with starting_alone(False) as held:
+            assert not held
+            with measuring_alone(wait=1.0) as other:
+                assert other  # nothing held: free at once
+        async with starting_alone(True) as held:
+            assert held
+            with measuring_alone(wait=0.3) as other:
+                assert not other  # waited the 0.3 s, then went on without it
+
+    asyncio.run(main())
