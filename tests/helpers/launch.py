@@ -122,7 +122,8 @@ class LocalSwarm:
         return self.start_nodes([blocks], *extra)[0]
 
     def start_nodes(self, spans: Sequence[str], *extra: str, each: Sequence[Sequence[str]] = ()) -> list[str]:
-        """Start one node per span at once (they load in parallel); returns their addresses in order.
+        """Start one node per span at once (nodes that measure their thread counts load and measure one at a
+        time, node.threads); returns their addresses in order.
         ``extra``: flags of every node; ``each[i]``: flags of the i-th node only."""
         if not self.peers:
             self.start_bootstrap()
