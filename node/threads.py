@@ -113,7 +113,8 @@ def measuring_alone(path: str | None = None, wait: float = LOCK_WAIT) -> Iterato
                 held = True
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    log.warning("another node has measured thread counts for %.0f s; measuring beside it", wait)
+                    log.warning("another node has been loading or measuring thread counts for %.0f s; going on beside it",
+                                wait)
                     break
                 time.sleep(0.05)
         yield held
@@ -141,7 +142,8 @@ def cpu_readings() -> tuple[float, float, float] | None:
     """(CPU seconds the machine has been busy, this process's CPU seconds, monotonic seconds), or None
     where /proc/stat cannot be read (not Linux)."""
     try:
-        ticks = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
     busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
