@@ -27,9 +27,14 @@ def proc_table() -> dict[int, tuple[int, float]]:
 
 
 def busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (everything but idle and iowait), from /proc/stat."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds the whole machine has spent busy (everything but idle and iowait), from /proc/stat
+    (node.threads reads it the same way for a node's own measuring)."""
+    from node.threads import machine_busy_seconds
+
+    busy = machine_busy_seconds()
+    if busy is None:
+        raise OSError("the benchmark needs /proc/stat (Linux)")
+    return busy
 
 
 def process_tree(pid: int, table: dict[int, tuple[int, float]] | None = None) -> list[int]:

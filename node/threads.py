@@ -138,16 +138,22 @@ async def starting_alone(needed: bool) -> AsyncIterator[bool]:
         lock.__exit__(None, None, None)  # closes the lock file: quick
 
 
-def cpu_readings() -> tuple[float, float, float] | None:
-    """(CPU seconds the machine has been busy, this process's CPU seconds, monotonic seconds), or None
-    where /proc/stat cannot be read (not Linux)."""
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (everything but idle and iowait), from /proc/stat;
+    None where it cannot be read (not Linux)."""
     try:
         with open("/proc/stat") as stat:
             ticks = [int(x) for x in stat.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    return busy, time.process_time(), time.monotonic()
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_readings() -> tuple[float, float, float] | None:
+    """(CPU seconds the machine has been busy, this process's CPU seconds, monotonic seconds), or None
+    where /proc/stat cannot be read (not Linux)."""
+    busy = machine_busy_seconds()
+    return None if busy is None else (busy, time.process_time(), time.monotonic())
 
 
 def other_load(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None,
@@ -229,17 +235,18 @@ def choose_threads(blocks: SpanBlocks, small: int | None = None, large: int | No
     counts = candidates(most)
     small_ms = large_ms = None
     hidden = blocks.config.hidden_size
-    measure = small is None or large is None
+    measure_small, measure_large = small is None, large is None
+    measure = measure_small or measure_large
     with torch.no_grad(), (measuring_alone() if measure and alone else contextlib.nullcontext()):
         started = time.perf_counter()  # after the wait for the lock
         for attempt in range(1, TRIES + 1 if measure else 1):
             before = readings()
-            if small is None or small_ms is not None:
+            if measure_small:
                 x = torch.zeros(1, 1, hidden, dtype=blocks.dtype)
                 medians = time_counts(lambda: forward_span(blocks, blocks.span, x), counts, budget=budget,
                                       gap=DECODE_GAP)
                 small, small_ms = fastest(medians), {n: 1000 * t for n, t in medians.items()}
-            if large is None or large_ms is not None:
+            if measure_large:
                 x = torch.zeros(1, LARGE_TOKENS, hidden, dtype=blocks.dtype)
                 first = Span(blocks.span.start, blocks.span.start + 1)
                 medians = time_counts(lambda: forward_span(blocks, first, x), counts, budget=budget)

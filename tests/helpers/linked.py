@@ -57,3 +57,20 @@ def client_per_key(model: Path, bootstrap: Sequence[str], model_name: str) -> It
         for m in made.values():
             with contextlib.suppress(Exception):
                 m.close()
+
+
+def chained_sessions(model, ids, new: int, sessions: int = 3) -> tuple[list, list[int], list[bool]]:
+    """Greedy generation of ``new`` tokens from ``ids`` in up to ``sessions`` inference sessions, until one
+    is fully chained (on a loaded machine a first push can miss its patience, and the client then feeds that
+    hop for the rest of that session): every session's output and chained steps, and which hops of the last
+    session were linked (the first hop's flag means nothing: only the client feeds it)."""
+    greedy = dict(max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    outs, chained = [], []
+    for _ in range(sessions):
+        with model.inference_session(max_length=ids.shape[1] + new) as session:
+            outs.append(model.generate(ids, session=session, **greedy))
+            chained.append(session.chain_steps)
+            linked = [stream.linked for stream in session._streams]
+        if chained[-1] == new and all(linked[1:]):
+            break
+    return outs, chained, linked

@@ -21,6 +21,7 @@ from proto.tensors import serialize
 from swarm.keys import AUTH_HEADER, body_digest, generate_key_text, load_key, parse_key, rpc_proof
 from swarm.spans import Span
 from tests.conftest import NUM_LAYERS
+from tests.helpers.linked import chained_sessions
 
 HIDDEN = 64
 CACHE = 512
@@ -318,15 +319,11 @@ def test_chained_steps_in_a_private_swarm_carry_the_proof(start_nodes, own_swarm
     ids = torch.randint(3, 256, (2, 7))
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
     refused = nodes[1].node.auth.refused
-    expected, chained = local_model.generate(ids, **greedy), []
+    expected = local_model.generate(ids, **greedy)
     try:
-        for _ in range(3):  # on a loaded machine a first push can miss the 2 s patience (then the client feeds
-            with model.inference_session(max_length=ids.shape[1] + 8) as session:  # that hop): a new session
-                assert torch.equal(model.generate(ids, session=session, **greedy), expected)  # chains again
-                chained.append(session.chain_steps)
-            if chained[-1] == 8:
-                break
+        outs, chained, _ = chained_sessions(model, ids, new=8)  # a new session until one chains fully
     finally:
         model.close()
+    assert all(torch.equal(out, expected) for out in outs)
     assert chained[-1] == 8, chained  # every step of a session went node to node, proved
     assert nodes[1].node.auth.refused - refused <= 2  # at most the epoch-learning refusals (client's, node 0's)

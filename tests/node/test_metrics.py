@@ -3,7 +3,6 @@ endpoints are scraped over HTTP and parsed with prometheus_client's own text par
 equal what was sent."""
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import pytest
@@ -174,12 +173,12 @@ def test_calls_the_swarm_key_check_refuses_are_counted(start_nodes, key_path, pr
     with grpc.insecure_channel(node.address) as channel, pytest.raises(grpc.RpcError) as refused:
         pb_grpc.NodeStub(channel).Forward(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    deadline = time.monotonic() + 5  # the handler counts the call as it returns: the status may reach us first
-    while True:
-        s = scrape(node.node.metrics.server.url)
-        counted = value(s, "swarmlm_node_requests_total", rpc="Forward", code="UNAUTHENTICATED")
-        if counted or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert counted == 1
+
+    def counted() -> float:
+        return value(scrape(node.node.metrics.server.url), "swarmlm_node_requests_total", rpc="Forward",
+                     code="UNAUTHENTICATED")
+
+    wait_for(counted, timeout=5, interval=0.05)  # counted as the handler returns: the status may reach us first
+    assert counted() == 1
+    s = scrape(node.node.metrics.server.url)
     assert value(s, "swarmlm_node_received_bytes_total", rpc="Forward") == request.ByteSize()

@@ -24,6 +24,7 @@ from swarm.spans import Span
 from swarm.tls import (CA_CERT, TLSConfigError, cert_problems, issue_cert, load_cert, load_or_make_ca,
                        server_credentials, write_node_cert)
 from tests.conftest import NUM_LAYERS
+from tests.helpers.linked import chained_sessions
 
 HIDDEN = 64
 QUICK = 5.0  # seconds: far below max_wait and request_timeout below, so no retry/wait loop ran
@@ -208,23 +209,6 @@ def test_bad_tls_settings_are_refused(tmp_path, tls_dir, other_dir):
     assert issubclass(TLSHandshakeError, RemoteCallError)
 
 
-def chained_sessions(model, ids, new: int, sessions: int = 3) -> tuple[torch.Tensor, list[int], list[bool]]:
-    """Greedy generation in up to ``sessions`` inference sessions until one is fully chained (on a loaded
-    machine a first push can miss its patience, and the client then feeds that hop): the last output and the
-    chained steps of each session, and which hops of the last one were linked (the first hop's flag means
-    nothing: only the client feeds it)."""
-    greedy = dict(max_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
-    chained = []
-    for _ in range(sessions):
-        with model.inference_session(max_length=ids.shape[1] + new) as session:
-            out = model.generate(ids, session=session, **greedy)
-            chained.append(session.chain_steps)
-            linked = [stream.linked for stream in session._streams]
-        if chained[-1] == new and all(linked[1:]):
-            break
-    return out, chained, linked
-
-
 def test_chained_steps_travel_tls_links_verified_against_the_swarm_ca(
         start_nodes, private_peers, key_path, tls_dir, open_client, tiny_path, local_model):
     """Nodes given the swarm's CA (--tls-ca) push each step to the next node over TLS, with the swarm-key proof:
@@ -232,15 +216,15 @@ def test_chained_steps_travel_tls_links_verified_against_the_swarm_ca(
     ca = str(tls_dir / CA_CERT)
     tls = dict(tls_cert=str(tls_dir / "127.0.0.1.crt"), tls_key=str(tls_dir / "127.0.0.1.key"), tls_ca=ca)
     start_nodes("0:3", f"3:{NUM_LAYERS}", initial_peers=tuple(private_peers), swarm_key=str(key_path),
-                            model_name="chained-tls", throughput=100.0, **tls)
+                model_name="chained-tls", throughput=100.0, **tls)
     model = open_client(tiny_path, client_config=client_config(private_peers, key_path, tls_ca=ca,
                                                                model_name="chained-tls"))
     torch.manual_seed(4)
     ids = torch.randint(3, 256, (2, 7))
-    out, chained, linked = chained_sessions(model, ids, new=8)
+    outs, chained, linked = chained_sessions(model, ids, new=8)
     assert chained[-1] == 8 and linked[1:] == [True], (chained, linked)
-    assert torch.equal(out, local_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                                                 eos_token_id=None))
+    expected = local_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert all(torch.equal(out, expected) for out in outs)
 
 
 def test_a_node_does_not_push_to_a_node_its_ca_did_not_sign(
@@ -257,7 +241,7 @@ def test_a_node_does_not_push_to_a_node_its_ca_did_not_sign(
                                                                model_name="wrong-ca"))
     torch.manual_seed(5)
     ids = torch.randint(3, 256, (1, 6))
-    out, chained, linked = chained_sessions(model, ids, new=6, sessions=1)
+    (out,), _, linked = chained_sessions(model, ids, new=6, sessions=1)
     assert linked[1:] == [False], linked  # the client feeds the second hop
     assert torch.equal(out, local_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
                                                  eos_token_id=None))
