@@ -111,13 +111,14 @@ class SwarmDHT:
                 client_mode=client_mode,
                 nat_port_map=nat_port_map,
                 record_validator=validator,
+                cache_locally=False, cache_nearest=0, cache_on_store=False,  # no caches: see swarm.storage
             )
         except Exception as e:  # hivemind raises P2PDaemonError / ValueError with multi-line texts
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DHTStartError(f"could not start a DHT peer (initial peers {list(initial_peers)}): {first}") from e
         finally:
             _OWN_GROUP.reset(own_group)
-        install(node.protocol)  # bounded records per key and per owner (swarm.storage)
+        install(node.protocol)  # bounded records per key and per owner, no cache (swarm.storage)
         return cls(node, swarm_key, marker)
 
     def owned(self, name: str) -> str:

@@ -70,7 +70,8 @@ class _OutsiderView(RecordValidatorBase):
 async def outsider_view(initial_peers: Sequence[str]) -> tuple[int, int]:
     """(sealed, plain) directory records, as a peer holding no key sees them."""
     node = await DHTNode.create(initial_peers=list(initial_peers), host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                client_mode=True, nat_port_map=False, record_validator=_OutsiderView())
+                                client_mode=True, nat_port_map=False, record_validator=_OutsiderView(),
+                                cache_locally=False, cache_nearest=0)  # pushes no copies (swarm.storage)
     try:
         found = await node.get(DIRECTORY_KEY, latest=True)
     finally:

@@ -19,3 +19,22 @@ async def store_many_raw(dht: SwarmDHT, key: str, values: dict[str, object], exp
         part = items[lo:lo + batch]
         await dht.node.store_many([dht.dht_key(key)] * len(part), [v for _, v in part], expiration,
                                   subkeys=[s for s, _ in part])
+
+
+async def push_cached_copy(dht: SwarmDHT, peer: SwarmDHT, key: str, records: dict[str, object],
+                           expiration: float) -> list[bool] | None:
+    """Push ``records`` (subkeys this peer owns, signed by it) into ``peer``'s cache as one dictionary,
+    as hivemind's readers push what they found to a nearby peer: a copy that lacks other peers' records
+    and expires later than anything ``peer`` stores."""
+    from hivemind.dht.crypto import DHTRecord
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.storage import DictionaryDHTValue
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    protocol, key_id = dht.node.protocol, DHTID.generate(source=dht.dht_key(key))
+    copy = DictionaryDHTValue()
+    for subkey, value in records.items():
+        record = DHTRecord(key_id.to_bytes(), MSGPackSerializer.dumps(subkey), MSGPackSerializer.dumps(value),
+                           expiration)
+        copy.store(subkey, protocol.record_validator.sign_value(record), expiration)
+    return await protocol.call_store(peer.node.peer_id, [key_id], [copy], [expiration], in_cache=True)

@@ -6,7 +6,7 @@ from hivemind.utils import get_dht_time
 from swarm.dht import Announcer, SwarmDHT
 from swarm.records import make_record, servers_key
 from swarm.spans import NodeState, ServerInfo, Span
-from tests.helpers.dht import store_raw
+from tests.helpers.dht import push_cached_copy, store_raw
 
 MODEL = "tiny/0123456789abcdef"
 
@@ -43,6 +43,31 @@ def test_announce_fetch_and_expiry():
             await reader.shutdown()
             await peer.shutdown()
             await boot.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_a_cached_copy_pushed_by_a_peer_never_hides_stored_records():
+    """hivemind answers a lookup from a peer's cache instead of its storage when the cached copy expires
+    later, and any peer may push a copy into another's cache: a copy holding only the pusher's record
+    must not hide the records the peers store (swarm.storage keeps no cache)."""
+    async def scenario():
+        boot = await SwarmDHT.create(host="127.0.0.1")
+        peers = await boot.visible_maddrs()
+        honest = await SwarmDHT.create(peers)
+        pusher = await SwarmDHT.create(peers, client_mode=True)  # stores nothing itself
+        reader = await SwarmDHT.create(peers, client_mode=True)
+        try:
+            mine = honest.owned("n")
+            assert await honest.announce(MODEL, info(mine, 0, 4), ttl=60.0)
+            theirs = pusher.owned("p")
+            copy = {theirs: make_record(info(theirs, 0, 4))}
+            for peer in (boot, honest):  # every peer that stores the honest record
+                assert await push_cached_copy(pusher, peer, servers_key(MODEL), copy, get_dht_time() + 120) is not None
+            assert await ids(reader, MODEL, 4) == [mine]
+        finally:
+            for dht in (reader, pusher, honest, boot):
+                await dht.shutdown()
 
     asyncio.run(scenario())
 
