@@ -30,12 +30,13 @@ from bench.network import section_network, section_network_training
 from bench.procs import OtherLoad
 from bench.quantized import section_quantized
 from bench.recovery import section_recovery
+from bench.speculation import section_speculation
 from bench.training import section_training
 
 SECTIONS: list[Callable[[Context], str]] = [
     section_forward_backward, section_node_memory, section_node_memory_moe, section_generation, section_concurrent_clients,
     section_batching, section_recovery, section_replicas, section_training, section_api, section_network,
-    section_network_training, section_quantized,
+    section_network_training, section_speculation, section_quantized,
 ]
 
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         "what one more hop costs and where one token's time goes; aggregate tokens/s of 1, 4 and 8 "
         "concurrent client processes; the time to the next token after the node serving a running "
         "generation is SIGKILLed (issue \"A swarm that survives\"); 4 concurrent clients on 1 vs 2 "
-        "replicas per span; a fine-tuning step, local PEFT vs the same adapter through the swarm; the OpenAI HTTP API (`swarm api`) against the Python client (time to first token, tokens/s, 8 concurrent streams); the swarm over emulated network links (a table per profile, lan / broadband / far: generation at 2 and 3 hops against the delay bound, bytes per token per hop, speculative decoding with prompt lookup and a local assistant model, a fine-tuning step with float32, 16-bit and 8-bit activations on the wire); and int8 nodes (`--quantize int8`) against float32 ones (span memory, decode tokens/s, LoRA step). Timings are medians over N repeats after one warm-up; where two setups are "
+        "replicas per span; a fine-tuning step, local PEFT vs the same adapter through the swarm; the OpenAI HTTP API (`swarm api`) against the Python client (time to first token, tokens/s, 8 concurrent streams); the swarm over emulated network links (a table per profile, lan / broadband / far: generation at 2 and 3 hops against the delay bound, bytes per token per hop, speculative decoding with prompt lookup and a local assistant model, a fine-tuning step with float32, 16-bit and 8-bit activations on the wire); speculative decoding over those links with a checkpoint trained to continue a quoted passage; and int8 nodes (`--quantize int8`) against float32 ones (span memory, decode tokens/s, LoRA step). Timings are medians over N repeats after one warm-up; where two setups are "
         "compared their calls alternate (or their windows do), so drifting background load affects both "
         "alike, and rounds during which other processes kept the CPUs busy are redone. Rerun with "
         "`make bench` or `python -m bench.run` (`--quick`: tiny model only, fewer repeats, written to "
