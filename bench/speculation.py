@@ -16,10 +16,10 @@ import torch
 
 from bench.common import WORK, Context, checkpoint, log
 from bench.generation import spans
-from bench.network import HOPS, PROFILE_NAMES, _connect, repetitive_prompt, truncated_assistant
+from bench.network import HOPS, PROFILE_NAMES, SPEC_TOKENS, _connect, _speculate, repetitive_prompt, truncated_assistant
 from bench.procs import interleaved_rounds, wait_for_quiet
 
-NEW = 32  # new tokens per generate(); ms/token = the whole call / NEW
+NEW = SPEC_TOKENS  # new tokens per generate() (as the network section); ms/token = the whole call / NEW
 PASSAGE = 8  # the quoted passage's length in tokens (the prompt quotes it 4 times)
 MAX_STEPS = 200  # AdamW steps at most to make the checkpoint continue the passage
 MAX_LOSS = 0.05  # and sure of it: float32 rounding (~1e-6) of the swarm then never flips an argmax
@@ -66,10 +66,11 @@ def _generate(model, ids: torch.Tensor, draft: dict):
             return 0.0
         return router.metrics.registry.get_sample_value("swarmlm_client_hops_total", {"kind": "inference"}) or 0.0
 
+    speculate = _speculate(model, ids, **draft)
+
     def run():
         before = messages()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, **draft)
+        out = speculate()
         return out, (messages() - before) / HOPS
     return run
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from tests.helpers.checkpoints import build_checkpoint
+from tests.helpers.dht import bootstrap_peer
 from node.config import NodeConfig
 from node.server import NodeThread
 from swarm.aio import LoopThread
-from swarm.dht import SwarmDHT
 from swarm.spans import Span
 
 NUM_LAYERS = 6
@@ -47,11 +47,8 @@ def dht_loop() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def bootstrap(dht_loop) -> Iterator[list[str]]:
     """A DHT-only peer on 127.0.0.1; yields its multiaddrs."""
-    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1"))
-    try:
-        yield dht_loop.run(dht.visible_maddrs())
-    finally:
-        dht_loop.run(dht.shutdown())
+    with bootstrap_peer(dht_loop) as peers:
+        yield peers
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from swarm.dht import SwarmDHT
 from swarm.records import make_record, servers_key
 from swarm.spans import NodeState, ServerInfo, Span
 from swarm.storage import MAX_RECORDS_PER_OWNER
-from tests.helpers.dht import store_many_raw
+from tests.helpers.dht import bootstrap_peer, store_many_raw
 from tests.helpers.launch import wait_for
 from tests.helpers.network import free_port
 
@@ -28,11 +28,8 @@ OWN = "flood"
 def own_swarm(dht_loop) -> Iterator[list[str]]:
     """A DHT of this module's own (its bootstrap peer's multiaddrs): late in a full run the shared one has
     met hundreds of peers that are gone, and these tests count records to the last one."""
-    boot = dht_loop.run(SwarmDHT.create(host="127.0.0.1"))
-    try:
-        yield dht_loop.run(boot.visible_maddrs())
-    finally:
-        dht_loop.run(boot.shutdown())
+    with bootstrap_peer(dht_loop) as peers:
+        yield peers
 
 
 def dead_record(node_id: str, *, padded: bool = False) -> dict:

@@ -1,7 +1,24 @@
-"""DHT helpers for tests: plant records the project's own code would never write."""
+"""DHT helpers for tests: a bootstrap peer of a swarm of the test's own, and records the project's own
+code would never write."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
+from swarm.aio import LoopThread
 from swarm.dht import SwarmDHT
+from swarm.keys import SwarmKey
+
+
+@contextlib.contextmanager
+def bootstrap_peer(loop: LoopThread, swarm_key: SwarmKey | None = None) -> Iterator[list[str]]:
+    """A DHT-only peer on 127.0.0.1 (of the private swarm of ``swarm_key``, if given), run on ``loop``;
+    yields its multiaddrs and shuts it down after."""
+    dht = loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=swarm_key))
+    try:
+        yield loop.run(dht.visible_maddrs())
+    finally:
+        loop.run(dht.shutdown())
 
 
 async def store_raw(dht: SwarmDHT, key: str, value: object, expiration: float, subkey: str | None = None) -> bool:

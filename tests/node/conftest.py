@@ -1,8 +1,8 @@
 """Fixtures shared by the node tests of private swarms (authentication, TLS)."""
 import pytest
 
-from swarm.dht import SwarmDHT
 from swarm.keys import generate_key_text, load_key
+from tests.helpers.dht import bootstrap_peer
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +16,5 @@ def key_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def private_peers(dht_loop, key_path):
     """Multiaddrs of a DHT bootstrap peer of the private swarm that ``key_path`` keys."""
-    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=load_key(key_path)))
-    try:
-        yield dht_loop.run(dht.visible_maddrs())
-    finally:
-        dht_loop.run(dht.shutdown())
+    with bootstrap_peer(dht_loop, load_key(key_path)) as peers:
+        yield peers

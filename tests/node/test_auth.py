@@ -21,6 +21,7 @@ from proto.tensors import serialize
 from swarm.keys import AUTH_HEADER, body_digest, generate_key_text, load_key, parse_key, rpc_proof
 from swarm.spans import Span
 from tests.conftest import NUM_LAYERS
+from tests.helpers.dht import bootstrap_peer
 from tests.helpers.linked import chained_sessions
 
 HIDDEN = 64
@@ -263,15 +264,10 @@ def test_a_refused_stream_reports_unauthenticated_not_a_local_write_error(node):
 @pytest.fixture
 def own_swarm(dht_loop, tmp_path):
     """(peers, key path) of a private swarm of its own (no other node serves there)."""
-    from swarm.dht import SwarmDHT
-
     path = tmp_path / "own.key"
     path.write_text(generate_key_text())
-    dht = dht_loop.run(SwarmDHT.create(host="127.0.0.1", swarm_key=load_key(path)))
-    try:
-        yield dht_loop.run(dht.visible_maddrs()), path
-    finally:
-        dht_loop.run(dht.shutdown())
+    with bootstrap_peer(dht_loop, load_key(path)) as peers:
+        yield peers, path
 
 
 def test_a_member_client_carries_on_after_the_node_restarts(tiny_path, own_swarm, open_client, local_model):
